@@ -1,0 +1,1 @@
+"""dcjax: DeepCluster-family self-supervised learning in JAX/Flax."""
