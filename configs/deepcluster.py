@@ -1,0 +1,106 @@
+"""DeepCluster (v1) on scikit-learn's digits by default; variants for Fashion-MNIST and CIFAR-10.
+
+Launch (the embedded default; no download):
+  python -m dcjax.main --config configs/deepcluster.py
+
+Variants, comma-separated after a colon (``configs/deepcluster.py:fmnist,smoke``):
+  fmnist   LeNet-5 on Fashion-MNIST (IDX files of Debian's dataset-fashion-mnist), the deep-dive
+           paper's settings: K=5, no PCA, lr 0.1, momentum 0.1, wd 1e-3, batch 128, 50 cycles,
+           probe on conv2.
+  cifar10  The deep-dive paper's mini-AlexNet with Sobel on a CIFAR-10 image folder
+           (``--config.data.path=<dir with train/ and test/>``): K=1000, PCA 256, lr 0.1,
+           momentum 0.9, wd 1e-3, batch 64, 100 cycles, probe on relu5.
+  smoke    a few seconds: tiny data subset and 2 cycles (used by the tests).
+
+Expected result (digits default, 2-core CPU): see the README's table of measured figures.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    variants = {v for v in (arg or "").split(",") if v}
+    unknown = variants - {"fmnist", "cifar10", "smoke"}
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)} for configs/deepcluster.py")
+
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.num_devices = 0  # 0 = every visible device
+    config.num_cycles = 25
+    config.epochs_per_cycle = 1
+    config.batch_size = 64
+    config.eval_batch_size = 512
+    config.eval_every_cycles = 0
+    config.augment = "none"  # none | flip | crop_flip; the clustering pass never augments
+
+    config.data = ml_collections.ConfigDict(
+        dict(
+            source="digits",
+            path="",
+            name="",
+            cache_dir="",
+            max_train_examples=0,
+            max_test_examples=0,
+            test_fraction=0.25,
+            seed=0,
+        )
+    )
+    config.input = ml_collections.ConfigDict(dict(image_size=0, crop_scale=(0.08, 1.0)))
+    config.model = ml_collections.ConfigDict(dict(name="small_cnn", sobel=False, kwargs={}))
+    config.method = ml_collections.ConfigDict(
+        dict(
+            name="deepcluster",
+            num_clusters=50,
+            pca_dim=32,  # 0 = no PCA-whitening
+            kmeans_iters=20,
+            halt_clustering_after=0,  # 0 = cluster every cycle
+            cluster_layer="features",
+            samples_per_epoch=0,  # 0 = N, as the official sampler
+        )
+    )
+    config.optim = ml_collections.ConfigDict(
+        dict(learning_rate=0.05, momentum=0.9, head_momentum=0.0, weight_decay=1e-5)
+    )
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            probe_layer="features",
+            knn_layer="features",
+            knn_k=20,
+            probe_epochs=30,
+            probe_batch_size=128,
+            probe_learning_rate=1e-3,
+        )
+    )
+    config.checkpoint = ml_collections.ConfigDict(dict(keep=2))
+
+    if "fmnist" in variants:
+        config.data.source = "idx"
+        config.model.name = "lenet5"
+        config.method.update(num_clusters=5, pca_dim=0)
+        config.optim.update(learning_rate=0.1, momentum=0.1, weight_decay=1e-3)
+        config.batch_size = 128
+        config.num_cycles = 50
+        config.augment = "flip"
+        config.eval.update(probe_layer="conv2", probe_epochs=20, probe_batch_size=256)
+    if "cifar10" in variants:
+        config.data.source = "folder"
+        config.model.update(name="mini_alexnet", sobel=True)
+        config.method.update(num_clusters=1000, pca_dim=256)
+        config.optim.update(learning_rate=0.1, momentum=0.9, weight_decay=1e-3)
+        config.batch_size = 64
+        config.num_cycles = 100
+        config.augment = "crop_flip"
+        config.input.update(image_size=32, crop_scale=(0.08, 1.0))
+        config.eval.update(probe_layer="relu5", probe_epochs=20, probe_batch_size=256)
+    if "smoke" in variants:
+        config.num_cycles = 2
+        config.data.max_train_examples = 256
+        config.data.max_test_examples = 128
+        config.batch_size = 32
+        config.eval_batch_size = 64
+        config.method.num_clusters = min(config.method.num_clusters, 10)
+        config.method.pca_dim = min(config.method.pca_dim, 8)
+        config.eval.probe_epochs = 2
+        config.eval.knn_k = 5
+    return config

@@ -1,0 +1,87 @@
+"""The on-device input pipeline: the uint8 image bank lives on the device and batches are gathered
+from it by index inside jitted code, then normalised and (for training) augmented there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dcjax.data import augment
+
+__all__ = ["Pipeline", "make_pipeline"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """Static description of how raw uint8 images become network inputs.
+
+    Attributes:
+      mean, std: per-channel statistics of the training images, in [0, 1] units, (C,) tuples.
+      out_size: (height, width) given to the network.
+      augment: training augmentation mode (``none``, ``flip``, ``crop_flip``); evaluation and the
+        clustering pass never augment.
+      crop_scale: area range of the random resized crop.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    out_size: tuple[int, int]
+    augment: str = "none"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+
+    def _to_float(self, images: jax.Array) -> jax.Array:
+        return augment.to_float(images, jnp.asarray(self.mean), jnp.asarray(self.std))
+
+    def train_batch(self, key: jax.Array, images: jax.Array) -> jax.Array:
+        """(B, H, W, C) uint8 -> (B, out_h, out_w, C) float32, augmented with ``key``."""
+        return augment.augment_batch(
+            key,
+            self._to_float(images),
+            mode=self.augment,
+            out_size=self.out_size,
+            crop_scale=self.crop_scale,
+        )
+
+    def eval_batch(self, images: jax.Array) -> jax.Array:
+        """(B, H, W, C) uint8 -> (B, out_h, out_w, C) float32, deterministic."""
+        return augment.augment_batch(
+            jax.random.key(0), self._to_float(images), mode="none", out_size=self.out_size
+        )
+
+
+def make_pipeline(config: ml_collections.ConfigDict, train_images: np.ndarray) -> Pipeline:
+    """Builds the pipeline from ``config.input`` and the training images' channel statistics.
+
+    Args:
+      config: the run config; uses ``config.input.image_size`` (0 = keep the data's size),
+        ``config.augment`` and ``config.input.crop_scale``.
+      train_images: (N, H, W, C) uint8.
+    """
+    mean, std = _channel_stats(train_images)
+    size = int(config.input.image_size) or train_images.shape[1]
+    return Pipeline(
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        out_size=(size, size),
+        augment=config.augment,
+        crop_scale=tuple(config.input.crop_scale),
+    )
+
+
+def _channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std in [0, 1] units, in chunks so CIFAR-sized sets stay small."""
+    total = np.zeros(images.shape[-1])
+    total_sq = np.zeros(images.shape[-1])
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk].astype(np.float64) / 255.0
+        total += block.sum(axis=(0, 1, 2))
+        total_sq += np.square(block).sum(axis=(0, 1, 2))
+    count = images.size / images.shape[-1]
+    mean = total / count
+    var = np.maximum(total_sq / count - mean**2, 0.0)
+    return mean, np.maximum(np.sqrt(var), 1e-3)  # a constant channel must not divide by zero

@@ -1,0 +1,131 @@
+"""Host-side index samplers: which examples an epoch visits, and in which order.
+
+Everything here is NumPy and runs once per epoch; the resulting index array is sent to the device
+once and the jitted train step gathers its batches from it.
+
+`uniform_over_labels` is DeepCluster's `UnifLabelSampler` (Caron et al., 2018): each non-empty
+pseudo-label gets the same number of draws, so a degenerate clustering in which one cluster holds
+most of the data does not dominate the next epoch's gradient. The official quota is
+`int(N / K') + 1` per label; draws are without replacement only when the label has more members
+than the quota, empty labels are skipped (commit 483391c), and the concatenation is shuffled and
+truncated to N. Because `K' * (N // K' + 1) > N` the official padding branch never fires, so it
+is absent here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["Seed", "shuffled", "steps_batches", "uniform_over_labels"]
+
+Seed = int | np.random.Generator
+
+
+def _generator(seed: Seed) -> np.random.Generator:
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.default_rng(seed)
+
+
+def _check_positive(value: int, name: str) -> None:
+    if int(value) < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+
+
+def shuffled(seed: Seed, num_examples: int, num_samples: int) -> np.ndarray:
+    """Visits every example once per pass, in a fresh random order each pass.
+
+    Args:
+      seed: an integer seed or a `np.random.Generator` (advanced in place).
+      num_examples: size of the data set, `n >= 1`.
+      num_samples: number of indices to return, `>= 1`; may exceed `num_examples`.
+
+    Returns:
+      `(num_samples,)` int32 array: `ceil(num_samples / n)` independent permutations of
+      `range(n)`, concatenated and truncated to `num_samples`.
+
+    Raises:
+      ValueError: if `num_examples < 1` or `num_samples < 1`.
+    """
+    _check_positive(num_examples, "num_examples")
+    _check_positive(num_samples, "num_samples")
+    rng = _generator(seed)
+    num_passes = -(-num_samples // num_examples)
+    passes = [rng.permutation(num_examples) for _ in range(num_passes)]
+    return np.concatenate(passes)[:num_samples].astype(np.int32)
+
+
+def uniform_over_labels(seed: Seed, labels: np.ndarray, num_samples: int) -> np.ndarray:
+    """Draws indices so that every non-empty label is (almost) equally represented.
+
+    With `K'` non-empty labels and quota `q = num_samples // K' + 1`, each non-empty label
+    contributes `q` of its members: without replacement if it has more than `q` members, with
+    replacement otherwise. The `K' * q` draws are shuffled and truncated to `num_samples`, so each
+    label ends up with between `q - (K' * q - num_samples)` and `q` samples, and with
+    `num_samples / K'` in expectation.
+
+    Args:
+      seed: an integer seed or a `np.random.Generator` (advanced in place).
+      labels: `(n,)` integer array, the label of every example; label values need not be
+        contiguous (ids absent from `labels` are the empty labels and are never drawn).
+      num_samples: number of indices to return, `>= 1`.
+
+    Returns:
+      `(num_samples,)` int32 array of indices into `labels`.
+
+    Raises:
+      ValueError: if `num_samples < 1`, or `labels` is empty, not 1-D or not of integer dtype.
+    """
+    _check_positive(num_samples, "num_samples")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array, got shape {labels.shape}.")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must have an integer dtype, got {labels.dtype}.")
+    rng = _generator(seed)
+
+    # Group members by label: `order[starts[g] : starts[g] + sizes[g]]` are the members of group g.
+    order = np.argsort(labels, kind="stable")
+    _, starts, sizes = np.unique(labels[order], return_index=True, return_counts=True)
+    num_groups = sizes.size
+    quota = num_samples // num_groups + 1
+    big = sizes > quota
+
+    # Without replacement for every big group at once: a random key per example, sorted within
+    # its group; a group's first `quota` members after that sort are a uniform sample.
+    keys = rng.random(labels.size)
+    by_group_then_key = np.lexsort((keys, labels))
+    group_of = np.repeat(np.arange(num_groups), sizes)
+    rank = np.arange(labels.size) - starts[group_of]
+    taken = big[group_of] & (rank < quota)
+    draws_big = by_group_then_key[taken]
+
+    # With replacement for the small groups: `quota` uniform offsets into each group's slice.
+    small_starts, small_sizes = starts[~big], sizes[~big]
+    offsets = rng.integers(0, small_sizes[:, None], size=(small_sizes.size, quota))
+    draws_small = order[(small_starts[:, None] + offsets).ravel()]
+
+    draws = np.concatenate([draws_big, draws_small])
+    return rng.permutation(draws)[:num_samples].astype(np.int32)
+
+
+def steps_batches(indices: np.ndarray, batch_size: int) -> np.ndarray:
+    """Cuts an epoch's index stream into full batches, dropping the remainder.
+
+    Args:
+      indices: `(m,)` array of example indices, any integer dtype.
+      batch_size: examples per step, `>= 1`.
+
+    Returns:
+      `(m // batch_size, batch_size)` array with the dtype of `indices`, row `s` holding the
+      indices of step `s`; it has zero rows when `m < batch_size`.
+
+    Raises:
+      ValueError: if `batch_size < 1` or `indices` is not 1-D.
+    """
+    _check_positive(batch_size, "batch_size")
+    indices = np.asarray(indices)
+    if indices.ndim != 1:
+        raise ValueError(f"indices must be 1-D, got shape {indices.shape}.")
+    num_steps = indices.size // batch_size
+    return indices[: num_steps * batch_size].reshape(num_steps, batch_size)

@@ -1,0 +1,173 @@
+"""Where images come from: a registry of sources and `load(config.data)`.
+
+Every source returns a `Dataset` of whole splits in host memory, (N, H, W, C) uint8 images and
+(N,) int32 labels. `load` then applies the example caps the smoke configs use.
+
+Config fields (the `data` sub-config; a missing field takes the default below):
+  source: one of `SOURCES`.
+  path: digits -- unused; idx -- the directory ('' = DEFAULT_IDX_DIR); folder -- the root;
+    npz -- the file; tfds -- the TFDS data_dir ('' = TFDS's default).
+  name: the TFDS name (tfds only).
+  cache_dir: where folder keeps decoded arrays ('' = ~/.cache/dcjax).
+  max_train_examples, max_test_examples: keep only the first n (0 = all).
+  test_fraction, seed: the stratified test split of digits, which ships without one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from dcjax.data.dataset import DataError, Dataset
+from dcjax.data.folder import load_folder
+from dcjax.data.idx import DEFAULT_IDX_DIR, load_idx
+from dcjax.data.npz import load_npz
+from dcjax.data.tfds_source import load_tfds
+
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "DEFAULT_IDX_DIR",
+    "SOURCES",
+    "DataError",
+    "Dataset",
+    "load",
+    "load_digits",
+]
+
+DEFAULT_CACHE_DIR = "~/.cache/dcjax"
+
+_DEFAULTS: dict[str, Any] = {
+    "source": "digits",
+    "path": "",
+    "name": "",
+    "cache_dir": "",
+    "max_train_examples": 0,
+    "max_test_examples": 0,
+    "test_fraction": 0.25,
+    "seed": 0,
+}
+
+
+def load_digits(test_fraction: float, seed: int) -> Dataset:
+    """scikit-learn's 1,797 8x8 digits, rescaled from 0..16 to 0..255, split stratified.
+
+    Args:
+      test_fraction: share of examples held out as the test split, in [0, 1); 0 = no test split.
+      seed: seed of the split.
+
+    Returns:
+      Dataset "digits": images (N, 8, 8, 1) uint8 = round(v * 255 / 16), labels (N,) int32,
+      class names '0'..'9'.
+
+    Raises:
+      DataError: when `test_fraction` is outside [0, 1).
+    """
+    # Imported here: sklearn.datasets costs about a second and only digits needs it.
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 <= test_fraction < 1.0:
+        raise DataError(f"digits: data.test_fraction must lie in [0, 1), got {test_fraction}")
+    bunch = sklearn_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = bunch.target.astype(np.int32)
+    test_images = test_labels = None
+    if test_fraction > 0.0:
+        images, test_images, labels, test_labels = train_test_split(
+            images, labels, test_size=test_fraction, random_state=seed, stratify=labels
+        )
+    return Dataset(
+        name="digits",
+        train_images=images,
+        train_labels=labels,
+        test_images=test_images,
+        test_labels=test_labels,
+        class_names=tuple(str(d) for d in range(10)),
+    )
+
+
+def _digits(config: ml_collections.ConfigDict) -> Dataset:
+    return load_digits(float(_get(config, "test_fraction")), int(_get(config, "seed")))
+
+
+def _idx(config: ml_collections.ConfigDict) -> Dataset:
+    return load_idx(_get(config, "path") or DEFAULT_IDX_DIR)
+
+
+def _folder(config: ml_collections.ConfigDict) -> Dataset:
+    root = _required_path(config, "folder", "the image root")
+    cache_dir = os.path.expanduser(_get(config, "cache_dir") or DEFAULT_CACHE_DIR)
+    return load_folder(root, cache_dir)
+
+
+def _npz(config: ml_collections.ConfigDict) -> Dataset:
+    return load_npz(_required_path(config, "npz", "the .npz file"))
+
+
+def _tfds(config: ml_collections.ConfigDict) -> Dataset:
+    path = _get(config, "path")
+    return load_tfds(_get(config, "name"), os.path.expanduser(path) if path else None)
+
+
+SOURCES: dict[str, Callable[[ml_collections.ConfigDict], Dataset]] = {
+    "digits": _digits,
+    "idx": _idx,
+    "folder": _folder,
+    "npz": _npz,
+    "tfds": _tfds,
+}
+
+
+def load(config: ml_collections.ConfigDict) -> Dataset:
+    """Loads the data set `config.source` names, capped at the configured example counts.
+
+    Args:
+      config: the `data` sub-config (fields in the module docstring).
+
+    Returns:
+      Dataset with train_images (N, H, W, C) uint8, N <= max_train_examples when that is > 0,
+      and likewise for the test split.
+
+    Raises:
+      DataError: for an unknown source, a missing path, or bad or empty data; the message names
+        the source and the path or field.
+    """
+    source = str(_get(config, "source"))
+    if source not in SOURCES:
+        raise DataError(f"data.source {source!r} is unknown; valid sources: {sorted(SOURCES)}")
+    max_train = int(_get(config, "max_train_examples"))
+    max_test = int(_get(config, "max_test_examples"))
+    for field, value in (("max_train_examples", max_train), ("max_test_examples", max_test)):
+        if value < 0:
+            raise DataError(f"{source}: data.{field} must be >= 0 (0 = all), got {value}")
+    dataset = SOURCES[source](config)
+    return _cap(dataset, max_train, max_test)
+
+
+def _cap(dataset: Dataset, max_train: int, max_test: int) -> Dataset:
+    def first(x: np.ndarray | None, n: int) -> np.ndarray | None:
+        return x if x is None or n == 0 else x[:n]
+
+    return dataclasses.replace(
+        dataset,
+        train_images=first(dataset.train_images, max_train),
+        train_labels=first(dataset.train_labels, max_train),
+        test_images=first(dataset.test_images, max_test),
+        test_labels=first(dataset.test_labels, max_test),
+    )
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+    return config.get(field, _DEFAULTS[field])
+
+
+def _required_path(config: ml_collections.ConfigDict, source: str, what: str) -> str:
+    path = _get(config, "path")
+    if not path:
+        raise DataError(f"{source}: data.path is empty; set it to {what}")
+    return os.path.expanduser(path)

@@ -1,0 +1,76 @@
+"""Evaluates a training state: linear probe and kNN on frozen features, NMI of pseudo-labels."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from absl import logging
+
+from dcjax.evaluation import scores
+from dcjax.evaluation.knn import knn_accuracy
+from dcjax.evaluation.linear_probe import linear_probe
+from dcjax.training.setup import Run
+from dcjax.training.state import TrainState
+from dcjax.training.step import extract_features, make_feature_fn
+
+__all__ = ["Evaluator"]
+
+
+class Evaluator:
+    """Feature extraction (compiled once) plus the probes named in ``config.eval``.
+
+    ``config.eval`` has ``probe_layer``, ``knn_layer``, ``probe_epochs``, ``probe_batch_size``,
+    ``probe_learning_rate`` and ``knn_k``. Without a test split the probes are scored on the train
+    split (reported as such).
+    """
+
+    def __init__(self, run: Run):
+        self._run = run
+        cfg = run.config.eval
+        self._layers = tuple(dict.fromkeys([cfg.probe_layer, cfg.knn_layer]))
+        self._feature_fn = make_feature_fn(run.ctx.model, run.pipeline, self._layers, run.mesh)
+
+    def __call__(self, state: TrainState) -> dict[str, float]:
+        """{"probe_accuracy", "knn_accuracy"} on the test split, plus "nmi_pseudo_labels"."""
+        run, cfg = self._run, self._run.config.eval
+        data = run.dataset
+        if data.train_labels is None:
+            return {}
+        has_test = run.test_images is not None and data.test_labels is not None
+        if not has_test:
+            logging.warning("%s has no labelled test split: probes are scored on train", data.name)
+        test_images = run.test_images if has_test else run.train_images
+        test_labels = data.test_labels if has_test else data.train_labels
+        batch = run.config.eval_batch_size
+        train = extract_features(self._feature_fn, state, run.train_images, batch)
+        test = extract_features(self._feature_fn, state, test_images, batch)
+        num_classes = int(max(data.train_labels.max(), test_labels.max()) + 1)
+        probe = linear_probe(
+            jax.random.PRNGKey(run.config.seed),
+            train[cfg.probe_layer],
+            data.train_labels,
+            test[cfg.probe_layer],
+            test_labels,
+            num_classes=num_classes,
+            num_epochs=cfg.probe_epochs,
+            batch_size=cfg.probe_batch_size,
+            learning_rate=cfg.probe_learning_rate,
+        )
+        results = {
+            "probe_accuracy": float(probe.test_accuracy),
+            "probe_train_accuracy": float(probe.train_accuracy),
+            "knn_accuracy": float(
+                knn_accuracy(
+                    train[cfg.knn_layer],
+                    data.train_labels,
+                    test[cfg.knn_layer],
+                    test_labels,
+                    k=cfg.knn_k,
+                    num_classes=num_classes,
+                )
+            ),
+        }
+        if int(state.cycle) > 0 and hasattr(state.method, "pseudo_labels"):
+            labels = np.asarray(state.method.pseudo_labels)
+            results["nmi_pseudo_labels"] = scores.nmi(data.train_labels, labels)
+        return results

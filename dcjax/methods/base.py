@@ -1,0 +1,70 @@
+"""What a method is: a bundle of pure functions over the training state.
+
+The loop (``dcjax/training/loop.py``) knows nothing method-specific: it asks the method for its
+model and initial state, runs the feature pass when the method wants features, hands them to
+``recluster``, draws the epoch's indices with ``sample`` and trains with ``loss_fn``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+__all__ = ["Context", "Method"]
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """Static things a method's functions may need besides the state.
+
+    Attributes:
+      config: the whole run config.
+      model: the Flax module whose ``apply`` the train step calls.
+      optimizers: ``{group: optax transformation}``, the same groups as ``state.params``.
+      num_examples: N, the size of the training set.
+      feature_dim: D, the width of the features the method clusters.
+      true_labels: (N,) int32 ground truth for logging only, or None.
+    """
+
+    config: ml_collections.ConfigDict
+    model: nn.Module
+    optimizers: dict[str, optax.GradientTransformation]
+    num_examples: int
+    feature_dim: int
+    true_labels: np.ndarray | None
+
+
+class Method(NamedTuple):
+    """A self-supervised method as pure functions.
+
+    Attributes:
+      name: registry key.
+      build_model: ``(config) -> nn.Module``; its outputs dict has ``"logits"`` and the trunk's
+        named features.
+      init_state: ``(ctx) -> method state``, a pytree of arrays.
+      loss_fn: ``(method_state, outputs, indices) -> (loss, metrics)``; ``indices`` (B,) are the
+        batch's example indices; pure and traced inside the train step.
+      online_update: ``(method_state, outputs, indices) -> method_state``, per step inside the
+        train step (memories); identity for methods without one.
+      wants_features: ``(ctx, cycle) -> bool``: whether ``recluster`` needs a feature pass.
+      recluster: ``(ctx, state, features | None) -> (state, stats)`` at the start of a cycle.
+      sample: ``(ctx, state, seed) -> (num_samples,) int32`` indices for the epoch.
+    """
+
+    name: str
+    build_model: Callable[[ml_collections.ConfigDict], nn.Module]
+    init_state: Callable[[Context], PyTree]
+    loss_fn: Callable[[PyTree, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+    online_update: Callable[[PyTree, dict[str, jax.Array], jax.Array], PyTree]
+    wants_features: Callable[[Context, int], bool]
+    recluster: Callable[[Context, Any, jax.Array | None], tuple[Any, dict[str, float]]]
+    sample: Callable[[Context, Any, np.random.Generator], np.ndarray]

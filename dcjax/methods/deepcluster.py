@@ -1,0 +1,138 @@
+"""DeepCluster (Caron et al., ECCV 2018): alternate k-means pseudo-labelling and classification.
+
+Each cycle: a feature pass over the whole training set (eval mode, no augmentation) -> PCA to
+``pca_dim`` with whitening (skipped when 0) -> row L2 normalisation -> k-means with K clusters
+(Lloyd, ``kmeans_iters`` iterations, k random points as init with a new seed each cycle, empty
+clusters re-filled by faiss-style splitting) -> pseudo-labels -> a freshly initialised classifier
+head (N(0, 0.01), its own SGD without momentum, as the official code) -> ``epochs_per_cycle``
+epochs of cross-entropy on batches drawn uniformly over the non-empty clusters.
+
+``halt_clustering_after=h > 0`` (the deep-dive paper's halting): cycles 0..h-1 cluster, later
+cycles keep the last pseudo-labels and skip the feature pass; the head is still re-initialised
+and the sampler redrawn every cycle, as in the deep-dive authors' code.
+
+State kept: the pseudo-labels (N,) and the k-means centroids (K, D').
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dcjax.clustering import kmeans, pca
+from dcjax.data import sampler
+from dcjax.evaluation import scores
+from dcjax.methods.base import Context, Method
+from dcjax.models.network import ClassifierHead, Network, build_trunk
+
+__all__ = ["DeepClusterState", "METHOD"]
+
+
+@flax.struct.dataclass
+class DeepClusterState:
+    pseudo_labels: jax.Array  # (N,) int32, the current cluster of every training example
+    centroids: jax.Array  # (K, D') float32, k-means centroids in the whitened, L2-normalised space
+
+
+def build_model(config: ml_collections.ConfigDict) -> Network:
+    return Network(trunk=build_trunk(config.model), num_classes=config.method.num_clusters)
+
+
+def init_state(ctx: Context) -> DeepClusterState:
+    method = ctx.config.method
+    dim = method.pca_dim or ctx.feature_dim
+    return DeepClusterState(
+        pseudo_labels=jnp.zeros((ctx.num_examples,), jnp.int32),
+        centroids=jnp.zeros((method.num_clusters, dim), jnp.float32),
+    )
+
+
+def loss_fn(
+    method_state: DeepClusterState, outputs: dict[str, jax.Array], indices: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cross-entropy of the head's logits (B, K) against the batch's pseudo-labels."""
+    labels = method_state.pseudo_labels[indices]
+    logits = outputs["logits"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+    return loss, {"pseudo_label_accuracy": accuracy}
+
+
+def _identity_update(method_state, outputs, indices):
+    del outputs, indices
+    return method_state
+
+
+def is_halted(config: ml_collections.ConfigDict, cycle: int) -> bool:
+    """Whether clustering has halted at ``cycle`` (``halt_clustering_after`` = 0 never halts)."""
+    halt = config.method.halt_clustering_after
+    return 0 < halt <= cycle
+
+
+def wants_features(ctx: Context, cycle: int) -> bool:
+    return not is_halted(ctx.config, cycle)
+
+
+@functools.partial(jax.jit, static_argnames="pca_dim")
+def preprocess(features: jax.Array, pca_dim: int) -> jax.Array:
+    """PCA-whitening to ``pca_dim`` (0 = off) then L2 normalisation: (N, D) -> (N, D')."""
+    x = features.reshape(features.shape[0], -1).astype(jnp.float32)
+    if pca_dim:
+        x = pca.transform(pca.fit(x, pca_dim, whiten=True), x)
+    return pca.l2_normalize(x)
+
+
+def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, dict[str, float]]:
+    """New pseudo-labels by k-means (unless halted) and a freshly initialised head."""
+    config = ctx.config.method
+    cycle = int(state.cycle)
+    key_kmeans, key_head = jax.random.split(jax.random.fold_in(state.rng, cycle))
+    stats: dict[str, float] = {}
+    method_state = state.method
+    if features is not None:
+        result = kmeans.fit(
+            key_kmeans,
+            preprocess(features, config.pca_dim),
+            config.num_clusters,
+            num_iters=config.kmeans_iters,
+        )
+        labels = np.asarray(result.assignments)
+        if cycle > 0:
+            stats["nmi_previous"] = scores.nmi(np.asarray(method_state.pseudo_labels), labels)
+        if ctx.true_labels is not None:
+            stats["nmi_true"] = scores.nmi(ctx.true_labels, labels)
+        stats.update(scores.cluster_stats(labels, config.num_clusters))
+        stats["kmeans_inertia"] = float(result.inertia)
+        stats["kmeans_empty_splits"] = float(result.n_empty_splits)
+        method_state = method_state.replace(
+            pseudo_labels=result.assignments, centroids=result.centroids
+        )
+    head = ClassifierHead(config.num_clusters).init(key_head, jnp.zeros((1, ctx.feature_dim)))
+    params = {**state.params, "head": head["params"]}
+    opt_state = {**state.opt_state, "head": ctx.optimizers["head"].init(head["params"])}
+    return state.replace(params=params, opt_state=opt_state, method=method_state), stats
+
+
+def sample(ctx: Context, state, rng: np.random.Generator) -> np.ndarray:
+    """N indices drawn uniformly over the non-empty clusters (DeepCluster's sampler)."""
+    labels = np.asarray(state.method.pseudo_labels)
+    num_samples = ctx.config.method.get("samples_per_epoch", 0) or ctx.num_examples
+    return sampler.uniform_over_labels(rng, labels, num_samples)
+
+
+METHOD = Method(
+    name="deepcluster",
+    build_model=build_model,
+    init_state=init_state,
+    loss_fn=loss_fn,
+    online_update=_identity_update,
+    wants_features=wants_features,
+    recluster=recluster,
+    sample=sample,
+)

@@ -1,0 +1,74 @@
+"""The trunk (optional Sobel front end + backbone) and the pseudo-label classifier head."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from dcjax.models.backbones import LeNet5, MiniAlexNet, SmallCNN
+from dcjax.models.sobel import sobel
+
+__all__ = ["BACKBONES", "Trunk", "ClassifierHead", "Network", "build_trunk"]
+
+BACKBONES: dict[str, type[nn.Module]] = {
+    "small_cnn": SmallCNN,
+    "lenet5": LeNet5,
+    "mini_alexnet": MiniAlexNet,
+}
+
+
+class Trunk(nn.Module):
+    """Backbone with an optional fixed Sobel front end (grey + Sobel-x/y, 2 channels)."""
+
+    backbone: nn.Module
+    use_sobel: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """Maps (B, H, W, C) float images to the backbone's dict of named features."""
+        if self.use_sobel:
+            x = sobel(x)
+        return self.backbone(x, train=train)
+
+
+class ClassifierHead(nn.Module):
+    """ReLU -> Linear(K), weights N(0, 0.01) and zero bias, as DeepCluster's re-initialised head."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, features: jax.Array) -> jax.Array:
+        """Maps (B, D) features to (B, K) logits."""
+        dense = nn.Dense(
+            self.num_classes,
+            kernel_init=nn.initializers.normal(stddev=0.01),
+            bias_init=nn.initializers.zeros,
+        )
+        return dense(nn.relu(features))
+
+
+def build_trunk(model_config: ml_collections.ConfigDict) -> Trunk:
+    """Builds the trunk named by ``model_config.name`` (one of BACKBONES)."""
+    name = model_config.name
+    if name not in BACKBONES:
+        raise ValueError(
+            f"config.model.name={name!r} is unknown; choose one of {sorted(BACKBONES)}"
+        )
+    kwargs = dict(model_config.get("kwargs", {}))
+    return Trunk(backbone=BACKBONES[name](**kwargs), use_sobel=bool(model_config.sobel))
+
+
+class Network(nn.Module):
+    """Trunk followed by a classifier head on ``feature_key``; params ``{"trunk", "head"}``."""
+
+    trunk: Trunk
+    num_classes: int
+    feature_key: str = "features"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """Maps (B, H, W, C) images to the trunk's named features plus ``"logits"`` (B, K)."""
+        out = dict(self.trunk(x, train=train))
+        out["logits"] = ClassifierHead(self.num_classes, name="head")(out[self.feature_key])
+        return out

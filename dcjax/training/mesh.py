@@ -1,0 +1,33 @@
+"""The device mesh and the shardings used by every jitted function."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = ["DATA_AXIS", "make_mesh", "replicated", "data_sharded"]
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+    """A 1-D mesh over the first ``num_devices`` devices (0 = all), axis ``"data"``."""
+    devices = jax.devices()
+    if num_devices < 0 or num_devices > len(devices):
+        raise ValueError(
+            f"config.num_devices={num_devices} but {len(devices)} devices are visible "
+            "(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+        )
+    chosen = devices[: num_devices or len(devices)]
+    return Mesh(np.asarray(chosen), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (parameters, optimizer state, the image bank)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+    """The leading axis is split over the ``data`` axis (batches, per-example features)."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))

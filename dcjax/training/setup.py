@@ -1,0 +1,97 @@
+"""Builds everything a run needs from its config: mesh, data on device, model, method, state."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from dcjax.data import sources
+from dcjax.data.pipeline import Pipeline, make_pipeline
+from dcjax.methods import Context, Method, get_method
+from dcjax.training.mesh import make_mesh, replicated
+from dcjax.training.state import TrainState, make_optimizers
+
+__all__ = ["Run", "build_run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """The static parts of a run plus its freshly initialised state (before any restore)."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    dataset: sources.Dataset
+    pipeline: Pipeline
+    method: Method
+    ctx: Context
+    train_images: jax.Array  # (N, H, W, C) uint8, replicated on every device
+    test_images: jax.Array | None  # (M, H, W, C) uint8, replicated, or None
+    initial_state: TrainState  # the network at random initialisation, replicated
+
+    @property
+    def state_sharding(self):
+        return jax.tree.map(lambda _: replicated(self.mesh), self.initial_state)
+
+
+def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh, num_examples: int) -> None:
+    num_devices = mesh.devices.size
+    for field in ("batch_size", "eval_batch_size"):
+        size = config[field]
+        if size < 1 or size % num_devices:
+            raise ValueError(
+                f"config.{field}={size} must be a positive multiple of the {num_devices} devices"
+            )
+    if config.batch_size > num_examples:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} exceeds the {num_examples} training examples"
+        )
+
+
+def build_run(config: ml_collections.ConfigDict) -> Run:
+    """Loads the data, places it on the devices and initialises model, optimizers and state."""
+    mesh = make_mesh(config.get("num_devices", 0))
+    dataset = sources.load(config.data)
+    num_examples = len(dataset.train_images)
+    _check_batch(config, mesh, num_examples)
+    pipeline = make_pipeline(config, dataset.train_images)
+    method = get_method(config.method.name)
+    model = method.build_model(config)
+    optimizers = make_optimizers(config)
+
+    key_params, key_state = jax.random.split(jax.random.PRNGKey(config.seed))
+    channels = dataset.train_images.shape[-1]
+    dummy = jnp.zeros((1, *pipeline.out_size, channels), jnp.float32)
+    variables = jax.jit(lambda k: model.init(k, dummy, train=False))(key_params)
+    outputs = jax.eval_shape(lambda v: model.apply(v, dummy, train=False), variables)
+    feature_key = config.method.get("cluster_layer", "features")
+    feature_dim = int(np.prod(outputs[feature_key].shape[1:]))
+    true_labels = dataset.train_labels
+    ctx = Context(config, model, optimizers, num_examples, feature_dim, true_labels)
+    params = variables["params"]
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        cycle=jnp.zeros((), jnp.int32),
+        params=dict(params),
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state={group: tx.init(params[group]) for group, tx in optimizers.items()},
+        rng=key_state,
+        method=method.init_state(ctx),
+    )
+    place = replicated(mesh)
+    test_images = dataset.test_images
+    return Run(
+        config=config,
+        mesh=mesh,
+        dataset=dataset,
+        pipeline=pipeline,
+        method=method,
+        ctx=ctx,
+        train_images=jax.device_put(dataset.train_images, place),
+        test_images=None if test_images is None else jax.device_put(test_images, place),
+        initial_state=jax.device_put(state, place),
+    )

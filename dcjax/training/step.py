@@ -1,0 +1,121 @@
+"""The jitted train step and feature pass, built once per run with explicit shardings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from dcjax.data.pipeline import Pipeline
+from dcjax.methods.base import Method
+from dcjax.training.mesh import data_sharded, replicated
+from dcjax.training.state import TrainState
+
+__all__ = ["make_train_step", "make_feature_fn", "extract_features"]
+
+TrainStep = Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def make_train_step(
+    model: nn.Module,
+    optimizers: dict[str, optax.GradientTransformation],
+    method: Method,
+    pipeline: Pipeline,
+    mesh: Mesh,
+    state_sharding,
+) -> TrainStep:
+    """Builds ``train_step(state, images, indices) -> (state, metrics)``.
+
+    ``images`` is the (N, H, W, C) uint8 bank, replicated; ``indices`` (B,) int32 are sharded over
+    the mesh's data axis, so the gathered batch is too. Parameters stay replicated; XLA turns the
+    batch means (loss, batch norm) into cross-device reductions. The state is donated.
+    """
+
+    def train_step(state: TrainState, images: jax.Array, indices: jax.Array):
+        aug_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        x = pipeline.train_batch(aug_key, images[indices])
+
+        def loss_of(params):
+            outputs, mutated = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": dropout_key},
+            )
+            loss, metrics = method.loss_fn(state.method, outputs, indices)
+            return loss, (metrics, outputs, mutated["batch_stats"])
+
+        (loss, (metrics, outputs, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state.params
+        )
+        params, opt_state = {}, {}
+        for group, tx in optimizers.items():
+            updates, opt_state[group] = tx.update(
+                grads[group], state.opt_state[group], state.params[group]
+            )
+            params[group] = optax.apply_updates(state.params[group], updates)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            method=method.online_update(state.method, outputs, indices),
+        )
+        return new_state, {"loss": loss, **metrics}
+
+    return jax.jit(
+        train_step,
+        in_shardings=(state_sharding, replicated(mesh), data_sharded(mesh)),
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def make_feature_fn(model: nn.Module, pipeline: Pipeline, layers: Sequence[str], mesh: Mesh):
+    """Builds ``features(params, batch_stats, images, indices) -> {layer: (B, ...)}``.
+
+    Eval mode (batch-norm running statistics, no dropout) and no augmentation; the batch and its
+    outputs are sharded over the data axis.
+    """
+    layers = tuple(layers)
+
+    def features(params, batch_stats, images, indices):
+        x = pipeline.eval_batch(images[indices])
+        outputs = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+        missing = [name for name in layers if name not in outputs]
+        if missing:
+            raise ValueError(
+                f"layers {missing} are not among the model's outputs {sorted(outputs)}"
+            )
+        return {name: outputs[name] for name in layers}
+
+    return jax.jit(
+        features,
+        in_shardings=(replicated(mesh), replicated(mesh), replicated(mesh), data_sharded(mesh)),
+        out_shardings=data_sharded(mesh),
+    )
+
+
+def extract_features(
+    feature_fn, state: TrainState, images: jax.Array, batch_size: int
+) -> dict[str, jax.Array]:
+    """Runs ``feature_fn`` over all N images in fixed-size batches: {layer: (N, ...)}.
+
+    The last batch is padded by wrapping around, so every call has the same shape (one compile).
+    """
+    n = images.shape[0]
+    num_batches = -(-n // batch_size)
+    order = np.arange(num_batches * batch_size, dtype=np.int32) % n
+    chunks = [
+        feature_fn(
+            state.params, state.batch_stats, images, order[i * batch_size : (i + 1) * batch_size]
+        )
+        for i in range(num_batches)
+    ]
+    return {name: jnp.concatenate([c[name] for c in chunks])[:n] for name in chunks[0]}

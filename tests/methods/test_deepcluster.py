@@ -1,0 +1,121 @@
+"""DeepCluster's recluster and loss: the pipeline it composes, head re-initialisation, halting."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA
+
+from dcjax.clustering import kmeans
+from dcjax.methods import METHODS, get_method
+from dcjax.methods import deepcluster as dc
+from dcjax.training.setup import build_run
+from tests.helpers import load_config
+
+
+@pytest.fixture(scope="module")
+def run():
+    config = load_config("deepcluster", "smoke")
+    config.num_devices = 1
+    return build_run(config)
+
+
+def test_preprocess_matches_sklearn_pca_whitening_and_l2(rng):
+    x = rng.normal(size=(61, 13)) @ rng.normal(size=(13, 13))
+    ours = np.asarray(dc.preprocess(jnp.asarray(x, jnp.float32), 5))
+    ref = PCA(n_components=5, whiten=True).fit_transform(x)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    signs = np.sign(np.sum(ours * ref, axis=0))  # components are defined up to sign
+    np.testing.assert_allclose(ours, ref * signs, atol=2e-4)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+def test_recluster_labels_equal_the_composed_kernels(run, rng):
+    features = jnp.asarray(
+        rng.normal(size=(run.ctx.num_examples, run.ctx.feature_dim)), jnp.float32
+    )
+    state, stats = dc.recluster(run.ctx, run.initial_state, features)
+    k = run.config.method.num_clusters
+    key, _ = jax.random.split(jax.random.fold_in(run.initial_state.rng, 0))
+    x = dc.preprocess(features, run.config.method.pca_dim)
+    expected = kmeans.fit(key, x, k, num_iters=run.config.method.kmeans_iters)
+    np.testing.assert_array_equal(state.method.pseudo_labels, expected.assignments)
+    assert state.method.centroids.shape == (k, run.config.method.pca_dim)
+    assert stats["num_empty_clusters"] == np.sum(
+        np.bincount(expected.assignments, minlength=k) == 0
+    )
+    assert "nmi_true" in stats and "nmi_previous" not in stats  # cycle 0 has no previous labels
+    np.testing.assert_allclose(state.method.centroids, expected.centroids, rtol=1e-6)
+
+
+def test_recluster_reinitialises_the_head_and_its_optimizer(run, rng):
+    state = run.initial_state
+    head = jax.tree.map(lambda p: p + 1.0, state.params["head"])
+    state = state.replace(params={**state.params, "head": head})
+    features = jnp.asarray(
+        rng.normal(size=(run.ctx.num_examples, run.ctx.feature_dim)), jnp.float32
+    )
+    new, _ = dc.recluster(run.ctx, state, features)
+    kernel = np.asarray(new.params["head"]["Dense_0"]["kernel"])
+    assert abs(kernel.std() - 0.01) < 2e-3
+    np.testing.assert_array_equal(new.params["head"]["Dense_0"]["bias"], 0.0)
+    # The trunk and its momentum are untouched.
+    for a, b in zip(
+        jax.tree.leaves(new.params["trunk"]), jax.tree.leaves(state.params["trunk"]), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    # A new seed each cycle: cycle 1's head differs from cycle 0's.
+    other, _ = dc.recluster(run.ctx, new.replace(cycle=new.cycle + 1), features)
+    assert not np.allclose(other.params["head"]["Dense_0"]["kernel"], kernel)
+
+
+def test_halting_keeps_labels_and_skips_features(run):
+    ctx = run.ctx
+    ctx.config.unlock()
+    ctx.config.method.halt_clustering_after = 2
+    try:
+        assert dc.wants_features(ctx, 1) and not dc.wants_features(ctx, 2)
+        labels = jnp.arange(ctx.num_examples, dtype=jnp.int32) % 3
+        state = run.initial_state.replace(
+            cycle=jnp.asarray(2, jnp.int32),
+            method=run.initial_state.method.replace(pseudo_labels=labels),
+        )
+        new, stats = dc.recluster(ctx, state, None)
+        np.testing.assert_array_equal(new.method.pseudo_labels, labels)
+        assert stats == {}
+    finally:
+        ctx.config.method.halt_clustering_after = 0
+
+
+def test_loss_is_cross_entropy_on_pseudo_labels(rng):
+    labels = jnp.asarray(rng.integers(0, 5, size=20), jnp.int32)
+    state = dc.DeepClusterState(pseudo_labels=labels, centroids=jnp.zeros((5, 3)))
+    logits = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+    indices = jnp.asarray([3, 7, 11, 19])
+    loss, metrics = dc.loss_fn(state, {"logits": logits}, indices)
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    expected = -np.mean(log_p[np.arange(4), np.asarray(labels)[np.asarray(indices)]])
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    assert 0.0 <= float(metrics["pseudo_label_accuracy"]) <= 1.0
+
+
+def test_sampler_balances_clusters(run):
+    labels = np.zeros(run.ctx.num_examples, np.int32)
+    labels[:10] = 1  # one tiny cluster among a huge one
+    state = run.initial_state.replace(
+        method=run.initial_state.method.replace(pseudo_labels=jnp.asarray(labels))
+    )
+    indices = dc.sample(run.ctx, state, np.random.default_rng(0))
+    assert len(indices) == run.ctx.num_examples
+    share_small = np.mean(labels[indices] == 1)
+    assert abs(share_small - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_registry(name):
+    assert get_method(name).name == name
+
+
+def test_unknown_method_names_the_field():
+    with pytest.raises(ValueError, match="config.method.name='nope'"):
+        get_method("nope")
