@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import zipfile
 
 import ml_collections
 
@@ -22,3 +24,36 @@ def load_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
 def config_files() -> list[str]:
     """Names of every config file under configs/."""
     return sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
+
+
+def cifar_zip() -> str | None:
+    """The CIFAR-10 JPEG zip from $DCJAX_CIFAR10_ZIP or ../shared/datasets/, or None."""
+    candidates = [
+        os.environ.get("DCJAX_CIFAR10_ZIP", ""),
+        os.path.join(os.path.dirname(REPO), "shared", "datasets", "cifar10-jpg.zip"),
+    ]
+    return next((c for c in candidates if c and os.path.isfile(c)), None)
+
+
+CIFAR_SKIP_REASON = (
+    "CIFAR-10 zip absent: set DCJAX_CIFAR10_ZIP or put ../shared/datasets/cifar10-jpg.zip"
+)
+
+
+def extract_cifar_subset(root: str, per_class: int, num_classes: int = 10) -> list[str]:
+    """Copies the first ``per_class`` JPEGs of the first ``num_classes`` classes of both splits
+    (zip layout ``{train,test}/<class>/NNNN.jpg``) to ``root``; returns the class names."""
+    pattern = re.compile(r"^(?:.*/)?(train|test)/([^/]+)/([^/]+\.jpg)$")
+    with zipfile.ZipFile(cifar_zip()) as archive:
+        members = [(m, pattern.match(m.filename)) for m in archive.infolist()]
+        members = sorted(((m, match.groups()) for m, match in members if match), key=lambda x: x[1])
+        classes = sorted({c for _, (split, c, _) in members if split == "train"})[:num_classes]
+        taken: dict[tuple[str, str], int] = {}
+        for member, (split, class_name, file_name) in members:
+            if class_name in classes and taken.get((split, class_name), 0) < per_class:
+                taken[(split, class_name)] = taken.get((split, class_name), 0) + 1
+                target = os.path.join(root, split, class_name, file_name)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as f:
+                    f.write(archive.read(member))
+    return classes

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import zipfile
 from pathlib import Path
 
 import ml_collections
@@ -17,8 +16,7 @@ from PIL import Image
 from dcjax.data import folder, sources
 from dcjax.data.dataset import DataError, Dataset
 from dcjax.data.idx import FASHION_MNIST_CLASSES
-
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import CIFAR_SKIP_REASON, cifar_zip, extract_cifar_subset
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -446,32 +444,10 @@ def test_real_fashion_mnist():
     np.testing.assert_array_equal(np.bincount(data.test_labels), np.full(10, 1000))
 
 
-def _cifar_zip() -> Path | None:
-    candidates = [
-        os.environ.get("DCJAX_CIFAR10_ZIP", ""),
-        _REPO_ROOT.parent / "shared" / "datasets" / "cifar10-jpg.zip",
-    ]
-    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(
-    _cifar_zip() is None,
-    reason="CIFAR-10 zip absent: set DCJAX_CIFAR10_ZIP or put ../shared/datasets/cifar10-jpg.zip",
-)
+@pytest.mark.skipif(cifar_zip() is None, reason=CIFAR_SKIP_REASON)
 def test_real_cifar10_subset_through_folder(tmp_path):
-    pattern = re.compile(r"^(?:.*/)?(train|test)/([^/]+)/([^/]+\.jpg)$")
-    with zipfile.ZipFile(_cifar_zip()) as archive:
-        members = [(m, pattern.match(m.filename)) for m in archive.infolist()]
-        members = [(m, match.groups()) for m, match in members if match]
-        classes = sorted({c for _, (split, c, _) in members if split == "train"})[:3]
-        chosen = {}
-        for member, (split, class_name, file_name) in sorted(members, key=lambda x: x[1]):
-            if class_name in classes and len(chosen.setdefault((split, class_name), [])) < 20:
-                chosen[(split, class_name)].append(file_name)
-                target = tmp_path / "cifar" / split / class_name / file_name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(archive.read(member))
+    classes = extract_cifar_subset(str(tmp_path / "cifar"), per_class=20, num_classes=3)
     data = sources.load(_folder_config(tmp_path / "cifar", tmp_path))
     assert data.class_names == tuple(classes)
     assert data.train_images.shape == (60, 32, 32, 3) and data.train_images.dtype == np.uint8

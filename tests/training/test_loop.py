@@ -11,9 +11,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from dcjax.data.idx import DEFAULT_IDX_DIR
+from dcjax.evaluate import evaluate_workdir
 from dcjax.training import loop
 from dcjax.training.metrics import read_jsonl
-from tests.helpers import REPO, config_files, load_config
+from tests.helpers import (
+    CIFAR_SKIP_REASON,
+    REPO,
+    cifar_zip,
+    config_files,
+    extract_cifar_subset,
+    load_config,
+)
 
 
 def _restore_raw(workdir: str, step: int):
@@ -43,6 +52,10 @@ def test_smoke_variant_trains_resumes_and_writes_outputs(name, tmp_path):
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert os.path.exists(os.path.join(workdir, "config.json"))
     assert os.path.exists(os.path.join(workdir, "results.json"))
+    # The evaluate command rebuilds the run from config.json and scores the same state.
+    again = evaluate_workdir(workdir)
+    for key in ("probe_accuracy", "knn_accuracy", "nmi_pseudo_labels"):
+        np.testing.assert_allclose(again["trained"][key], results["trained"][key], atol=1e-6)
 
     # One more cycle in the same workdir resumes from the saved state instead of restarting.
     before = _restore_raw(workdir, config.num_cycles)
@@ -52,6 +65,30 @@ def test_smoke_variant_trains_resumes_and_writes_outputs(name, tmp_path):
     after = _restore_raw(workdir, config.num_cycles)
     assert int(after["cycle"]) == config.num_cycles
     assert int(after["step"]) > int(before["step"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(DEFAULT_IDX_DIR), reason=f"{DEFAULT_IDX_DIR} absent")
+def test_fmnist_smoke_on_real_fashion_mnist(tmp_path):
+    config = load_config("deepcluster", "fmnist,smoke")
+    results = loop.run(config, str(tmp_path))
+    assert results["trained"]["probe_accuracy"] > 0.5  # 10 classes; chance is 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cifar_zip() is None, reason=CIFAR_SKIP_REASON)
+def test_cifar10_smoke_on_real_cifar10_subset(tmp_path):
+    extract_cifar_subset(str(tmp_path / "cifar"), per_class=26)
+    config = load_config("deepcluster", "cifar10,smoke")
+    config.data.path = str(tmp_path / "cifar")
+    config.data.cache_dir = str(tmp_path / "cache")
+    results = loop.run(config, str(tmp_path / "run"))
+    assert results["trained"]["probe_accuracy"] > 0.1  # 10 classes; chance is 0.1
+
+
+def test_evaluate_needs_a_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        evaluate_workdir(str(tmp_path))
 
 
 def test_changed_config_in_same_workdir_is_refused(tmp_path):
