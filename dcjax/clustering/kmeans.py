@@ -1,34 +1,57 @@
 """Lloyd's k-means as DeepCluster v1 runs it through faiss, in fixed-shape JAX.
 
-Algorithm (``faiss.Clustering`` with ``IndexFlatL2``):
+Algorithm (``faiss.Clustering`` with ``IndexFlatL2``), configured by ``KMeansConfig``:
 
-1. Initialise with ``k`` distinct random points, or with given centroids.
-2. Repeat ``num_iters`` times: assign every point to its nearest centroid (squared L2), replace
-   each centroid by the mean of its points, then re-fill every empty cluster by splitting a donor
-   cluster (chosen with probability proportional to ``size - 1``): the empty cluster receives a
-   copy of the donor's centroid, the two copies are pushed apart by a relative ``1/1024`` on
-   alternating dimensions, and the donor's count is shared between them. With
+1. Subsample: if ``n > k * max_points_per_centroid``, train on ``k * max_points_per_centroid``
+   points drawn without replacement (faiss's default of 256 per centroid; 0 turns it off).
+2. Initialise with ``k`` distinct random training points, with k-means++ (``init="kmeans++"``,
+   see ``_kmeans_pp``), or with given centroids.
+3. Repeat ``num_iters`` times: assign every training point to its nearest centroid (squared L2),
+   replace each centroid by the mean of its points, then re-fill every empty cluster by splitting
+   a donor cluster (chosen with probability proportional to ``size - 1``): the empty cluster
+   receives a copy of the donor's centroid, the two copies are pushed apart by a relative
+   ``1/1024`` on alternating dimensions, and the donor's count is shared between them. With
    ``spherical=True`` the centroids are then L2-normalised (cosine k-means).
-3. Assign once more with the final centroids; this gives the labels and the inertia.
+4. ``n_redo > 1`` repeats 2-3 from different keys on the same training points and keeps the run
+   with the lowest final inertia on them.
+5. Assign all ``n`` points once with the final centroids; this gives the labels and the inertia.
 
 ``tol > 0`` adds an early stop on the relative change of the inertia measured at the assignment
 steps; faiss itself always runs the full ``niter``.
 
-The n x k distance matrix is never formed: points are processed in chunks of rows sized from
-``_DISTANCE_BUDGET_BYTES``, and centroid sums and counts are accumulated chunk by chunk.
+Memory: the n x k distance matrix is never formed. Points are processed in chunks of rows sized
+from ``_DISTANCE_BUDGET_BYTES``, centroid sums and counts are accumulated chunk by chunk, and the
+redo runs are a ``lax.scan`` that carries only the best centroids, so peak memory stays
+O(chunk * k + k * d) on top of the data (and of the (k * max_points_per_centroid, d) training
+subset when subsampling) whatever ``n_redo`` is.
+
+Sharding: with a 1-D ``mesh``, the rows are padded to a multiple of the device count (padding is
+masked out) and placed on the mesh axis. Each device assigns its rows in chunks and sums its
+centroid sums, counts and inertia; ``lax.psum`` inside ``jax.shard_map`` combines them. The
+centroids are replicated, so the mean update and the empty-cluster splits run identically on
+every device. k-means++ draws its noise per global row index, so 1 and 8 devices pick the same
+points. Results match the unsharded ones up to float32 summation order. The (n,) labels come
+back replicated.
+
+Centroid sums use a one-hot matmul for small k and segment_sum for large k; see
+``_ONE_HOT_MAX_K`` for the measurements behind the switch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dcjax.clustering.pca import _checked_matrix, l2_normalize
 
-__all__ = ["KMeansResult", "fit", "assign"]
+__all__ = ["KMeansConfig", "KMeansResult", "fit", "assign"]
 
 # Memory for one chunk of float32 point-to-centroid distances; the chunk has
 # _DISTANCE_BUDGET_BYTES // (4 * k) rows.
@@ -38,17 +61,86 @@ _SPLIT_EPS = 1.0 / 1024.0
 # Keep float32 accuracy on accelerators whose default matmul precision is lower (TF32, bf16):
 # assignments must agree with a float32/float64 reference, not drift with the hardware.
 _PRECISION = jax.lax.Precision.HIGHEST
+# Largest k whose centroid sums are accumulated with a one-hot matmul rather than segment_sum.
+#
+# Measured once on the 2-core development CPU (shared: load average ~4.5 during the run, so
+# +-30%), n=60000, d=256, float32, default chunks, median of 5 runs of one assignment + update
+# pass after compilation; the assignment alone took 44 / 69 / 870 ms for k = 10 / 100 / 1000:
+#
+#     k       segment_sum   one-hot matmul
+#     10        96 ms           49 ms
+#     100      174 ms          140 ms
+#     1000    1250 ms         1790 ms
+#
+# The one-hot product costs O(b k d) per chunk, as much again as the distance matmul, but runs at
+# BLAS speed; segment_sum is an O(b d) scatter-add that XLA:CPU runs as a serial loop. The
+# crossover lies between k=100 and k=1000 (not located more finely); 256 splits it.
+# Expected elsewhere (not measured): on GPU the one-hot matmul should win clearly for small k,
+# where the scatter's atomic adds pile onto a few rows, while at DeepCluster's k=10000 it doubles
+# the dominant FLOPs (in full float32, _PRECISION) and the scatter, now spread over many rows,
+# should be at least as fast, so the switch direction stays right. On TPU scatters are serialised
+# and slow while the one-hot product runs on the MXU, so the one-hot matmul likely wins at every
+# k; a TPU run would want a much higher threshold.
+_ONE_HOT_MAX_K = 256
+_INITS = ("random", "kmeans++")
+_MATMUL_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KMeansConfig:
+    """Settings of ``fit``; invalid values raise ``ValueError`` naming the field at construction.
+
+    Attributes:
+      num_iters: assignment + update iterations per run (faiss's ``niter``), ``>= 0``.
+      init: ``"random"`` (``k`` distinct training points, as faiss) or ``"kmeans++"``.
+      n_redo: independent runs from different keys; the lowest final inertia wins, ``>= 1``.
+      spherical: L2-normalise the centroids after every update and the initial ones (cosine).
+      max_points_per_centroid: train on ``k * max_points_per_centroid`` random points when ``n``
+        is larger (faiss's default 256); ``0`` trains on all points.
+      tol: if positive, stop a run once the relative change of the inertia between two successive
+        assignment steps is below ``tol``; ``0`` runs exactly ``num_iters`` iterations.
+      chunk_size: most rows per assignment chunk (per device); ``None`` derives it from
+        ``_DISTANCE_BUDGET_BYTES``. Changes memory use, not results beyond float32 rounding.
+      matmul_dtype: input dtype of the x.cᵀ distance matmul, ``"float32"`` or ``"bfloat16"``
+        (see ``assign``).
+    """
+
+    num_iters: int = 20
+    init: str = "random"
+    n_redo: int = 1
+    spherical: bool = False
+    max_points_per_centroid: int = 256
+    tol: float = 0.0
+    chunk_size: int | None = None
+    matmul_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name, low in (("num_iters", 0), ("n_redo", 1), ("max_points_per_centroid", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if not isinstance(self.init, str) or self.init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {self.init!r}")
+        if not isinstance(self.spherical, bool):
+            raise ValueError(f"spherical must be a bool, got {self.spherical!r}")
+        if not self.tol >= 0:  # also rejects NaN
+            raise ValueError(f"tol must be >= 0, got {self.tol!r}")
+        if self.chunk_size is not None and not (
+            isinstance(self.chunk_size, int) and self.chunk_size >= 1
+        ):
+            raise ValueError(f"chunk_size must be an int >= 1 or None, got {self.chunk_size!r}")
+        _check_matmul_dtype(self.matmul_dtype)
 
 
 class KMeansResult(NamedTuple):
     """The output of ``fit``.
 
     Attributes:
-      centroids: (k, d) float32, centroids after the last update.
-      assignments: (n,) int32, nearest centroid of each point (the final assignment).
-      inertia: () float32, sum of squared distances of the points to their assigned centroid.
-      n_iter: () int32, number of update iterations run.
-      n_empty_splits: () int32, empty clusters re-filled by splitting, summed over iterations.
+      centroids: (k, d) float32, centroids after the last update of the kept run.
+      assignments: (n,) int32, nearest centroid of each of the ``n`` points (final assignment).
+      inertia: () float32, sum over all ``n`` points of the squared distance to their centroid.
+      n_iter: () int32, update iterations run by the kept run.
+      n_empty_splits: () int32, empty clusters re-filled by splitting in the kept run.
     """
 
     centroids: jax.Array
@@ -58,7 +150,48 @@ class KMeansResult(NamedTuple):
     n_empty_splits: jax.Array
 
 
+class _Layout(NamedTuple):
+    """Row padding: ``num_shards`` blocks of ``num_chunks`` x ``chunk_size`` for ``num_rows``."""
+
+    num_rows: int
+    num_shards: int
+    num_chunks: int
+    chunk_size: int
+
+    @property
+    def padded_rows(self) -> int:
+        return self.num_shards * self.num_chunks * self.chunk_size
+
+
+class _Plan(NamedTuple):
+    """Everything static about one ``fit``: the jit cache key."""
+
+    k: int
+    num_iters: int
+    init: str
+    n_redo: int
+    spherical: bool
+    matmul_dtype: str
+    one_hot: bool  # accumulate with a one-hot matmul (else segment_sum)
+    train: _Layout  # the training points (a subset of x, or all of it)
+    full: _Layout  # all n points, for the final assignment
+    mesh: Mesh | None
+
+
+def _check_matmul_dtype(matmul_dtype: str) -> None:
+    if not isinstance(matmul_dtype, str) or matmul_dtype not in _MATMUL_DTYPES:
+        raise ValueError(
+            f"matmul_dtype must be one of {tuple(_MATMUL_DTYPES)}, got {matmul_dtype!r}"
+        )
+
+
+def _check_mesh(mesh: Mesh | None) -> None:
+    if mesh is not None and len(mesh.axis_names) != 1:
+        raise ValueError(f"mesh must be 1-D (one data axis), got axes {mesh.axis_names}")
+
+
 def _resolve_chunk_size(chunk_size: int | None, n: int, k: int) -> int:
+    """Most rows per chunk: ``chunk_size`` or the memory budget's, clamped to ``[1, n]``."""
     if chunk_size is None:
         chunk_size = _DISTANCE_BUDGET_BYTES // (4 * k)
     elif chunk_size < 1:
@@ -66,59 +199,201 @@ def _resolve_chunk_size(chunk_size: int | None, n: int, k: int) -> int:
     return int(min(max(chunk_size, 1), n))
 
 
-def _to_chunks(x: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-    """Pads (n, d) rows to a multiple of ``chunk_size``: (m, chunk, d) points, (m, chunk) mask."""
-    n, d = x.shape
-    num_chunks = -(-n // chunk_size)
-    pad = num_chunks * chunk_size - n
-    x_chunks = jnp.pad(x, ((0, pad), (0, 0))).reshape(num_chunks, chunk_size, d)
-    valid = (jnp.arange(num_chunks * chunk_size) < n).reshape(num_chunks, chunk_size)
-    return x_chunks, valid
+def _layout(n: int, k: int, chunk_size: int | None, num_shards: int) -> _Layout:
+    # Equal chunks of at most the resolved size, so padding is below num_chunks rows per shard.
+    rows_per_shard = -(-n // num_shards)
+    max_chunk = _resolve_chunk_size(chunk_size, rows_per_shard, k)
+    num_chunks = -(-rows_per_shard // max_chunk)
+    return _Layout(n, num_shards, num_chunks, -(-rows_per_shard // num_chunks))
 
 
-def _nearest(x: jax.Array, centroids: jax.Array, c_sq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Nearest centroid of each row of a (b, d) chunk: (b,) int32 labels, (b,) squared distances."""
-    # ||x||^2 is constant along a row, so it is left out of the (b, k) matrix and the argmin.
-    partial = c_sq - 2.0 * jnp.matmul(x, centroids.T, precision=_PRECISION)  # (b, k)
-    labels = jnp.argmin(partial, axis=1).astype(jnp.int32)
-    best = jnp.take_along_axis(partial, labels[:, None], axis=1)[:, 0]
-    # Cancellation in the expanded form can give tiny negative values.
-    sq_dist = jnp.maximum(jnp.sum(x * x, axis=1) + best, 0.0)
-    return labels, sq_dist
+def _training_subset_size(n: int, k: int, max_points_per_centroid: int) -> int:
+    """Points k-means trains on: ``k * max_points_per_centroid`` if that is below ``n``, else n."""
+    if max_points_per_centroid == 0:
+        return n
+    return min(n, k * max_points_per_centroid)
 
 
-def _assign_chunks(
-    x_chunks: jax.Array, valid: jax.Array, centroids: jax.Array
+def _training_indices(key: jax.Array, n: int, num_train: int) -> jax.Array:
+    """(num_train,) distinct row indices drawn uniformly from ``range(n)``."""
+    return jax.random.choice(key, n, (num_train,), replace=False)
+
+
+def _place(x: jax.Array, layout: _Layout, mesh: Mesh | None) -> tuple[jax.Array, jax.Array]:
+    """Pads (n, d) rows to the layout: (rows, d) points and a (rows,) validity mask, on the mesh."""
+    rows = layout.padded_rows
+    x = jnp.pad(x, ((0, rows - layout.num_rows), (0, 0)))
+    valid = jnp.arange(rows) < layout.num_rows
+    return _on_rows(x, mesh), _on_rows(valid, mesh)
+
+
+def _on_rows(a: jax.Array, mesh: Mesh | None) -> jax.Array:
+    if mesh is None:
+        return a
+    return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(mesh.axis_names[0])))
+
+
+def _per_shard(
+    kernel: Callable, mesh: Mesh | None, in_rows: tuple[bool, ...], out_rows: tuple[bool, ...]
+) -> Callable:
+    """``kernel(*args, axis=...)`` on each device's rows; ``*_rows`` flag row-sharded values.
+
+    Without a mesh the kernel sees all rows and ``axis=None`` (its collectives are no-ops).
+    """
+    if mesh is None:
+        return functools.partial(kernel, axis=None)
+    axis = mesh.axis_names[0]
+
+    def specs(flags):
+        return tuple(P(axis) if on_rows else P() for on_rows in flags)
+
+    return jax.shard_map(
+        functools.partial(kernel, axis=axis),
+        mesh=mesh,
+        in_specs=specs(in_rows),
+        out_specs=specs(out_rows),
+    )
+
+
+def _psum(x, axis: str | None):
+    return x if axis is None else jax.lax.psum(x, axis)
+
+
+def _nearest(
+    x: jax.Array, centroids: jax.Array, c_sq: jax.Array, matmul_dtype: str
 ) -> tuple[jax.Array, jax.Array]:
-    """Labels and squared distances of all padded rows, flattened to (m * chunk,)."""
+    """Nearest centroid of each row of a (b, d) chunk: (b,) int32 labels, (b,) squared distances."""
+    if matmul_dtype == "float32":
+        dots = jnp.matmul(x, centroids.T, precision=_PRECISION)  # (b, k)
+    else:
+        dtype = _MATMUL_DTYPES[matmul_dtype]
+        dots = jnp.matmul(
+            x.astype(dtype), centroids.T.astype(dtype), preferred_element_type=jnp.float32
+        )
+    # ||x||^2 is constant along a row, so it is left out of the (b, k) matrix and the argmin.
+    partial = c_sq - 2.0 * dots
+    labels = jnp.argmin(partial, axis=1).astype(jnp.int32)
+    if matmul_dtype == "float32":
+        best = jnp.take_along_axis(partial, labels[:, None], axis=1)[:, 0]
+        # Cancellation in the expanded form can give tiny negative values.
+        return labels, jnp.maximum(jnp.sum(x * x, axis=1) + best, 0.0)
+    # The low-precision dot only ranks the centroids; the reported distance is exact float32.
+    return labels, jnp.sum(jnp.square(x - centroids[labels]), axis=1)
+
+
+def _chunked(layout: _Layout, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One shard's (rows, d) and (rows,) as (num_chunks, chunk, d) and (num_chunks, chunk)."""
+    shape = (layout.num_chunks, layout.chunk_size)
+    return x.reshape(*shape, x.shape[-1]), valid.reshape(shape)
+
+
+def _assign_kernel(x, valid, centroids, *, layout: _Layout, matmul_dtype: str, axis):
+    """One shard's labels (rows,) int32 and squared distances (rows,), 0 on padding rows."""
+    del axis  # rows are independent
+    x_chunks, v_chunks = _chunked(layout, x, valid)
     c_sq = jnp.sum(centroids * centroids, axis=1)
-    labels, sq_dist = jax.lax.map(lambda xc: _nearest(xc, centroids, c_sq), x_chunks)
-    return labels.reshape(-1), jnp.where(valid, sq_dist, 0.0).reshape(-1)
+    labels, sq_dist = jax.lax.map(lambda xc: _nearest(xc, centroids, c_sq, matmul_dtype), x_chunks)
+    return labels.reshape(-1), jnp.where(v_chunks, sq_dist, 0.0).reshape(-1)
 
 
-def _cluster_stats(
-    x_chunks: jax.Array, valid: jax.Array, centroids: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-cluster sums (k, d), counts (k,) int32 and the inertia () under nearest assignment."""
+def _stats_kernel(x, valid, centroids, *, layout: _Layout, matmul_dtype: str, one_hot: bool, axis):
+    """Cluster sums (k, d), counts (k,) int32 and inertia () over all shards' rows.
+
+    ``one_hot`` accumulates the sums with a one-hot matmul, otherwise with segment_sum.
+    """
     k, d = centroids.shape
+    x_chunks, v_chunks = _chunked(layout, x, valid)
     c_sq = jnp.sum(centroids * centroids, axis=1)
 
     def body(carry, inputs):
         sums, counts, inertia = carry
         xc, vc = inputs
-        labels, sq_dist = _nearest(xc, centroids, c_sq)
-        # segment_sum rather than a one-hot matmul: the scatter-add costs O(b d) per chunk while
-        # the (b, k) one-hot product costs O(b k d), doubling the work of the distance matmul
-        # for large k. Padding rows get the out-of-range id k, which segment_sum drops.
-        ids = jnp.where(vc, labels, k)
-        sums = sums + jax.ops.segment_sum(xc, ids, num_segments=k)
-        counts = counts + jax.ops.segment_sum(vc.astype(jnp.int32), ids, num_segments=k)
+        labels, sq_dist = _nearest(xc, centroids, c_sq, matmul_dtype)
+        if one_hot:
+            member = (labels[:, None] == jnp.arange(k)) & vc[:, None]  # (b, k)
+            sums = sums + jnp.matmul(member.T.astype(xc.dtype), xc, precision=_PRECISION)
+            counts = counts + jnp.sum(member, axis=0, dtype=jnp.int32)
+        else:
+            # Padding rows get the out-of-range id k, which segment_sum drops.
+            ids = jnp.where(vc, labels, k)
+            sums = sums + jax.ops.segment_sum(xc, ids, num_segments=k)
+            counts = counts + jax.ops.segment_sum(vc.astype(jnp.int32), ids, num_segments=k)
         inertia = inertia + jnp.sum(jnp.where(vc, sq_dist, 0.0))
         return (sums, counts, inertia), None
 
     init = (jnp.zeros((k, d), jnp.float32), jnp.zeros((k,), jnp.int32), jnp.float32(0.0))
-    (sums, counts, inertia), _ = jax.lax.scan(body, init, (x_chunks, valid))
-    return sums, counts, inertia
+    if axis is not None:  # the partial sums differ per device until the psum
+        init = jax.lax.pcast(init, axis, to="varying")
+    stats, _ = jax.lax.scan(body, init, (x_chunks, v_chunks))
+    return _psum(stats, axis)
+
+
+def _kmeans_pp_kernel(x, valid, min_sq, chosen, noise, *, axis):
+    """One k-means++ round on each shard: picks a row with probability ∝ ``min_sq``.
+
+    Args:
+      x: (rows, d) this shard's points; valid: (rows,) bool, False on padding.
+      min_sq: (rows,) squared distance to the nearest centroid picked so far (inf before any).
+      chosen: (rows,) bool, rows picked so far.
+      noise: (rows,) standard Gumbel noise of these rows (drawn per global row index).
+
+    Returns:
+      The picked row (d,) (replicated) and the updated ``min_sq`` and ``chosen``.
+    """
+    rows = x.shape[0]
+    # Gumbel-max: argmax(log w + G) is a draw with probability ∝ w, with no global cumsum.
+    # Before the first pick every weight is inf: a uniform draw. Unpicked rows at distance 0
+    # (duplicates of a pick) get a finite floor, so they are drawn, in index order, only when
+    # no positive weight is left: the k picks stay distinct rows even if fewer are distinct.
+    log_w = jnp.where(jnp.isinf(min_sq), 0.0, jnp.log(min_sq))
+    log_w = jnp.where(min_sq > 0, log_w, -1e30)
+    score = jnp.where(valid & ~chosen, log_w + noise, -jnp.inf)
+    local = jnp.argmax(score)
+    offset = 0 if axis is None else jax.lax.axis_index(axis) * rows
+    best = score[local] if axis is None else jax.lax.pmax(score[local], axis)
+    # Exact ties resolve to the lowest global index, as an unsharded argmax does.
+    candidate = jnp.where(score[local] == best, offset + local, jnp.iinfo(jnp.int32).max)
+    pick = candidate if axis is None else jax.lax.pmin(candidate, axis)
+    mine = (offset <= pick) & (pick < offset + rows)
+    row = _psum(jnp.where(mine, x[jnp.clip(pick - offset, 0, rows - 1)], 0.0), axis)
+    here = jnp.arange(rows) == pick - offset  # all False on the other shards
+    # Direct differences rather than the expanded form: no cancellation, and 0 at the pick.
+    min_sq = jnp.minimum(min_sq, jnp.sum(jnp.square(x - row), axis=1))
+    return row, min_sq, chosen | here
+
+
+def _kmeans_pp(
+    key: jax.Array, x: jax.Array, valid: jax.Array, k: int, mesh: Mesh | None
+) -> jax.Array:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007) of (rows, d) padded points: (k, d).
+
+    The plain variant, without sklearn's greedy trials: the first centroid is a uniform draw,
+    each next one a D² draw, i.e. with probability proportional to the squared distance to the
+    nearest centroid picked so far. A running (rows,) minimum is updated with the newest centroid
+    only, so round j costs O(n d) and the whole seeding O(n k d) time (about one Lloyd iteration
+    of FLOPs, but k sequential passes over x, so memory-bandwidth bound) and O(n) extra memory;
+    no n x k matrix is formed. The picks are k distinct rows. Distances are squared L2 in the
+    input space, also for spherical k-means (whose centroids are normalised afterwards).
+    """
+    rows, d = x.shape
+    round_fn = _per_shard(
+        _kmeans_pp_kernel, mesh, in_rows=(True,) * 5, out_rows=(False, True, True)
+    )
+
+    def body(j, state):
+        centroids, min_sq, chosen = state
+        # Noise of row i depends on (key, j, i) only, not on the padding or the sharding.
+        noise = _on_rows(jax.random.gumbel(jax.random.fold_in(key, j), (rows,)), mesh)
+        row, min_sq, chosen = round_fn(x, valid, min_sq, chosen, noise)
+        return centroids.at[j].set(row), min_sq, chosen
+
+    init = (
+        jnp.zeros((k, d), x.dtype),
+        _on_rows(jnp.full((rows,), jnp.inf, jnp.float32), mesh),
+        _on_rows(jnp.zeros((rows,), bool), mesh),
+    )
+    centroids, _, _ = jax.lax.fori_loop(0, k, body, init)
+    return centroids
 
 
 def _split_empty(
@@ -165,46 +440,103 @@ def _split_empty(
     return centroids, num_empty
 
 
-@functools.partial(jax.jit, static_argnames=("k", "num_iters", "spherical", "chunk_size"))
-def _fit(
-    rng: jax.Array,
+def _assign_fn(layout: _Layout, matmul_dtype: str, mesh: Mesh | None) -> Callable:
+    kernel = functools.partial(_assign_kernel, layout=layout, matmul_dtype=matmul_dtype)
+    return _per_shard(kernel, mesh, in_rows=(True, True, False), out_rows=(True, True))
+
+
+def _lloyd(
+    key: jax.Array,
     x: jax.Array,
+    valid: jax.Array,
     init_centroids: jax.Array | None,
     tol: jax.Array,
-    *,
-    k: int,
-    num_iters: int,
-    spherical: bool,
-    chunk_size: int,
-) -> KMeansResult:
-    n = x.shape[0]
-    init_rng, split_rng = jax.random.split(rng)
-    if init_centroids is None:
-        init_centroids = x[jax.random.choice(init_rng, n, (k,), replace=False)]
-    centroids = l2_normalize(init_centroids) if spherical else init_centroids
-    x_chunks, valid = _to_chunks(x, chunk_size)
+    plan: _Plan,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One run on the placed training points: centroids (k, d), iterations and splits ()."""
+    init_key, split_key = jax.random.split(key)
+    if init_centroids is not None:
+        centroids = init_centroids
+    elif plan.init == "random":
+        centroids = x[jax.random.choice(init_key, plan.train.num_rows, (plan.k,), replace=False)]
+    else:
+        centroids = _kmeans_pp(init_key, x, valid, plan.k, plan.mesh)
+    if plan.spherical:
+        centroids = l2_normalize(centroids)
+    stats_fn = _per_shard(
+        functools.partial(
+            _stats_kernel,
+            layout=plan.train,
+            matmul_dtype=plan.matmul_dtype,
+            one_hot=plan.one_hot,
+        ),
+        plan.mesh,
+        in_rows=(True, True, False),
+        out_rows=(False, False, False),
+    )
 
     def cond(state):
         it, _, prev_inertia, inertia, _ = state
         # |Δ| / prev is NaN or inf before the second assignment; those compare False.
         rel_change = jnp.abs(prev_inertia - inertia) / jnp.maximum(prev_inertia, 1e-30)
         converged = (it >= 2) & (rel_change < tol)
-        return (it < num_iters) & ~converged
+        return (it < plan.num_iters) & ~converged
 
     def body(state):
         it, centroids, _, inertia, num_splits = state
-        sums, counts, new_inertia = _cluster_stats(x_chunks, valid, centroids)
+        sums, counts, new_inertia = stats_fn(x, valid, centroids)
         means = sums / jnp.maximum(counts, 1)[:, None].astype(sums.dtype)
         means = jnp.where((counts > 0)[:, None], means, centroids)
-        means, splits = _split_empty(jax.random.fold_in(split_rng, it), means, counts)
-        if spherical:
+        means, splits = _split_empty(jax.random.fold_in(split_key, it), means, counts)
+        if plan.spherical:
             means = l2_normalize(means)
         return it + 1, means, inertia, new_inertia, num_splits + splits
 
     init = (jnp.int32(0), centroids, jnp.float32(jnp.inf), jnp.float32(jnp.inf), jnp.int32(0))
     n_iter, centroids, _, _, num_splits = jax.lax.while_loop(cond, body, init)
+    return centroids, n_iter, num_splits
 
-    labels, sq_dist = _assign_chunks(x_chunks, valid, centroids)
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _fit(
+    key: jax.Array,
+    x: jax.Array,
+    init_centroids: jax.Array | None,
+    tol: jax.Array,
+    *,
+    plan: _Plan,
+) -> KMeansResult:
+    n = x.shape[0]
+    x_train = x
+    if plan.train.num_rows < n:
+        subset_key, key = jax.random.split(key)
+        x_train = x[_training_indices(subset_key, n, plan.train.num_rows)]
+    x_train, v_train = _place(x_train, plan.train, plan.mesh)
+    run = functools.partial(
+        _lloyd, x=x_train, valid=v_train, init_centroids=init_centroids, tol=tol, plan=plan
+    )
+    if plan.n_redo == 1:
+        centroids, n_iter, num_splits = run(key)
+    else:
+        train_assign = _assign_fn(plan.train, plan.matmul_dtype, plan.mesh)
+
+        def redo(best, run_key):
+            centroids, n_iter, num_splits = run(run_key)
+            inertia = jnp.sum(train_assign(x_train, v_train, centroids)[1])
+            keep = inertia < best[0]  # ties keep the earlier run
+            new = (inertia, centroids, n_iter, num_splits)
+            return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, best), None
+
+        k, d = plan.k, x.shape[1]
+        best = (jnp.float32(jnp.inf), jnp.zeros((k, d), jnp.float32), jnp.int32(0), jnp.int32(0))
+        best, _ = jax.lax.scan(redo, best, jax.random.split(key, plan.n_redo))
+        _, centroids, n_iter, num_splits = best
+
+    if plan.train.num_rows < n:
+        x_all, v_all = _place(x, plan.full, plan.mesh)
+    else:
+        x_all, v_all = x_train, v_train
+    labels, sq_dist = _assign_fn(plan.full, plan.matmul_dtype, plan.mesh)(x_all, v_all, centroids)
     return KMeansResult(
         centroids=centroids,
         assignments=labels[:n],
@@ -214,89 +546,114 @@ def _fit(
     )
 
 
+def _num_shards(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else mesh.devices.size
+
+
 def fit(
     key: jax.Array,
     x: jax.Array,
     k: int,
+    config: KMeansConfig | None = None,
     *,
-    num_iters: int = 20,
-    init: str | jax.Array = "random",
-    spherical: bool = False,
-    chunk_size: int | None = None,
-    tol: float = 0.0,
+    init_centroids: jax.Array | None = None,
+    mesh: Mesh | None = None,
 ) -> KMeansResult:
     """Clusters ``x`` into ``k`` groups with Lloyd's algorithm and faiss's empty-cluster splits.
 
+    Keys: when subsampling applies, ``key`` is split into ``(subset_key, key)`` and the training
+    points are ``x[_training_indices(subset_key, n, _training_subset_size(n, k, mpc))]``; fitting
+    those points directly with the second key gives the same centroids. With ``n_redo > 1``, run
+    ``r`` uses ``jax.random.split(key, n_redo)[r]``, exactly as a ``n_redo=1`` fit with that key
+    on the training points would; with ``n_redo == 1`` the run uses ``key`` itself.
+
     Args:
-      key: PRNG key for the random initialisation and the donor draws of cluster splits.
-      x: (n, d) floating array; computed in float32.
+      key: PRNG key for subsampling, initialisation and the donor draws of cluster splits.
+      x: (n, d) floating array; computed in float32. May already be sharded over ``mesh``.
       k: number of clusters, ``1 <= k <= n``.
-      num_iters: number of assignment + update iterations (faiss's ``niter``), ``>= 0``.
-      init: ``"random"`` for ``k`` distinct data points drawn with ``key``, or a (k, d) array of
-        initial centroids.
-      spherical: L2-normalise the centroids after every update (and the initial ones).
-      chunk_size: rows per assignment chunk; ``None`` derives it from
-        ``_DISTANCE_BUDGET_BYTES``. Changes memory use, not results.
-      tol: if positive, stop once the relative change of the inertia between two successive
-        assignment steps is below ``tol``; ``0`` runs exactly ``num_iters`` iterations.
+      config: a ``KMeansConfig``; ``None`` means ``KMeansConfig()`` (faiss's defaults, except
+        ``num_iters=20`` as DeepCluster).
+      init_centroids: (k, d) initial centroids, replacing ``config.init``; needs ``n_redo == 1``.
+      mesh: a 1-D mesh to shard the points over (see the module docstring); centroids are
+        replicated on it. ``None`` runs on the default device.
 
     Returns:
-      A ``KMeansResult``; ``assignments`` and ``inertia`` come from one final assignment with
-      the returned centroids, so a cluster split in the last iteration may still be empty there.
+      A ``KMeansResult``; ``assignments`` and ``inertia`` come from one final assignment of all
+      ``n`` points with the returned centroids, so a cluster split in the last iteration (or one
+      trained on a subset) may still be empty there.
 
     Raises:
       ValueError: if ``x`` is not a non-empty 2-D array of finite values, ``k`` is outside
-        ``[1, n]``, ``init`` is neither ``"random"`` nor a finite (k, d) array, or ``num_iters``,
-        ``chunk_size`` or ``tol`` is negative.
+        ``[1, n]``, ``config`` is not a ``KMeansConfig``, ``init_centroids`` is not a finite
+        (k, d) array or comes with ``n_redo > 1``, or ``mesh`` is not 1-D.
     """
+    config = KMeansConfig() if config is None else config
+    if not isinstance(config, KMeansConfig):
+        raise ValueError(f"config must be a KMeansConfig, got {type(config).__name__}")
     x = _checked_matrix(x, "x")
     n, d = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, n] = [1, {n}] for x of shape {x.shape}, got {k}")
-    if num_iters < 0:
-        raise ValueError(f"num_iters must be >= 0, got {num_iters}")
-    if tol < 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    if isinstance(init, str):
-        if init != "random":
-            raise ValueError(f'init must be "random" or a (k, d) array, got {init!r}')
-        init_centroids = None
-    else:
-        init_centroids = _checked_matrix(init, "init")
+    if init_centroids is not None:
+        init_centroids = _checked_matrix(init_centroids, "init_centroids")
         if init_centroids.shape != (k, d):
-            raise ValueError(f"init must have shape (k, d) = {(k, d)}, got {init_centroids.shape}")
-    chunk_size = _resolve_chunk_size(chunk_size, n, k)
-    return _fit(
-        key,
-        x,
-        init_centroids,
-        jnp.float32(tol),
+            raise ValueError(
+                f"init_centroids must have shape (k, d) = {(k, d)}, got {init_centroids.shape}"
+            )
+        if config.n_redo != 1:
+            raise ValueError(f"n_redo must be 1 with init_centroids, got {config.n_redo}")
+    _check_mesh(mesh)
+    num_train = _training_subset_size(n, k, config.max_points_per_centroid)
+    shards = _num_shards(mesh)
+    plan = _Plan(
         k=k,
-        num_iters=num_iters,
-        spherical=spherical,
-        chunk_size=chunk_size,
+        num_iters=config.num_iters,
+        init=config.init,
+        n_redo=config.n_redo,
+        spherical=config.spherical,
+        matmul_dtype=config.matmul_dtype,
+        one_hot=k <= _ONE_HOT_MAX_K,
+        train=_layout(num_train, k, config.chunk_size, shards),
+        full=_layout(n, k, config.chunk_size, shards),
+        mesh=mesh,
     )
+    return _fit(key, x, init_centroids, jnp.float32(config.tol), plan=plan)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size",))
-def _assign(x: jax.Array, centroids: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-    x_chunks, valid = _to_chunks(x, chunk_size)
-    labels, sq_dist = _assign_chunks(x_chunks, valid, centroids)
+@functools.partial(jax.jit, static_argnames=("layout", "matmul_dtype", "mesh"))
+def _assign(
+    x: jax.Array, centroids: jax.Array, *, layout: _Layout, matmul_dtype: str, mesh: Mesh | None
+) -> tuple[jax.Array, jax.Array]:
+    x_pad, valid = _place(x, layout, mesh)
+    labels, sq_dist = _assign_fn(layout, matmul_dtype, mesh)(x_pad, valid, centroids)
     n = x.shape[0]
     return labels[:n], sq_dist[:n]
 
 
 def assign(
-    x: jax.Array, centroids: jax.Array, *, chunk_size: int | None = None
+    x: jax.Array,
+    centroids: jax.Array,
+    *,
+    chunk_size: int | None = None,
+    mesh: Mesh | None = None,
+    matmul_dtype: str = "float32",
 ) -> tuple[jax.Array, jax.Array]:
     """Assigns each point to its nearest centroid in squared L2 distance, chunk by chunk.
 
-    Ties go to the lowest centroid index.
+    Ties go to the lowest centroid index. With ``matmul_dtype="bfloat16"`` the x.cᵀ product that
+    ranks the centroids takes bfloat16 inputs (8-bit mantissa, ~3 significant digits) and
+    accumulates in float32 (``preferred_element_type``), while the norms stay float32: about
+    twice the matmul throughput on GPU/TPU, at the cost of flipping points whose two nearest
+    centroids are within ~1% of each other in distance. The returned squared distances are
+    recomputed exactly in float32 for the chosen centroid.
 
     Args:
-      x: (n, d) floating array; computed in float32.
+      x: (n, d) floating array; computed in float32. May already be sharded over ``mesh``.
       centroids: (k, d) floating array.
-      chunk_size: rows per chunk; ``None`` derives it from ``_DISTANCE_BUDGET_BYTES``.
+      chunk_size: most rows per chunk (per device); ``None`` derives it from
+        ``_DISTANCE_BUDGET_BYTES``.
+      mesh: a 1-D mesh to shard the points over; centroids are replicated. ``None``: no sharding.
+      matmul_dtype: ``"float32"`` or ``"bfloat16"``.
 
     Returns:
       ``(labels, sq_distances)``: (n,) int32 nearest-centroid indices and (n,) float32 squared
@@ -304,7 +661,8 @@ def assign(
 
     Raises:
       ValueError: if ``x`` or ``centroids`` is not a non-empty 2-D array of finite values, their
-        widths differ, or ``chunk_size`` is not positive.
+        widths differ, ``chunk_size`` is not positive, ``matmul_dtype`` is unknown or ``mesh``
+        is not 1-D.
     """
     x = _checked_matrix(x, "x")
     centroids = _checked_matrix(centroids, "centroids")
@@ -312,5 +670,7 @@ def assign(
         raise ValueError(
             f"centroids must have shape (k, {x.shape[1]}) to match x, got {centroids.shape}"
         )
-    chunk_size = _resolve_chunk_size(chunk_size, x.shape[0], centroids.shape[0])
-    return _assign(x, centroids, chunk_size=chunk_size)
+    _check_matmul_dtype(matmul_dtype)
+    _check_mesh(mesh)
+    layout = _layout(x.shape[0], centroids.shape[0], chunk_size, _num_shards(mesh))
+    return _assign(x, centroids, layout=layout, matmul_dtype=matmul_dtype, mesh=mesh)

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 __all__ = ["Context", "Method"]
 
@@ -33,6 +34,7 @@ class Context:
       num_examples: N, the size of the training set.
       feature_dim: D, the width of the features the method clusters.
       true_labels: (N,) int32 ground truth for logging only, or None.
+      mesh: the device mesh; clustering kernels shard the examples over its data axis.
     """
 
     config: ml_collections.ConfigDict
@@ -41,6 +43,7 @@ class Context:
     num_examples: int
     feature_dim: int
     true_labels: np.ndarray | None
+    mesh: Mesh | None = None
 
 
 class Method(NamedTuple):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from dcjax.clustering import kmeans, pca
 from dcjax.data import sampler
@@ -79,13 +80,25 @@ def wants_features(ctx: Context, cycle: int) -> bool:
     return not is_halted(ctx.config, cycle)
 
 
-@functools.partial(jax.jit, static_argnames="pca_dim")
-def preprocess(features: jax.Array, pca_dim: int) -> jax.Array:
-    """PCA-whitening to ``pca_dim`` (0 = off) then L2 normalisation: (N, D) -> (N, D')."""
+@functools.partial(jax.jit, static_argnames=("pca_dim", "mesh"))
+def preprocess(features: jax.Array, pca_dim: int, mesh: Mesh | None = None) -> jax.Array:
+    """PCA-whitening to ``pca_dim`` (0 = off) then L2 normalisation: (N, D) -> (N, D').
+
+    With ``mesh``, the covariance is accumulated per shard of examples and summed across devices.
+    """
     x = features.reshape(features.shape[0], -1).astype(jnp.float32)
     if pca_dim:
-        x = pca.transform(pca.fit(x, pca_dim, whiten=True), x)
+        x = pca.transform(pca.fit(x, pca_dim, eigen_power=-0.5, mesh=mesh), x)
     return pca.l2_normalize(x)
+
+
+def kmeans_config(config: ml_collections.ConfigDict) -> kmeans.KMeansConfig:
+    """The official run's faiss settings: random init, one run, no subsampling, float32.
+
+    The official code sets ``max_points_per_centroid=10_000_000``, which never subsamples at
+    DeepCluster's sizes; 0 turns subsampling off outright.
+    """
+    return kmeans.KMeansConfig(num_iters=config.method.kmeans_iters, max_points_per_centroid=0)
 
 
 def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, dict[str, float]]:
@@ -98,9 +111,10 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
     if features is not None:
         result = kmeans.fit(
             key_kmeans,
-            preprocess(features, config.pca_dim),
+            preprocess(features, config.pca_dim, ctx.mesh),
             config.num_clusters,
-            num_iters=config.kmeans_iters,
+            kmeans_config(ctx.config),
+            mesh=ctx.mesh,
         )
         labels = np.asarray(result.assignments)
         if cycle > 0:

@@ -71,7 +71,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     feature_key = config.method.get("cluster_layer", "features")
     feature_dim = int(np.prod(outputs[feature_key].shape[1:]))
     true_labels = dataset.train_labels
-    ctx = Context(config, model, optimizers, num_examples, feature_dim, true_labels)
+    ctx = Context(config, model, optimizers, num_examples, feature_dim, true_labels, mesh)
     params = variables["params"]
     state = TrainState(
         step=jnp.zeros((), jnp.int32),

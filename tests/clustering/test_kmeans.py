@@ -1,13 +1,16 @@
 """Tests for dcjax.clustering.kmeans against scikit-learn and brute-force NumPy in float64.
 
-Shapes are shared between tests on purpose (n=37, k=5, d=11 and one larger blob case) so that the
-jitted kernels compile only a handful of times.
+Shapes are shared between tests on purpose (n=37, k=5, d=11; 301 blob points in d=8 with k=6;
+one 1000 x 64 set for bfloat16) so that the jitted kernels compile as few times as possible:
+compilation, not execution, dominates this file's runtime.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
+from scipy import stats
 from sklearn.cluster import KMeans
 
 from dcjax.clustering import kmeans
@@ -47,7 +50,7 @@ def _assert_nearest(x, centroids, labels, rel_tol: float = 1e-5) -> None:
     np.testing.assert_array_equal(labels[decisive], d64.argmin(1)[decisive])
 
 
-def _data_without_splits(rng, n, k, d, spread, **fit_kwargs):
+def _data_without_splits(rng, n, k, d, spread, config=None):
     """Draws data and an init from data points until our run needs no empty-cluster split.
 
     scikit-learn relocates empty clusters differently from faiss, so the comparison is only
@@ -60,7 +63,7 @@ def _data_without_splits(rng, n, k, d, spread, **fit_kwargs):
             else _blobs(rng, n, k, d, spread)
         )
         init = x[rng.choice(n, k, replace=False)]
-        result = kmeans.fit(jax.random.key(0), x, k, init=init, **fit_kwargs)
+        result = kmeans.fit(jax.random.key(0), x, k, config, init_centroids=init)
         if int(result.n_empty_splits) == 0:
             return x, init, result
     raise AssertionError("every draw produced an empty cluster")
@@ -97,7 +100,8 @@ def test_fit_matches_sklearn(rng, n, k, d, spread):
 
 def test_fit_chunked_equals_unchunked(rng):
     x, init, whole = _data_without_splits(rng, N, K, D, 0.0)
-    chunked = kmeans.fit(jax.random.key(0), x, K, init=init, chunk_size=7)  # 37 = 5 * 7 + 2
+    config = kmeans.KMeansConfig(chunk_size=7)  # 37 = 5 * 7 + 2
+    chunked = kmeans.fit(jax.random.key(0), x, K, config, init_centroids=init)
     np.testing.assert_array_equal(chunked.assignments, whole.assignments)
     # Only the order of the per-chunk float32 sums differs.
     np.testing.assert_allclose(chunked.centroids, whole.centroids, atol=1e-5)
@@ -106,7 +110,7 @@ def test_fit_chunked_equals_unchunked(rng):
 
 def test_fit_inside_jit_equals_direct_call(rng):
     x, init, direct = _data_without_splits(rng, N, K, D, 0.0)
-    traced = jax.jit(lambda key, x, init: kmeans.fit(key, x, K, init=init))(
+    traced = jax.jit(lambda key, x, init: kmeans.fit(key, x, K, init_centroids=init))(
         jax.random.key(0), x, init
     )
     np.testing.assert_array_equal(traced.assignments, direct.assignments)
@@ -153,7 +157,7 @@ def test_empty_clusters_are_split(rng, init_kind):
         init = x[:K].copy()
         init[[1, 3]] = 1e3  # no point is ever nearest to these
         min_splits = 2
-    result = kmeans.fit(jax.random.key(1), x, K, init=init)
+    result = kmeans.fit(jax.random.key(1), x, K, init_centroids=init)
 
     assert int(result.n_empty_splits) >= min_splits
     assert np.all(np.isfinite(result.centroids))
@@ -195,30 +199,31 @@ def test_split_counts_are_shared_sequentially():
     np.testing.assert_array_less(0, np.abs(np.asarray(new) - np.asarray(centroids)).sum(-1))
 
 
-def test_spherical(rng):
-    x = _blobs(rng, N, K, D, spread=3.0)
-    init = x[rng.choice(N, K, replace=False)]
-    result = kmeans.fit(jax.random.key(0), x, K, init=init, spherical=True)
-    c = np.asarray(result.centroids, np.float64)
-    labels = np.asarray(result.assignments)
+def test_spherical_matches_numpy_cosine_lloyd(rng):
+    config = kmeans.KMeansConfig(spherical=True)
+    x, init, result = _data_without_splits(rng, N, K, D, 3.0, config)
+    # Reference: float64 Lloyd with unit centroids, nearest = largest cosine, mean then normalise.
+    x64 = x.astype(np.float64)
+    c = init / np.linalg.norm(init, axis=1, keepdims=True)
+    for _ in range(NUM_ITERS):
+        labels = np.argmax(x64 @ c.T, axis=1)
+        means = np.stack([x64[labels == j].mean(0) for j in range(K)])  # no empties (checked)
+        c = means / np.linalg.norm(means, axis=1, keepdims=True)
+    labels = np.argmax(x64 @ c.T, axis=1)
 
-    np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-5)
-    # Each point's label maximises cosine similarity (near-ties within float32 rounding excused).
-    cos = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float64) @ c.T
-    best = cos.max(1)
-    np.testing.assert_array_less(best - cos[np.arange(N), labels], 1e-5)
-    # After 20 iterations on blobs the centroids are a fixed point: normalised cluster means.
-    for j in np.unique(labels):
-        mean = x[labels == j].astype(np.float64).mean(0)
-        np.testing.assert_allclose(c[j], mean / np.linalg.norm(mean), atol=1e-5)
+    np.testing.assert_array_equal(result.assignments, labels)
+    # float32 means and norms of O(3) coordinates: ~1e-7 relative per step.
+    np.testing.assert_allclose(result.centroids, c, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(result.centroids, axis=1), 1.0, atol=1e-6)
 
 
 def test_random_init_picks_distinct_points(rng):
     x = rng.normal(size=(N, D)).astype(np.float32)
     key = jax.random.key(int(rng.integers(2**31)))
-    first = kmeans.fit(key, x, K, num_iters=0)
-    again = kmeans.fit(key, x, K, num_iters=0)
-    other = kmeans.fit(jax.random.fold_in(key, 1), x, K, num_iters=0)
+    config = kmeans.KMeansConfig(num_iters=0)
+    first = kmeans.fit(key, x, K, config)
+    again = kmeans.fit(key, x, K, config)
+    other = kmeans.fit(jax.random.fold_in(key, 1), x, K, config)
 
     # With no iteration the centroids are the initial ones: k distinct rows of x.
     matches = np.all(np.asarray(first.centroids)[:, None, :] == x[None, :, :], axis=-1)
@@ -235,8 +240,8 @@ def test_random_init_picks_distinct_points(rng):
 def test_tol_stops_early_on_easy_blobs(rng):
     x = _blobs(rng, N, K, D, spread=4.0)
     init = x[rng.choice(N, K, replace=False)]
-    early = kmeans.fit(jax.random.key(0), x, K, init=init, tol=1e-4)
-    full = kmeans.fit(jax.random.key(0), x, K, init=init, tol=0.0)
+    early = kmeans.fit(jax.random.key(0), x, K, kmeans.KMeansConfig(tol=1e-4), init_centroids=init)
+    full = kmeans.fit(jax.random.key(0), x, K, kmeans.KMeansConfig(tol=0.0), init_centroids=init)
     assert 2 <= int(early.n_iter) < NUM_ITERS
     assert int(full.n_iter) == NUM_ITERS
 
@@ -250,16 +255,16 @@ def test_tol_stops_early_on_easy_blobs(rng):
         ("k_zero", r"k must be in \[1, n\]"),
         ("empty", r"x must be non-empty"),
         ("one_dim", r"x must be 2-D"),
-        ("init_shape", r"init must have shape"),
-        ("init_name", r"init must be"),
-        ("chunk_size", r"chunk_size must be"),
-        ("num_iters", r"num_iters must be"),
-        ("tol", r"tol must be"),
+        ("init_shape", r"init_centroids must have shape"),
+        ("init_nan", r"init_centroids contains NaN"),
+        ("init_with_redo", r"n_redo must be 1 with init_centroids"),
+        ("config_type", r"config must be a KMeansConfig"),
+        ("mesh_2d", r"mesh must be 1-D"),
     ],
 )
 def test_fit_rejects_bad_input(rng, change, match):
     x = rng.normal(size=(N, D)).astype(np.float32)
-    k, kwargs = K, {}
+    k, config, kwargs = K, None, {}
     if change == "nan_rows":
         x[3, 2] = x[10, 0] = np.nan
     elif change == "inf":
@@ -273,23 +278,49 @@ def test_fit_rejects_bad_input(rng, change, match):
     elif change == "one_dim":
         x = x[0]
     elif change == "init_shape":
-        kwargs["init"] = x[: K + 1]
-    elif change == "init_name":
-        kwargs["init"] = "k-means++"
-    elif change == "chunk_size":
-        kwargs["chunk_size"] = 0
-    elif change == "num_iters":
-        kwargs["num_iters"] = -1
-    elif change == "tol":
-        kwargs["tol"] = -1.0
+        kwargs["init_centroids"] = x[: K + 1]
+    elif change == "init_nan":
+        kwargs["init_centroids"] = np.full((K, D), np.nan, np.float32)
+    elif change == "init_with_redo":
+        kwargs["init_centroids"] = x[:K]
+        config = kmeans.KMeansConfig(n_redo=2)
+    elif change == "config_type":
+        config = {"num_iters": 3}
+    elif change == "mesh_2d":
+        kwargs["mesh"] = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("a", "b"))
     with pytest.raises(ValueError, match=match):
-        kmeans.fit(jax.random.key(0), x, k, **kwargs)
+        kmeans.fit(jax.random.key(0), x, k, config, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_iters", -1),
+        ("num_iters", 2.5),
+        ("init", "k-means++"),
+        ("n_redo", 0),
+        ("spherical", "yes"),
+        ("max_points_per_centroid", -1),
+        ("tol", -1.0),
+        ("tol", float("nan")),
+        ("chunk_size", 0),
+        ("matmul_dtype", "float16"),
+    ],
+)
+def test_config_rejects_bad_values(field, value):
+    # Checked when the config is built, so before anything is traced or compiled.
+    with pytest.raises(ValueError, match=rf"^{field} must be"):
+        kmeans.KMeansConfig(**{field: value})
 
 
 def test_assign_rejects_bad_input(rng):
     x = rng.normal(size=(N, D)).astype(np.float32)
     with pytest.raises(ValueError, match="centroids must have shape"):
         kmeans.assign(x, np.zeros((K, D + 1), np.float32))
+    with pytest.raises(ValueError, match="matmul_dtype must be one of"):
+        kmeans.assign(x, np.zeros((K, D), np.float32), matmul_dtype="fp16")
+    with pytest.raises(ValueError, match="chunk_size must be"):
+        kmeans.assign(x, np.zeros((K, D), np.float32), chunk_size=0)
     x[0, 0] = np.nan
     with pytest.raises(ValueError, match="x contains NaN or inf in 1 rows"):
         kmeans.assign(x, np.zeros((K, D), np.float32))
@@ -301,3 +332,198 @@ def test_default_chunk_size_follows_memory_budget():
     assert kmeans._resolve_chunk_size(None, N, K) == N  # clamped to n
     assert kmeans._resolve_chunk_size(None, 10**7, budget) == 1  # never below one row
     assert kmeans._resolve_chunk_size(7, N, K) == 7
+
+
+def _as_row_indices(centroids, x) -> np.ndarray:
+    """Index of the row of x equal to each centroid (asserting there is exactly one)."""
+    matches = np.all(np.asarray(centroids)[..., None, :] == np.asarray(x), axis=-1)
+    assert np.all(matches.sum(-1) == 1)
+    return matches.argmax(-1)
+
+
+PP_INIT = kmeans.KMeansConfig(num_iters=0, init="kmeans++")
+
+
+def _seed_kmeans_pp(keys, x, k):
+    """k-means++ centroids (len(keys), k, d) of x, one seeding per key (the kernel fit uses)."""
+    valid = jnp.ones(len(x), bool)
+    seed = jax.jit(jax.vmap(lambda key: kmeans._kmeans_pp(key, jnp.asarray(x), valid, k, None)))
+    return np.asarray(seed(keys))
+
+
+def test_kmeans_pp_picks_distinct_points(rng):
+    x = rng.normal(size=(N, D)).astype(np.float32)
+    key = jax.random.key(int(rng.integers(2**31)))
+    first = kmeans.fit(key, x, K, PP_INIT)
+    again = kmeans.fit(key, x, K, PP_INIT)
+    picks = _as_row_indices(first.centroids, x)
+    assert len(set(picks)) == K
+    np.testing.assert_array_equal(first.centroids, again.centroids)
+    _assert_nearest(x, first.centroids, first.assignments)
+    # With fewer distinct points than k, the zero-distance fallback still fills every centroid.
+    same = np.repeat(x[:1], N, axis=0)
+    degenerate = kmeans.fit(key, same, K, PP_INIT)
+    np.testing.assert_array_equal(degenerate.centroids, same[:K])
+
+
+def test_kmeans_pp_picks_one_centroid_per_separated_blob(rng):
+    # Six unit-variance blobs whose centres are 300 * e_j, 50 or 51 points each. A draw misses a
+    # blob only if it picks a second point of a covered blob: about 16 / 180000 of the D² mass
+    # per covered blob, so ~8e-4 per seeding summed over the rounds (random init instead
+    # succeeds with probability 6!/6^6 = 1.5%). Allowing 3 misses in 200 seedings makes a false
+    # failure a ~2e-5 event.
+    n, k, d = 301, 6, 8
+    centres = 300.0 * np.eye(k, d)
+    x = (centres[np.arange(n) % k] + rng.normal(size=(n, d))).astype(np.float32)
+    keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), 200)
+    centroids = _seed_kmeans_pp(keys, x, k)
+    blob = np.argmax(np.asarray(centroids), axis=-1)  # (200, k): the blob of each pick
+    covered = np.array([len(set(b)) for b in blob])
+    assert np.sum(covered < k) <= 3, covered
+
+
+def test_kmeans_pp_follows_the_d2_distribution():
+    # Three points, k=2: the first pick is uniform, the second has probability
+    # D²(i, j) / sum_l D²(i, l). Squared distances: 1 (0-1), 9 (0-2), 10 (1-2).
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]], np.float32)
+    sq = ((x[:, None] - x[None]) ** 2).sum(-1)
+    expected = sq / sq.sum(1, keepdims=True) / 3.0  # P(first=i, second=j)
+    keys = jax.random.split(jax.random.key(0), 6000)
+    centroids = _seed_kmeans_pp(keys, x, 2)
+    picks = _as_row_indices(centroids, x)  # (6000, 2)
+    observed = np.zeros((3, 3))
+    np.add.at(observed, (picks[:, 0], picks[:, 1]), 1)
+    assert np.trace(observed) == 0  # never the same point twice
+    off = ~np.eye(3, dtype=bool)
+    # Fixed keys, so the test is deterministic; p would fall below 1e-3 for a wrong law.
+    result = stats.chisquare(observed[off], expected[off] * len(keys))
+    assert result.pvalue > 1e-3, (observed, expected * len(keys))
+
+
+def test_n_redo_keeps_the_lowest_inertia_run(rng):
+    n, k, d = 301, 6, 8
+    x = _blobs(rng, n, k, d, spread=1.0)  # overlapping, so runs reach different local optima
+    key = jax.random.key(int(rng.integers(2**31)))
+    best = kmeans.fit(key, x, k, kmeans.KMeansConfig(n_redo=3))
+    runs = [kmeans.fit(run_key, x, k) for run_key in jax.random.split(key, 3)]
+    inertias = np.array([float(run.inertia) for run in runs])
+
+    np.testing.assert_allclose(best.inertia, inertias.min(), rtol=1e-6)
+    # Runs within float32 noise of the minimum are equally valid winners.
+    winners = [runs[r] for r in np.flatnonzero(inertias <= inertias.min() * (1 + 1e-6))]
+    assert any(
+        np.array_equal(best.assignments, run.assignments)
+        and np.allclose(best.centroids, run.centroids, atol=1e-6)
+        and int(best.n_iter) == int(run.n_iter)
+        for run in winners
+    )
+
+
+def test_subsampling_trains_on_the_stated_number_of_points(rng):
+    assert kmeans._training_subset_size(301, 6, 20) == 120
+    assert kmeans._training_subset_size(301, 6, 51) == 301  # 306 >= n: no subsampling
+    assert kmeans._training_subset_size(301, 6, 0) == 301  # 0 = off
+    assert kmeans._training_subset_size(1_281_167, 1000, 256) == 256_000  # faiss default
+    assert kmeans._training_subset_size(1_281_167, 10_000, 10_000_000) == 1_281_167  # DC-v1
+
+    n, k, d = 301, 6, 8
+    x = _blobs(rng, n, k, d, spread=2.0)
+    key = jax.random.key(int(rng.integers(2**31)))
+    config = kmeans.KMeansConfig(max_points_per_centroid=20)
+    result = kmeans.fit(key, x, k, config)
+    # The documented key use: split off the subset key, run on the subset with the other one.
+    subset_key, run_key = jax.random.split(key)
+    subset = np.asarray(kmeans._training_indices(subset_key, n, 120))
+    assert len(np.unique(subset)) == 120
+    direct = kmeans.fit(run_key, x[subset], k, kmeans.KMeansConfig(max_points_per_centroid=0))
+    np.testing.assert_allclose(result.centroids, direct.centroids, atol=1e-6)
+    assert int(result.n_iter) == int(direct.n_iter)
+    # Labels and inertia come from one assignment of all n points.
+    assert result.assignments.shape == (n,)
+    _assert_nearest(x, result.centroids, result.assignments)
+    own = _sq_dists64(x, result.centroids)[np.arange(n), np.asarray(result.assignments)].sum()
+    np.testing.assert_allclose(result.inertia, own, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "n, k, d, config, full_check",
+    [
+        # 37 rows: 5 per device in 2 chunks of 3, padded to 48; random init.
+        (N, K, D, kmeans.KMeansConfig(chunk_size=3), True),
+        # 240 training rows (30 per device, 2 chunks), then all 301 (38 per device, 3 chunks).
+        (
+            301,
+            6,
+            8,
+            kmeans.KMeansConfig(
+                init="kmeans++", n_redo=2, max_points_per_centroid=40, chunk_size=16
+            ),
+            False,
+        ),
+    ],
+    ids=["random-37", "kmeans++-redo-subset-301"],
+)
+def test_sharded_fit_matches_unsharded(rng, n, k, d, config, full_check):
+    """8 devices (and, for the first case, a 1-device mesh) reproduce the unsharded fit.
+
+    To limit compiles, only the first case also runs a 1-device mesh and a sharded ``assign``.
+    """
+    x = _blobs(rng, n, k, d, spread=3.0)
+    key = jax.random.key(int(rng.integers(2**31)))
+    meshes = [Mesh(np.array(jax.devices()[:8]), ("data",))]
+    if full_check:
+        meshes.append(Mesh(np.array(jax.devices()[:1]), ("data",)))
+    reference = kmeans.fit(key, x, k, config)
+    for mesh in meshes:
+        sharded = kmeans.fit(key, x, k, config, mesh=mesh)
+        # Same picks and splits; only the order of the float32 partial sums differs.
+        np.testing.assert_array_equal(sharded.assignments, reference.assignments)
+        assert int(sharded.n_iter) == int(reference.n_iter)
+        assert int(sharded.n_empty_splits) == int(reference.n_empty_splits)
+        np.testing.assert_allclose(sharded.centroids, reference.centroids, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(sharded.inertia, reference.inertia, rtol=1e-5)
+    if full_check:
+        chunk_size = config.chunk_size
+        labels, sq_dist = kmeans.assign(x, reference.centroids, chunk_size=chunk_size)
+        sharded = kmeans.assign(x, reference.centroids, chunk_size=chunk_size, mesh=meshes[0])
+        np.testing.assert_array_equal(sharded[0], labels)
+        np.testing.assert_allclose(sharded[1], sq_dist, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_matmul_rarely_changes_assignments(rng):
+    # L2-normalised overlapping blobs (as DeepCluster's features) with their true means as
+    # centroids. bfloat16 inputs carry ~3 significant digits, so only points whose two nearest
+    # centroids are within ~1e-2 in squared distance can flip: measured 0-0.2% here; we allow 1%.
+    n, k, d = 1000, 20, 64
+    x = _blobs(rng, n, k, d, spread=0.5)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    centroids = np.stack([x[np.arange(n) % k == j].mean(0) for j in range(k)])
+    exact, exact_sq = kmeans.assign(x, centroids)
+    low, low_sq = kmeans.assign(x, centroids, matmul_dtype="bfloat16")
+    assert np.mean(np.asarray(low) != np.asarray(exact)) <= 0.01
+    # The labels are the float64 argmin over bfloat16-rounded products, outside near-ties.
+    rounded = np.asarray(jnp.asarray(x).astype(jnp.bfloat16), np.float64)
+    rounded_c = np.asarray(jnp.asarray(centroids).astype(jnp.bfloat16), np.float64)
+    emulated = (centroids.astype(np.float64) ** 2).sum(1) - 2.0 * rounded @ rounded_c.T
+    ordered = np.sort(emulated, axis=1)
+    decisive = ordered[:, 1] - ordered[:, 0] > 1e-5
+    np.testing.assert_array_equal(np.asarray(low)[decisive], emulated.argmin(1)[decisive])
+    # The reported distances are exact float32 ones to the chosen centroid.
+    chosen = _sq_dists64(x, centroids)[np.arange(n), np.asarray(low)]
+    np.testing.assert_allclose(low_sq, chosen, rtol=1e-5, atol=1e-6)
+
+    # A whole fit from the same start on separated blobs ends at the same partition.
+    x, init, reference = _data_without_splits(rng, 301, 6, 8, 2.0)
+    config = kmeans.KMeansConfig(matmul_dtype="bfloat16")
+    low_fit = kmeans.fit(jax.random.key(0), x, 6, config, init_centroids=init)
+    assert np.mean(np.asarray(low_fit.assignments) != np.asarray(reference.assignments)) <= 0.01
+    np.testing.assert_allclose(low_fit.inertia, reference.inertia, rtol=1e-3)
+
+
+def test_segment_sum_and_one_hot_accumulation_agree(rng, monkeypatch):
+    x, init, one_hot = _data_without_splits(rng, N, K, D, 0.0)
+    monkeypatch.setattr(kmeans, "_ONE_HOT_MAX_K", 0)  # part of the jit key, so this recompiles
+    scatter = kmeans.fit(jax.random.key(0), x, K, init_centroids=init)
+    np.testing.assert_array_equal(scatter.assignments, one_hot.assignments)
+    np.testing.assert_allclose(scatter.centroids, one_hot.centroids, atol=1e-5)
+    np.testing.assert_allclose(scatter.inertia, one_hot.inertia, rtol=1e-5)

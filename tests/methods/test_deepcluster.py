@@ -37,8 +37,11 @@ def test_recluster_labels_equal_the_composed_kernels(run, rng):
     state, stats = dc.recluster(run.ctx, run.initial_state, features)
     k = run.config.method.num_clusters
     key, _ = jax.random.split(jax.random.fold_in(run.initial_state.rng, 0))
-    x = dc.preprocess(features, run.config.method.pca_dim)
-    expected = kmeans.fit(key, x, k, num_iters=run.config.method.kmeans_iters)
+    x = dc.preprocess(features, run.config.method.pca_dim, run.mesh)
+    config = kmeans.KMeansConfig(
+        num_iters=run.config.method.kmeans_iters, max_points_per_centroid=0
+    )
+    expected = kmeans.fit(key, x, k, config, mesh=run.mesh)
     np.testing.assert_array_equal(state.method.pseudo_labels, expected.assignments)
     assert state.method.centroids.shape == (k, run.config.method.pca_dim)
     assert stats["num_empty_clusters"] == np.sum(
