@@ -1,5 +1,5 @@
-"""Clustering kernels: k-means, PCA whitening and their helpers."""
+"""Clustering kernels: k-means, PCA-whitening and Sinkhorn equipartition (through ott-jax)."""
 
-from dcjax.clustering import kmeans, pca
+from dcjax.clustering import kmeans, pca, sinkhorn
 
-__all__ = ["kmeans", "pca"]
+__all__ = ["kmeans", "pca", "sinkhorn"]
