@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcjax.evaluation.linear_probe import _prepare_split
+from dcjax.evaluation.linear_probe import _prepare_splits
 
 __all__ = ["knn_accuracy", "knn_predict"]
 
@@ -61,14 +61,6 @@ def _predict_chunks(
 
     chunks = test.reshape(-1, chunk_size, test.shape[1])
     return jax.lax.map(predict_chunk, chunks).reshape(-1)
-
-
-def _check_same_size(train_x: np.ndarray, test_x: np.ndarray) -> None:
-    if train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(
-            "train_features and test_features must have the same feature size, "
-            f"got {train_x.shape[1]} and {test_x.shape[1]}"
-        )
 
 
 def _predict(
@@ -135,23 +127,15 @@ def knn_predict(
       ValueError: on mismatched lengths, empty inputs, non-finite features, labels outside
         [0, num_classes), differing feature sizes, or invalid k, chunk_size or temperature.
     """
-    train_x, train_y = _prepare_split(
-        train_features,
-        train_labels,
-        num_classes=num_classes,
-        features_name="train_features",
-        labels_name="train_labels",
-    )
     test_features = np.asarray(test_features)
     # Predictions need no test labels; zeros let the shared checks run on the features.
-    test_x, _ = _prepare_split(
+    train_x, train_y, test_x, _ = _prepare_splits(
+        train_features,
+        train_labels,
         test_features,
         np.zeros(test_features.shape[:1], np.int32),
         num_classes=num_classes,
-        features_name="test_features",
-        labels_name="test_labels",
     )
-    _check_same_size(train_x, test_x)
     return _predict(
         train_x,
         train_y,
@@ -194,21 +178,9 @@ def knn_accuracy(
       ValueError: on mismatched lengths, empty inputs, non-finite features, labels outside
         [0, num_classes), differing feature sizes, or invalid k, chunk_size or temperature.
     """
-    train_x, train_y = _prepare_split(
-        train_features,
-        train_labels,
-        num_classes=num_classes,
-        features_name="train_features",
-        labels_name="train_labels",
+    train_x, train_y, test_x, test_y = _prepare_splits(
+        train_features, train_labels, test_features, test_labels, num_classes=num_classes
     )
-    test_x, test_y = _prepare_split(
-        test_features,
-        test_labels,
-        num_classes=num_classes,
-        features_name="test_features",
-        labels_name="test_labels",
-    )
-    _check_same_size(train_x, test_x)
     predictions = _predict(
         train_x,
         train_y,

@@ -76,6 +76,36 @@ def _prepare_split(
     return features, labels.astype(np.int32)
 
 
+def _prepare_splits(
+    train_features, train_labels, test_features, test_labels, *, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Checks both splits and that their features have the same width.
+
+    Returns:
+      (train_x (n, d) float64, train_y (n,) int32, test_x (m, d) float64, test_y (m,) int32).
+    """
+    train_x, train_y = _prepare_split(
+        train_features,
+        train_labels,
+        num_classes=num_classes,
+        features_name="train_features",
+        labels_name="train_labels",
+    )
+    test_x, test_y = _prepare_split(
+        test_features,
+        test_labels,
+        num_classes=num_classes,
+        features_name="test_features",
+        labels_name="test_labels",
+    )
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(
+            "train_features and test_features must have the same feature size, "
+            f"got {train_x.shape[1]} and {test_x.shape[1]}"
+        )
+    return train_x, train_y, test_x, test_y
+
+
 def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = train.mean(axis=0)
     std = train.std(axis=0)
@@ -196,25 +226,9 @@ def linear_probe(
             "learning_rate must be positive and weight_decay non-negative, "
             f"got {learning_rate} and {weight_decay}"
         )
-    train_x, train_y = _prepare_split(
-        train_features,
-        train_labels,
-        num_classes=num_classes,
-        features_name="train_features",
-        labels_name="train_labels",
+    train_x, train_y, test_x, test_y = _prepare_splits(
+        train_features, train_labels, test_features, test_labels, num_classes=num_classes
     )
-    test_x, test_y = _prepare_split(
-        test_features,
-        test_labels,
-        num_classes=num_classes,
-        features_name="test_features",
-        labels_name="test_labels",
-    )
-    if train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(
-            "train_features and test_features must have the same feature size, "
-            f"got {train_x.shape[1]} and {test_x.shape[1]}"
-        )
     if standardize:
         train_x, test_x = _standardize(train_x, test_x)
     train_x = jnp.asarray(train_x, jnp.float32)
