@@ -266,8 +266,13 @@ def test_geometry_is_faithful_to_otts_dense_geometry(rng, lse_mode):
 
 
 def test_uniform_and_prior_cluster_sizes(rng):
-    """Hard labels from a converged plan: sizes within 1% of N/K, or within 2% of N r_k."""
-    n, k = 5000, 10
+    """Hard labels from a converged plan: sizes within 1% of N/K, or within 2% of N r_k.
+
+    The plan's marginals are exact to the stop threshold; the argmax rounding of rows split
+    between clusters moves sizes by O(sqrt(N)) examples: at N = 5,000 that reached 1.2% of N/K,
+    at N = 20,000 at most 0.55% over 20 seeds, hence this N.
+    """
+    n, k = 20_000, 10
     logits = rng.normal(scale=3.0, size=(n, k)).astype(np.float32)  # raw logits are accepted
     config = sinkhorn.SinkhornConfig(epsilon=1 / LAM, num_iters=1001, threshold=0.1, lse_mode=True)
     uniform = sinkhorn.solve(logits, config)
