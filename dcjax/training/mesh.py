@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["DATA_AXIS", "make_mesh", "replicated", "data_sharded"]
 
@@ -20,7 +19,8 @@ def make_mesh(num_devices: int = 0) -> Mesh:
             "(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)"
         )
     chosen = devices[: num_devices or len(devices)]
-    return Mesh(np.asarray(chosen), (DATA_AXIS,))
+    # Auto axes: shardings are annotations XLA propagates (jax >= 0.7 defaults to Explicit).
+    return jax.make_mesh((len(chosen),), (DATA_AXIS,), devices=chosen, axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
