@@ -33,6 +33,9 @@ class Context:
       optimizers: ``{group: optax transformation}``, the same groups as ``state.params``.
       num_examples: N, the size of the training set.
       feature_dim: D, the width of the features the method clusters.
+      cluster_layer: the named model output the feature pass collects (``config.method``'s
+        ``cluster_layer``, default ``"features"``).
+      samples_per_epoch: indices ``sample`` draws per epoch (``samples_per_epoch`` or N).
       true_labels: (N,) int32 ground truth for logging only, or None.
       mesh: the device mesh; clustering kernels shard the examples over its data axis.
     """
@@ -42,6 +45,8 @@ class Context:
     optimizers: dict[str, optax.GradientTransformation]
     num_examples: int
     feature_dim: int
+    cluster_layer: str
+    samples_per_epoch: int
     true_labels: np.ndarray | None
     mesh: Mesh | None = None
 

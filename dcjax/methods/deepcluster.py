@@ -136,8 +136,7 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
 def sample(ctx: Context, state, rng: np.random.Generator) -> np.ndarray:
     """N indices drawn uniformly over the non-empty clusters (DeepCluster's sampler)."""
     labels = np.asarray(state.method.pseudo_labels)
-    num_samples = ctx.config.method.get("samples_per_epoch", 0) or ctx.num_examples
-    return sampler.uniform_over_labels(rng, labels, num_samples)
+    return sampler.uniform_over_labels(rng, labels, ctx.samples_per_epoch)
 
 
 METHOD = Method(

@@ -69,10 +69,9 @@ def recluster_phase(run: Run, state: TrainState, feature_fn) -> tuple[TrainState
     """The feature pass (when the method wants one) and the method's ``recluster``."""
     features = None
     if run.method.wants_features(run.ctx, int(state.cycle)):
-        layer = run.config.method.get("cluster_layer", "features")
         features = extract_features(
             feature_fn, state, run.train_images, run.config.eval_batch_size
-        )[layer]
+        )[run.ctx.cluster_layer]
     state, stats = run.method.recluster(run.ctx, state, features)
     # Clustering outputs follow the data-sharded features; the state is kept replicated.
     return jax.device_put(state, run.state_sharding), stats
@@ -110,8 +109,7 @@ def train_phase(
 
 def _steps_per_cycle(run: Run) -> int:
     config = run.config
-    samples = config.method.get("samples_per_epoch", 0) or run.ctx.num_examples
-    return config.epochs_per_cycle * (samples // config.batch_size)
+    return config.epochs_per_cycle * (run.ctx.samples_per_epoch // config.batch_size)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
@@ -138,8 +136,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
         built.mesh,
         built.state_sharding,
     )
-    layer = config.method.get("cluster_layer", "features")
-    feature_fn = make_feature_fn(built.ctx.model, built.pipeline, [layer], built.mesh)
+    feature_fn = make_feature_fn(
+        built.ctx.model, built.pipeline, [built.ctx.cluster_layer], built.mesh
+    )
     evaluator = Evaluator(built)
     progress = periodic_actions.ReportProgress(
         num_train_steps=config.num_cycles * _steps_per_cycle(built), writer=writer, every_secs=30

@@ -68,10 +68,18 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     dummy = jnp.zeros((1, *pipeline.out_size, channels), jnp.float32)
     variables = jax.jit(lambda k: model.init(k, dummy, train=False))(key_params)
     outputs = jax.eval_shape(lambda v: model.apply(v, dummy, train=False), variables)
-    feature_key = config.method.get("cluster_layer", "features")
-    feature_dim = int(np.prod(outputs[feature_key].shape[1:]))
-    true_labels = dataset.train_labels
-    ctx = Context(config, model, optimizers, num_examples, feature_dim, true_labels, mesh)
+    cluster_layer = config.method.get("cluster_layer", "features")
+    ctx = Context(
+        config=config,
+        model=model,
+        optimizers=optimizers,
+        num_examples=num_examples,
+        feature_dim=int(np.prod(outputs[cluster_layer].shape[1:])),
+        cluster_layer=cluster_layer,
+        samples_per_epoch=config.method.get("samples_per_epoch", 0) or num_examples,
+        true_labels=dataset.train_labels,
+        mesh=mesh,
+    )
     params = variables["params"]
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
