@@ -19,9 +19,11 @@ Cases (``--cases``, comma-separated):
   whitened outputs (1 = the same subspace).
 - ``sinkhorn``: SeLa's self-labelling, N=50,000, K in ``--sinkhorn_k`` (10, 128, 3000),
   lambda=25, SeLa's ImageNet stopping rule (``sum |c/c_new - 1| < 0.1``, checked every 10
-  iterations). dcjax ``sinkhorn.solve`` vs the reference loop in NumPy float32 (below) and POT's
-  ``ot.sinkhorn`` with ``M = -log P``, ``reg = 1/lambda`` and exactly the reference's number of
-  iterations. Agreement: share of labels equal to the NumPy reference's.
+  iterations). dcjax ``sinkhorn.solve`` vs the reference loop in NumPy float32 and float64
+  (the reference's own precision; the float32 loop fails where a cluster's ``P^lam`` column
+  underflows) and POT's ``ot.sinkhorn`` with ``M = -log P``, ``reg = 1/lambda`` and exactly the
+  float64 reference's number of iterations. Agreement: share of labels equal to the float64
+  reference's.
 - ``kmeans_imagenet``: one iteration (plus ``fit``'s final assignment) at N=1,281,167, d=256,
   K=10,000, in a fresh subprocess that reports its time and peak resident memory (VmHWM) against
   the size of the input; dcjax only. Not in the default ``--cases``.
@@ -453,21 +455,23 @@ def _sinkhorn_row(n: int, k: int, s: _Settings) -> dict:
         labels["dcjax"] = np.asarray(out)
         return {**stats, **{key: value.item() for key, value in info.items()}}
 
-    def numpy_stats() -> dict:
-        run = lambda: _sela_numpy(log_p, _SELA_LAMBDA)  # noqa: E731
-        timing, (labels["numpy"], num_iters, err) = _timed(run, s.repeats, s.budget_s)
+    def numpy_stats(dtype: type) -> dict:
+        run = lambda: _sela_numpy(log_p, _SELA_LAMBDA, dtype)  # noqa: E731
+        name = f"numpy_{np.dtype(dtype).name}"
+        timing, (labels[name], num_iters, err) = _timed(run, s.repeats, s.budget_s)
         return {**timing, "num_iters": num_iters, "final_error": float(err)}
 
     row["dcjax"] = _try(dcjax_stats)
-    row["peers"]["numpy"] = _try(numpy_stats)
-    num_iters = row["peers"]["numpy"].get("num_iters", _SELA_MAX_ITERS)
+    # The reference's precision gives the iteration count that POT then runs.
+    row["peers"]["numpy_float32"] = _try(lambda: numpy_stats(np.float32))
+    row["peers"]["numpy_float64"] = _try(lambda: numpy_stats(np.float64))
+    num_iters = row["peers"]["numpy_float64"].get("num_iters", _SELA_MAX_ITERS)
     for dtype in (np.float32, np.float64):
         name = f"pot_{np.dtype(dtype).name}"
         pot = functools.partial(_pot_sinkhorn, log_p, dtype, num_iters, s, labels, name)
         row["peers"][name] = _try(pot)
-    # Share of equal labels. The float32 NumPy loop loses the entries of P^lam below float32's
-    # range, which POT in float64 (SeLa's own precision, same iterations) keeps.
-    pairs = [(name, "numpy") for name in labels if name != "numpy"] + [("dcjax", "pot_float64")]
+    # Share of equal labels, against the reference loop in its own precision (float64).
+    pairs = [(name, "numpy_float64") for name in labels if name != "numpy_float64"]
     row["metrics"]["labels_equal"] = {
         f"{a}={b}": float(np.mean(labels[a] == labels[b]))
         for a, b in pairs
@@ -489,26 +493,33 @@ def _dcjax_sinkhorn(log_p: jax.Array, lam: float) -> tuple[jax.Array, dict]:
     return out.labels, info
 
 
-def _sela_numpy(log_p: np.ndarray, lam: float) -> tuple[np.ndarray, int, float]:
-    """SeLa's ``cpu_sk`` in float32: (N,) labels, iterations run and the last error checked.
+def _sela_numpy(log_p: np.ndarray, lam: float, dtype: type) -> tuple[np.ndarray, int, float]:
+    """SeLa's ``cpu_sk`` in ``dtype``: (N,) labels, iterations run and the last error checked.
 
     ``P^lam`` is taken relative to each row's maximum, ``exp(lam (log P - max_k log P))``: the
-    per-row factor is absorbed by the example scaling ``c``, and in float32 the raw ``P^lam``
-    would underflow (the reference runs it in float64).
+    per-row factor is absorbed by the example scaling ``c`` (the raw ``P^lam`` underflows even
+    in float64 at K = 3,000). Raises ``FloatingPointError`` when a scaling stops being finite:
+    a cluster whose every ``P^lam`` entry underflowed gets an infinite scaling.
     """
-    p = np.exp(lam * (log_p - log_p.max(axis=1, keepdims=True)))  # (N, K)
+    p = np.exp(lam * (log_p - log_p.max(axis=1, keepdims=True)), dtype=dtype)  # (N, K)
     n, k = p.shape
-    inv_k, inv_n = np.float32(1.0 / k), np.float32(1.0 / n)
-    r = np.full(k, inv_k, np.float32)  # cluster scaling
-    c = np.full(n, inv_n, np.float32)  # example scaling
+    inv_k, inv_n = dtype(1.0 / k), dtype(1.0 / n)
+    r = np.full(k, inv_k, dtype)  # cluster scaling
+    c = np.full(n, inv_n, dtype)  # example scaling
     err, it = np.inf, 0
-    while err > _SELA_THRESHOLD and it < _SELA_MAX_ITERS:
-        r = inv_k / (c @ p)
-        c_new = inv_n / (p @ r)
-        if it % _SELA_CHECK_EVERY == 0:
-            err = np.abs(c / c_new - 1).sum()
-        c = c_new
-        it += 1
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        while err > _SELA_THRESHOLD and it < _SELA_MAX_ITERS:
+            r = inv_k / (c @ p)
+            c_new = inv_n / (p @ r)
+            if it % _SELA_CHECK_EVERY == 0:
+                err = np.abs(c / c_new - 1).sum()
+                if not np.isfinite(err):
+                    raise FloatingPointError(
+                        f"non-finite scalings at iteration {it + 1} "
+                        f"({int(np.sum(~np.isfinite(r)))} clusters): P^lam underflowed"
+                    )
+            c = c_new
+            it += 1
     return np.argmax(p * r, axis=1), it, err
 
 
@@ -677,8 +688,9 @@ def _notes(row: dict) -> str:
         if "num_iters" in dc:
             mode = "log" if dc.get("lse_mode") else "kernel"
             notes.append(f"dcjax {dc['num_iters']} it ({mode})")
-        if "num_iters" in row["peers"].get("numpy", {}):
-            notes.append(f"numpy {row['peers']['numpy']['num_iters']} it")
+        for name in ("numpy_float32", "numpy_float64"):
+            if "num_iters" in row["peers"].get(name, {}):
+                notes.append(f"{name} {row['peers'][name]['num_iters']} it")
         for name, entry in row["peers"].items():
             if "method" in entry:
                 notes.append(f"{name}: {entry['method']}")

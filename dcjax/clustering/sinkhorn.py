@@ -43,40 +43,53 @@ clusters within a block (a per-example output) or accumulates over blocks (a per
 
 - ``apply_lse_kernel`` (log mode): exact two-pass log-sum-exp per block, merged across blocks
   (and devices) by a running maximum;
-- ``apply_kernel`` (kernel mode): ``exp(-C/eps)`` is recomputed per block and contracted with the
-  scaling (a matrix-vector product at ``Precision.HIGHEST``); the kernel is never stored;
+- ``apply_kernel`` (streamed kernel mode): ``exp(-C/eps)`` is recomputed per block and
+  contracted with the scaling (a matrix-vector product, full float32 precision);
 - ``shape``, ``dtype``, ``cost_matrix``/``kernel_matrix`` (dense, for small problems only),
   ``_apply_cost_to_vec`` (cost statistics ``mean_cost_matrix``/``std_cost_matrix`` in chunks)
   and the pytree methods. Everything else (``update_potential``, ``update_scaling``,
   ``marginal_from_potentials``/``_scalings``, ``potential_from_scaling``...) is ott's own code
   running on top of these.
 
-Kernel or log mode (``lse_mode="auto"``). The kernel ``exp(-C/eps)`` has every row's maximum at
-1; its smallest entry is ``exp(-lam * D)`` with ``D = max_ik C_ik``. Kernel mode is chosen when
-``lam * D <= 50``: then no kernel entry is below ``e^-50 ~ 2e-22``, far inside float32's normal
-range (``1.2e-38 ~ e^-87``), which leaves the scalings (whose spread is bounded by the kernel's
-range) and the ``1/N``, ``1/K`` factors ``~e^37`` of headroom. Otherwise log mode is used. If a
-kernel-mode solve still ends with a non-finite potential or error, or a cluster marginal that
-is off by more than 1e-3, the problem is re-solved in log mode (``SinkhornOutput.lse_mode``
-says which ran). At ``lam = 25`` kernel mode therefore needs ``D <= 2`` nats, i.e. a nearly
-uniform network (the first label optimisations); a trained network goes to log mode. Both
-modes read ``log P`` once per half-iteration and compute ``N K`` exponentials; the log mode
-adds a max pass and the log-sum-exp bookkeeping (~1.6x the kernel mode's time on CPU).
+Kernel or log mode (``lse_mode="auto"``). Kernel mode is preferred: after ``exp`` once, each
+half-iteration is a matrix-vector product, against ``N K`` exponentials in log mode. Two forms:
 
-Speed (2 shared, loaded x86 cores; N=50,000, K=3,000, lam=25, 51 iterations, near-uniform P):
-this module 17.7 s in kernel mode and 29.0 s in log mode; ott's dense ``Geometry`` 170 s
-(kernel) and 321 s (log), i.e. ~10x slower; a NumPy float32 loop over a stored kernel 13.2 s
-(same labels), which holds a second N x K array that this module does not.
+- stored kernel (``StoredKernelGeometry``, when the (N, K) float32 kernel fits
+  ``stored_kernel_bytes``): built once as ``exp((f0_k - C_ik) / eps - s_i)``, where ``f0`` is
+  the reference's first cluster update (computed in log space) and ``s_i`` makes each row's
+  maximum 1. Absorbing ``f0`` scales up the clusters the network under-uses before the kernel
+  is rounded to float32: a cluster that is ``D`` nats below every example's top cluster has a
+  raw column ``exp(-lam D)`` (underflow for ``lam D > ~87``), but a balanced column. Kernel
+  mode runs when every cluster's column maximum is at least ``e^-50`` (far inside float32's
+  normal range, leaving the later scalings ~e^37 of headroom). Entries below float32's range
+  are plan entries ``e^-87`` below their row's largest: they move no marginal and no label.
+- streamed kernel (``ChunkedLogProbGeometry``): ``exp(-C / eps)`` recomputed per block, chosen
+  only when ``lam * max_ik C_ik <= 50`` (no entry at all below ``e^-50``), i.e. a nearly
+  uniform network; otherwise log mode.
+
+If a kernel-mode solve still ends with a non-finite potential or error, or a cluster marginal
+off by more than 1e-3, the problem is re-solved in log mode (``SinkhornOutput.lse_mode`` says
+which ran).
+
+Speed (2-core x86, N=50,000, lam=25, log-softmax of N(0, 1) logits plus a per-cluster offset
+N(0, 1), SeLa's stopping rule; ``bench/clustering.py``, results in ``bench/results/``): the
+stored balanced kernel runs in kernel mode at K = 10, 128 and 3,000 and beats the reference
+loop in NumPy and POT there (K = 3,000: the float32 NumPy loop fails, a cluster's ``P^lam``
+column underflows). Earlier, streamed only (N=50,000, K=3,000, 51 iterations, loaded
+machine): kernel mode 17.7 s, log mode 29.0 s, ott's dense ``Geometry`` 170 s (kernel) and
+321 s (log).
 
 Float32 and the stopping rule. The reference computes in float64. In float32 its error
-``sum_i |c'_i / c'_new_i - 1|``, a sum over N examples, stops decreasing at a problem-dependent
-floor: measured 0.017 (N=5,000, lam=10, near-uniform P), 0.014 (N=1,281,167, near-uniform) and
-1.12 (N=1,281,167, K=32, logits ~ N(0, 1)). ImageNet's threshold 0.1 may then be out of reach
-(it was in the last case) and the solve runs ``num_iters`` iterations with ``converged=False``;
-choose ``threshold=None`` with a fixed count, or a threshold above the floor. With
-``jax_enable_x64`` and float64 ``log_probs`` everything runs in float64 and reproduces the
-reference's errors to ~1e-9 (checked by hand at N=5,000, K=10; not in the test suite, which
-cannot switch x64 on).
+``sum_i |c'_i / c'_new_i - 1|``, a sum over N examples, stops decreasing at a floor set by the
+rounding of each example's marginal. In kernel mode that rounding is ~1e-7 relative, and at
+N = 50,000 the solves stop within one check of the float64 reference (bench). In log mode the
+marginal is ``exp`` of a sum of potentials of magnitude ~10-20, rounded to ~1e-6 relative each:
+measured floors 0.017 (N=5,000, lam=10), 0.014 (N=1,281,167, near-uniform P) and 1.12
+(N=1,281,167, K=32, logits ~ N(0, 1)). ImageNet's threshold 0.1 may then be out of reach and
+the solve runs ``num_iters`` iterations with ``converged=False``; choose ``threshold=None``
+with a fixed count, or a threshold above the floor. With ``jax_enable_x64`` and float64
+``log_probs`` everything runs in float64 and reproduces the reference's errors to ~1e-9
+(checked by hand at N=5,000, K=10; not in the test suite, which cannot switch x64 on).
 
 Sharding (``mesh``). The examples are sharded over the 1-D mesh axis (padded to a multiple of
 its size with zero-weight examples when N is not divisible -- that pad copies the input, so
@@ -86,6 +99,7 @@ with a plain ``jnp.sum`` (no ``psum``), so each device would see only its own er
 while-loop condition would differ across devices. Instead the geometry's kernels are wrapped in
 ``jax.shard_map``: each device streams its own rows, per-example outputs stay sharded, and
 per-cluster reductions are combined with ``psum`` (and ``pmax`` for the log-sum-exp). The
+stored kernel is a row-sharded global array whose two products XLA partitions itself. The
 remaining O(N) vector arithmetic of ott's loop is partitioned by XLA from the shardings.
 
 Memory, for ImageNet (N = 1,281,167, K = 3,000):
@@ -98,7 +112,12 @@ Memory, for ImageNet (N = 1,281,167, K = 3,000):
 - this module: blocks of ``chunk = budget / (4 K)`` rows, the budget being 64 MiB on
   accelerators (5,592 rows, ~67 MB per live (chunk, K) float32 tile, a few live at a time:
   ~0.2-0.3 GB) and 2 MiB on CPU (cache-sized tiles were 1.5-2x faster); plus O(N + K) vectors
-  (5.1 MB per float32 N-vector, about a dozen live: ~60 MB). Together ~2% of the input.
+  (5.1 MB per float32 N-vector, about a dozen live: ~60 MB). Together ~2% of the input, so
+  the solve fits 16 GB with the input on one accelerator (15.4 + ~0.3 GB) only when the kernel
+  is streamed: ImageNet's 15.4 GB kernel is above the default ``stored_kernel_bytes`` (4 GiB);
+  over an 8-way mesh each device's 1.92 GB share is below it and is stored (3.8 GB a device);
+- the stored kernel (when it fits ``stored_kernel_bytes``): N K 4 B more, the same size as the
+  input, traded for no ``exp`` per half-iteration;
 - alternatives considered: storing ``log P`` in bfloat16 (7.7 GB) rounds ``log P`` by ~2^-8
   relative, ~0.03 nats at ``|log P| ~ 8``, which ``lam = 25`` amplifies to ~0.8 in the exponent:
   too coarse. Storing the row-rescaled kernel ``P^lam`` in bfloat16 (7.7 GB, 0.4% relative per
@@ -151,10 +170,11 @@ __all__ = [
 # than 16-64 MiB ones); accelerators prefer few, large blocks.
 _TILE_BUDGET_BYTES_CPU = 2 * 2**20
 _TILE_BUDGET_BYTES_ACCELERATOR = 64 * 2**20
-# Keep float32 accuracy where the default matmul precision is lower (TF32 or bf16 passes on GPU).
-_PRECISION = jax.lax.Precision.HIGHEST
-# Kernel mode when lam * max cost <= this (see the module docstring).
+# Kernel mode when no kernel column (stored kernel) or no kernel entry (streamed kernel) is
+# below exp(-this) (see the module docstring).
 _KERNEL_MODE_MAX_EXPONENT = 50.0
+# Below this many clusters the stored kernel's per-cluster product is a weighted row sum.
+_ROW_SUM_MAX_CLUSTERS = 1024
 # The reference checks its error every 10 iterations.
 _CHECK_EVERY = 10
 # A kernel-mode solve whose cluster marginals are off by more than this (L1) is redone in log
@@ -185,6 +205,10 @@ class SinkhornConfig:
         rounding, not results.
       min_log_ratio: floor on ``log P_ik - max_k log P_ik`` (negative); smaller ratios,
         including zero probabilities, are raised to it.
+      stored_kernel_bytes: kernel mode stores the (N, K) kernel (per device with a mesh) when
+        it takes at most this many bytes, and then reads it instead of recomputing it from
+        ``log P`` in every half-iteration; ``0`` always streams. The default, 4 GiB, stores
+        it for N = 50,000, K = 3,000 (0.6 GB) and streams it for ImageNet (15.4 GB).
     """
 
     epsilon: float = 1.0 / 25.0
@@ -193,6 +217,7 @@ class SinkhornConfig:
     lse_mode: bool | str = "auto"
     chunk_size: int | None = None
     min_log_ratio: float = -80.0
+    stored_kernel_bytes: int = 4 * 2**30
 
     def __post_init__(self):
         if not (isinstance(self.epsilon, int | float) and math.isfinite(self.epsilon)):
@@ -221,6 +246,13 @@ class SinkhornConfig:
         ):
             raise ValueError(
                 f"config.chunk_size must be a positive int or None, got {self.chunk_size!r}"
+            )
+        if not isinstance(self.stored_kernel_bytes, int | np.integer) or (
+            self.stored_kernel_bytes < 0
+        ):
+            raise ValueError(
+                "config.stored_kernel_bytes must be an int >= 0, "
+                f"got {self.stored_kernel_bytes!r}"
             )
         if not (math.isfinite(self.min_log_ratio) and self.min_log_ratio < 0):
             raise ValueError(
@@ -306,6 +338,13 @@ def _map_rows(fn: Callable, arrays: tuple[jax.Array, ...], chunk: int):
     )
 
 
+def _precision() -> jax.lax.Precision | None:
+    """Full float32 products: ``HIGHEST`` on accelerators, whose default may be TF32 or bf16
+    passes; the default on CPU, which is already float32 there and ran the stored-kernel
+    products ~1.4x faster than ``HIGHEST`` (XLA:CPU, N=50,000, K=3,000)."""
+    return None if jax.default_backend() == "cpu" else jax.lax.Precision.HIGHEST
+
+
 def _compute_dtype(dtype) -> jnp.dtype:
     """float32, or float64 for float64 input (which exists only with ``jax_enable_x64``)."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -335,7 +374,7 @@ def _local_rows_lse(lp, m, f, *, eps, chunk, max_cost, axis_name):
         z = (f[None, :] - _cost_tile(lp_t, m_t, max_cost)) / eps  # (B, K)
         shift = _safe_shift(z.max(axis=1))
         ones = jnp.ones((z.shape[1],), z.dtype)
-        s = jnp.matmul(jnp.exp(z - shift[:, None]), ones, precision=_PRECISION)
+        s = jnp.matmul(jnp.exp(z - shift[:, None]), ones, precision=_precision())
         return eps * (shift + jnp.log(s))
 
     return _map_rows(block, (lp, m), chunk)
@@ -352,7 +391,7 @@ def _local_cols_lse(lp, m, g, *, eps, chunk, max_cost, axis_name):
         new_mx = jnp.maximum(mx, z.max(axis=0))
         shift = _safe_shift(new_mx)
         ones = jnp.ones((z.shape[0],), z.dtype)
-        block_sum = jnp.matmul(ones, jnp.exp(z - shift[None, :]), precision=_PRECISION)
+        block_sum = jnp.matmul(ones, jnp.exp(z - shift[None, :]), precision=_precision())
         return new_mx, s * jnp.exp(mx - shift) + block_sum
 
     init = (
@@ -373,7 +412,7 @@ def _local_rows_apply(lp, m, vec, *, tile_fn, chunk, max_cost, axis_name):
     del axis_name
 
     def block(lp_t, m_t):
-        return jnp.matmul(tile_fn(_cost_tile(lp_t, m_t, max_cost)), vec, precision=_PRECISION)
+        return jnp.matmul(tile_fn(_cost_tile(lp_t, m_t, max_cost)), vec, precision=_precision())
 
     return _map_rows(block, (lp, m), chunk)
 
@@ -384,7 +423,7 @@ def _local_cols_apply(lp, m, vec, *, tile_fn, chunk, max_cost, axis_name):
     def step(acc, valid, lp_t, m_t, v_t):
         v_t = jnp.where(valid, v_t, 0.0)
         tile = tile_fn(_cost_tile(lp_t, m_t, max_cost))
-        return acc + jnp.matmul(v_t, tile, precision=_PRECISION)
+        return acc + jnp.matmul(v_t, tile, precision=_precision())
 
     init = _varying(jnp.zeros((lp.shape[1],), vec.dtype), axis_name)
     acc = _fold_rows(step, init, (lp, m, vec), chunk)
@@ -597,6 +636,89 @@ class ChunkedLogProbGeometry(geometry.Geometry):
         return cls(log_probs, row_max, epsilon, **aux_data)
 
 
+@jax.tree_util.register_pytree_node_class
+class StoredKernelGeometry(geometry.Geometry):
+    """Clusters x examples geometry given by a stored kernel, held as (N, K) examples by rows.
+
+    Kernel mode only: ott's ``Sinkhorn(lse_mode=False)`` reaches ``apply_kernel``, ``shape``,
+    ``dtype`` and the scaling/potential conversions, which use ``epsilon``. The products are
+    matrix-vector products on the row-major (N, K) array, never a transposed copy; for fewer
+    than 1,024 clusters the per-cluster product is a weighted row sum, which XLA:CPU ran 1.5-2x
+    faster than the transposed product there (N=50,000, K=10 and 128). Under
+    ``jit`` with a row-sharded kernel
+    XLA partitions both products itself (the per-cluster sum becomes an all-reduce).
+
+    Args:
+      kernel: (N, K) non-negative float array, ``K_ik`` for example i and cluster k.
+      epsilon: regularisation ``eps``; the kernel is taken to be ``exp(-C / eps)`` already.
+    """
+
+    def __init__(self, kernel: jax.Array, epsilon: float | jax.Array):
+        super().__init__(epsilon=epsilon)
+        self.kernel = kernel
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(K, N): clusters by examples."""
+        n, k = self.kernel.shape
+        return k, n
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.kernel.dtype
+
+    @property
+    def kernel_matrix(self) -> jax.Array:
+        """(K, N) dense kernel (a transposed copy: small problems and tests only)."""
+        return self.kernel.T
+
+    @property
+    def cost_matrix(self) -> jax.Array:
+        """(K, N) ``-eps log K``; small problems and tests only."""
+        return -self.epsilon * jnp.log(self.kernel_matrix)
+
+    def subset(self, row_ixs=None, col_ixs=None):
+        raise NotImplementedError("StoredKernelGeometry does not support subset()")
+
+    def apply_kernel(self, vec: jax.Array, eps: float | None = None, axis: int = 0) -> jax.Array:
+        """``K^T vec`` (axis=0: (K,) -> (N,)) or ``K vec`` (axis=1: (N,) -> (K,)).
+
+        ``eps`` is ignored: ott passes the (constant) epsilon of this geometry.
+        """
+        del eps
+        if axis == 0:
+            return jnp.matmul(self.kernel, vec, precision=_precision())
+        if self.kernel.shape[1] < _ROW_SUM_MAX_CLUSTERS:
+            return jnp.sum(self.kernel * vec[:, None], axis=0)
+        return jnp.matmul(vec, self.kernel, precision=_precision())
+
+    def tree_flatten(self):
+        return (self.kernel, self._epsilon_init), None
+
+    @classmethod
+    def tree_unflatten(cls, aux_data, children):
+        del aux_data
+        return cls(*children)
+
+
+def _balanced_kernel(
+    geom: ChunkedLogProbGeometry, f0: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The kernel with the first cluster potential ``f0`` (K,) absorbed, each row's maximum 1.
+
+    ``kernel_ik = exp((f0_k - C_ik) / eps - s_i)`` with ``s_i = max_k (f0_k - C_ik) / eps``:
+    clusters that the first half-iteration found under-used are scaled up before the kernel
+    is rounded to float32, so their columns do not underflow. Returns the (N_pad, K) kernel,
+    the row shifts ``eps * s`` (N_pad,) and each column's largest entry in log (K,).
+    """
+    eps = geom.epsilon
+    z = (f0[None, :] - _cost_tile(geom.log_probs, geom.row_max, geom._max_cost)) / eps
+    s = _safe_shift(jnp.max(z, axis=1))
+    log_kernel = z - s[:, None]
+    kernel = jnp.exp(log_kernel)
+    return kernel, eps * s, jnp.max(log_kernel, axis=0)
+
+
 # ------------------------------------------------------------------------------------------
 # The solve.
 
@@ -608,6 +730,7 @@ class _Static(NamedTuple):
     chunk_size: int
     mesh: Mesh | None
     num_examples: int  # before padding
+    store_kernel: bool  # kernel mode reads a stored kernel
 
 
 def _resolve_chunk_size(
@@ -774,12 +897,28 @@ def _solve_traced(
             jnp.asarray(False),
         )
 
-    if config.lse_mode == "auto":
-        use_kernel = max_cost_seen * config.lam <= _KERNEL_MODE_MAX_EXPONENT
-        first = jax.lax.cond(use_kernel, run(False), unsound_placeholder)
-        f, g, errors, sound, used_lse = jax.lax.cond(first[3], lambda: first, run(True))
+    if static.store_kernel:
+        f0_offset = jnp.where(jnp.isfinite(f0), f0, 0.0)  # zero-weight clusters: u = 0 anyway
+        kernel, row_shift, col_log_max = _balanced_kernel(geom, f0_offset)
+        kernel_safe = jnp.min(jnp.where(a > 0, col_log_max, 0.0)) >= -_KERNEL_MODE_MAX_EXPONENT
+        stored = linear_problem.LinearProblem(
+            StoredKernelGeometry(kernel, config.epsilon), a=a, b=b
+        )
+
+        def run_kernel():  # potentials back to the geometry's cost C
+            f, g, errors, sound = _run_ott(stored, jnp.zeros_like(f0), config, False, n)
+            return f + f0_offset, g - row_shift, errors, sound, jnp.asarray(False)
     else:
-        f, g, errors, sound, used_lse = run(bool(config.lse_mode))()
+        kernel_safe = max_cost_seen * config.lam <= _KERNEL_MODE_MAX_EXPONENT
+        run_kernel = run(False)
+
+    if config.lse_mode == "auto":
+        first = jax.lax.cond(kernel_safe, run_kernel, unsound_placeholder)
+        f, g, errors, sound, used_lse = jax.lax.cond(first[3], lambda: first, run(True))
+    elif config.lse_mode:
+        f, g, errors, sound, used_lse = run(True)()
+    else:
+        f, g, errors, sound, used_lse = run_kernel()
 
     labels = geom.labels(f)[:n]
     row_potentials = (g - row_max)[:n]  # for the raw cost -log P
@@ -861,6 +1000,8 @@ def _static(config: SinkhornConfig, mesh: Mesh | None, n: int, k: int) -> _Stati
         chunk_size=_resolve_chunk_size(config.chunk_size, rows_per_device, k, mesh),
         mesh=mesh,
         num_examples=n,
+        store_kernel=config.lse_mode is not True
+        and rows_per_device * k * 4 <= config.stored_kernel_bytes,
     )
 
 

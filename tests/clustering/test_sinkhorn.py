@@ -288,11 +288,15 @@ def test_uniform_and_prior_cluster_sizes(rng):
     np.testing.assert_allclose(sizes, n * prior, rtol=0.02)
 
 
-@pytest.mark.parametrize(("n", "lse_mode"), [(37, True), (40, False)])
-def test_sharded_over_8_devices_equals_one_device(rng, n, lse_mode):
+@pytest.mark.parametrize(
+    ("n", "lse_mode", "stored_bytes"), [(37, True, 0), (40, False, 2**20), (40, False, 0)]
+)
+def test_sharded_over_8_devices_equals_one_device(rng, n, lse_mode, stored_bytes):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
     log_probs = _log_probs(rng, n=n)
-    config = sinkhorn.SinkhornConfig(**{**FIXED[lse_mode].__dict__, "chunk_size": 3})
+    config = sinkhorn.SinkhornConfig(
+        **{**FIXED[lse_mode].__dict__, "chunk_size": 3, "stored_kernel_bytes": stored_bytes}
+    )
     single = sinkhorn.solve(log_probs, config)
     sharded = sinkhorn.solve(log_probs, config, mesh=mesh)  # 37: padded to 40, 5 rows per device
     np.testing.assert_array_equal(np.asarray(sharded.labels), np.asarray(single.labels))
@@ -329,22 +333,45 @@ def test_row_shift_and_zero_probabilities(rng):
         np.testing.assert_allclose(got.col_potentials, expected.col_potentials, atol=1e-6)
 
 
-def test_auto_mode_picks_kernel_only_when_safe_and_falls_back(rng, monkeypatch):
-    n, k = 23, 3  # shapes used nowhere else, so the monkeypatched rule is traced afresh
+def _peaked(rng, n, k):
+    """Cluster 0 is 5 nats below the top for every example: at lam = 200 its raw kernel column
+    ``exp(-200 * 5)`` underflows in float32."""
+    logits = rng.normal(size=(n, k))
+    logits[:, 0] = logits[:, 1:].max(1) - 5.0
+    return _log_softmax(logits)
+
+
+def test_auto_mode_balanced_stored_kernel_handles_an_underflowing_cluster(rng):
+    n, k = 23, 3
     config = sinkhorn.SinkhornConfig(epsilon=1 / 200, num_iters=31, threshold=None)
     flat = _log_probs(rng, n, k, scale=0.001)  # lam * max cost ~ 1: kernel mode
     out = sinkhorn.solve(flat, config)
     assert not bool(out.lse_mode) and bool(out.converged)
 
-    # Cluster 0 is 5 nats below the top for every example: exp(-200 * 5) underflows, so a
-    # kernel-mode solve would leave it empty. Forcing the rule to try kernel mode anyway must
-    # end in the log-mode result.
-    logits = rng.normal(size=(n, k))
-    logits[:, 0] = logits[:, 1:].max(1) - 5.0
-    peaked = _log_softmax(logits)
+    # The stored kernel absorbs the first cluster update, which lifts cluster 0's column back
+    # into range: kernel mode runs and gives the log-mode solution.
+    peaked = _peaked(rng, n, k)
     expected = sinkhorn.solve(
         peaked, sinkhorn.SinkhornConfig(**{**config.__dict__, "lse_mode": True})
     )
+    got = sinkhorn.solve(peaked, config)
+    assert not bool(got.lse_mode) and bool(got.converged)
+    np.testing.assert_array_equal(np.asarray(got.labels), np.asarray(expected.labels))
+    np.testing.assert_allclose(got.col_potentials, expected.col_potentials, atol=POTENTIAL_ATOL)
+    np.testing.assert_allclose(got.row_potentials, expected.row_potentials, atol=POTENTIAL_ATOL)
+
+
+def test_auto_mode_streamed_kernel_falls_back_to_log_mode(rng, monkeypatch):
+    n, k = 23, 3  # shapes used nowhere else with this config: the patched rule is traced afresh
+    config = sinkhorn.SinkhornConfig(
+        epsilon=1 / 200, num_iters=31, threshold=None, stored_kernel_bytes=0
+    )
+    peaked = _peaked(rng, n, k)
+    expected = sinkhorn.solve(
+        peaked, sinkhorn.SinkhornConfig(**{**config.__dict__, "lse_mode": True})
+    )
+    # Forcing the rule to try the streamed kernel mode, whose column 0 underflows, must end
+    # in the log-mode result.
     monkeypatch.setattr(sinkhorn, "_KERNEL_MODE_MAX_EXPONENT", np.inf)
     got = sinkhorn.solve(peaked, config)
     assert bool(got.lse_mode) and bool(got.converged)
@@ -352,6 +379,18 @@ def test_auto_mode_picks_kernel_only_when_safe_and_falls_back(rng, monkeypatch):
     np.testing.assert_allclose(np.asarray(q).sum(0), np.full(k, 1 / k), rtol=1e-3)
     np.testing.assert_array_equal(np.asarray(got.labels), np.asarray(expected.labels))
     np.testing.assert_allclose(got.col_potentials, expected.col_potentials, atol=POTENTIAL_ATOL)
+
+
+def test_stored_kernel_equals_streamed_kernel(rng):
+    log_probs = _log_probs(rng)
+    stored = sinkhorn.solve(log_probs, FIXED[False])
+    config = sinkhorn.SinkhornConfig(**{**FIXED[False].__dict__, "stored_kernel_bytes": 0})
+    streamed = sinkhorn.solve(log_probs, config)
+    assert not bool(stored.lse_mode) and not bool(streamed.lse_mode)
+    np.testing.assert_array_equal(np.asarray(stored.labels), np.asarray(streamed.labels))
+    np.testing.assert_allclose(stored.col_potentials, streamed.col_potentials, atol=POTENTIAL_ATOL)
+    np.testing.assert_allclose(stored.row_potentials, streamed.row_potentials, atol=POTENTIAL_ATOL)
+    np.testing.assert_allclose(stored.errors, streamed.errors, **ERROR_TOL)
 
 
 def test_solve_unchecked_under_jit_equals_solve(rng):
@@ -432,6 +471,7 @@ def test_rejects_bad_inputs(rng, case, match):
         ({"threshold": -1.0}, "config.threshold"),
         ({"lse_mode": "yes"}, "config.lse_mode"),
         ({"chunk_size": 0}, "config.chunk_size"),
+        ({"stored_kernel_bytes": -1}, "config.stored_kernel_bytes"),
         ({"min_log_ratio": 1.0}, "config.min_log_ratio"),
     ],
 )
