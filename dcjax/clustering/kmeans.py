@@ -19,22 +19,24 @@ Algorithm (``faiss.Clustering`` with ``IndexFlatL2``), configured by ``KMeansCon
 ``tol > 0`` adds an early stop on the relative change of the inertia measured at the assignment
 steps; faiss itself always runs the full ``niter``.
 
-Memory: the n x k distance matrix is never formed. Points are processed in chunks of rows sized
-from ``_DISTANCE_BUDGET_BYTES``, centroid sums and counts are accumulated chunk by chunk, and the
-redo runs are a ``lax.scan`` that carries only the best centroids, so peak memory stays
-O(chunk * k + k * d) on top of the data (and of the (k * max_points_per_centroid, d) training
-subset when subsampling) whatever ``n_redo`` is.
+Memory: the n x k distance matrix is never formed. Points are assigned in chunks of rows sized
+from ``_DISTANCE_BUDGET_BYTES`` (dynamic slices of the input, no padded copy), the centroid sums
+and counts are one scatter-add of all rows into (k, d), and the redo runs are a ``lax.scan``
+that carries only the best centroids, so peak memory stays O(chunk * k + k * d + n) on top of
+the data (and of the (k * max_points_per_centroid, d) training subset when subsampling)
+whatever ``n_redo`` is: at DeepCluster's ImageNet size (n = 1,281,167, d = 256, k = 10,000)
+64 MiB of distances and ~10 MB of centroids and per-row labels beside the 1.31 GB input.
 
-Sharding: with a 1-D ``mesh``, the rows are padded to a multiple of the device count (padding is
-masked out) and placed on the mesh axis. Each device assigns its rows in chunks and sums its
+Sharding: with a 1-D ``mesh``, the rows are placed on the mesh axis, padded (a copy, masked
+out) only when the device count does not divide n. Each device assigns its rows in chunks and sums its
 centroid sums, counts and inertia; ``lax.psum`` inside ``jax.shard_map`` combines them. The
 centroids are replicated, so the mean update and the empty-cluster splits run identically on
 every device. k-means++ draws its noise per global row index, so 1 and 8 devices pick the same
 points. Results match the unsharded ones up to float32 summation order. The (n,) labels come
 back replicated.
 
-Centroid sums use a one-hot matmul for small k and segment_sum for large k; see
-``_ONE_HOT_MAX_K`` for the measurements behind the switch.
+Centroid sums: one segment_sum over each device's rows after the chunked assignment (a one-hot
+matmul on TPU); see ``_ONE_HOT_BACKENDS`` for the measurements behind the choice.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dcjax.clustering import rows as rows_lib
 from dcjax.clustering.pca import _checked_matrix, l2_normalize
+from dcjax.clustering.precision import float32_precision
 
 __all__ = ["KMeansConfig", "KMeansResult", "fit", "assign"]
 
@@ -58,30 +62,24 @@ __all__ = ["KMeansConfig", "KMeansResult", "fit", "assign"]
 _DISTANCE_BUDGET_BYTES = 64 * 2**20
 # faiss's relative perturbation when splitting a cluster.
 _SPLIT_EPS = 1.0 / 1024.0
-# Keep float32 accuracy on accelerators whose default matmul precision is lower (TF32, bf16):
-# assignments must agree with a float32/float64 reference, not drift with the hardware.
-_PRECISION = jax.lax.Precision.HIGHEST
-# Largest k whose centroid sums are accumulated with a one-hot matmul rather than segment_sum.
+# Backends whose centroid sums use a one-hot matmul; the others use segment_sum.
 #
-# Measured once on the 2-core development CPU (shared: load average ~4.5 during the run, so
-# +-30%), n=60000, d=256, float32, default chunks, median of 5 runs of one assignment + update
-# pass after compilation; the assignment alone took 44 / 69 / 870 ms for k = 10 / 100 / 1000:
+# The assignment runs in chunks; the sums then run once over all of a device's rows. Measured on
+# the 2-core development CPU (n=60000, d=256, float32, best of 7, after compilation), one
+# assignment + update pass:
 #
-#     k       segment_sum   one-hot matmul
-#     10        96 ms           49 ms
-#     100      174 ms          140 ms
-#     1000    1250 ms         1790 ms
+#     k       assignment   + segment_sum   + one-hot matmul
+#     10        13 ms          19 ms           30 ms
+#     100       39 ms          42 ms           87 ms
+#     1000     355 ms         355 ms          744 ms
 #
-# The one-hot product costs O(b k d) per chunk, as much again as the distance matmul, but runs at
-# BLAS speed; segment_sum is an O(b d) scatter-add that XLA:CPU runs as a serial loop. The
-# crossover lies between k=100 and k=1000 (not located more finely); 256 splits it.
-# Expected elsewhere (not measured): on GPU the one-hot matmul should win clearly for small k,
-# where the scatter's atomic adds pile onto a few rows, while at DeepCluster's k=10000 it doubles
-# the dominant FLOPs (in full float32, _PRECISION) and the scatter, now spread over many rows,
-# should be at least as fast, so the switch direction stays right. On TPU scatters are serialised
-# and slow while the one-hot product runs on the MXU, so the one-hot matmul likely wins at every
-# k; a TPU run would want a much higher threshold.
-_ONE_HOT_MAX_K = 256
+# segment_sum over all rows is an O(n d) scatter-add (6 ms here at every k), while the one-hot
+# product costs O(n k d), as much again as the distance matmul. (Inside a per-chunk scan loop,
+# as before, XLA:CPU's scatter was 10-100x slower, which had made the one-hot product win at
+# small k.) Expected elsewhere (not measured): on GPU segment_sum is an atomic scatter-add,
+# cheap next to the distance matmul except at very small k, where atomics pile onto few rows;
+# on TPU scatters are serialised while the one-hot product runs on the MXU, so TPU uses it.
+_ONE_HOT_BACKENDS = ("tpu",)
 _INITS = ("random", "kmeans++")
 _MATMUL_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -151,16 +149,16 @@ class KMeansResult(NamedTuple):
 
 
 class _Layout(NamedTuple):
-    """Row padding: ``num_shards`` blocks of ``num_chunks`` x ``chunk_size`` for ``num_rows``."""
+    """``num_rows`` rows over ``num_shards`` devices, assigned ``chunk_size`` rows at a time."""
 
     num_rows: int
     num_shards: int
-    num_chunks: int
-    chunk_size: int
+    chunk_size: int  # most rows per chunk, <= rows per shard
 
     @property
     def padded_rows(self) -> int:
-        return self.num_shards * self.num_chunks * self.chunk_size
+        """Rows after padding to a multiple of ``num_shards`` (``num_rows`` without a mesh)."""
+        return self.num_shards * -(-self.num_rows // self.num_shards)
 
 
 class _Plan(NamedTuple):
@@ -200,11 +198,8 @@ def _resolve_chunk_size(chunk_size: int | None, n: int, k: int) -> int:
 
 
 def _layout(n: int, k: int, chunk_size: int | None, num_shards: int) -> _Layout:
-    # Equal chunks of at most the resolved size, so padding is below num_chunks rows per shard.
     rows_per_shard = -(-n // num_shards)
-    max_chunk = _resolve_chunk_size(chunk_size, rows_per_shard, k)
-    num_chunks = -(-rows_per_shard // max_chunk)
-    return _Layout(n, num_shards, num_chunks, -(-rows_per_shard // num_chunks))
+    return _Layout(n, num_shards, _resolve_chunk_size(chunk_size, rows_per_shard, k))
 
 
 def _training_subset_size(n: int, k: int, max_points_per_centroid: int) -> int:
@@ -220,9 +215,13 @@ def _training_indices(key: jax.Array, n: int, num_train: int) -> jax.Array:
 
 
 def _place(x: jax.Array, layout: _Layout, mesh: Mesh | None) -> tuple[jax.Array, jax.Array]:
-    """Pads (n, d) rows to the layout: (rows, d) points and a (rows,) validity mask, on the mesh."""
+    """(rows, d) points on the mesh and a (rows,) validity mask, False on padding rows.
+
+    Rows are padded (a copy of ``x``) only when a mesh's size does not divide ``n``.
+    """
     rows = layout.padded_rows
-    x = jnp.pad(x, ((0, rows - layout.num_rows), (0, 0)))
+    if rows > layout.num_rows:
+        x = jnp.pad(x, ((0, rows - layout.num_rows), (0, 0)))
     valid = jnp.arange(rows) < layout.num_rows
     return _on_rows(x, mesh), _on_rows(valid, mesh)
 
@@ -264,7 +263,7 @@ def _nearest(
 ) -> tuple[jax.Array, jax.Array]:
     """Nearest centroid of each row of a (b, d) chunk: (b,) int32 labels, (b,) squared distances."""
     if matmul_dtype == "float32":
-        dots = jnp.matmul(x, centroids.T, precision=_PRECISION)  # (b, k)
+        dots = jnp.matmul(x, centroids.T, precision=float32_precision())  # (b, k)
     else:
         dtype = _MATMUL_DTYPES[matmul_dtype]
         dots = jnp.matmul(
@@ -281,51 +280,36 @@ def _nearest(
     return labels, jnp.sum(jnp.square(x - centroids[labels]), axis=1)
 
 
-def _chunked(layout: _Layout, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One shard's (rows, d) and (rows,) as (num_chunks, chunk, d) and (num_chunks, chunk)."""
-    shape = (layout.num_chunks, layout.chunk_size)
-    return x.reshape(*shape, x.shape[-1]), valid.reshape(shape)
-
-
 def _assign_kernel(x, valid, centroids, *, layout: _Layout, matmul_dtype: str, axis):
     """One shard's labels (rows,) int32 and squared distances (rows,), 0 on padding rows."""
     del axis  # rows are independent
-    x_chunks, v_chunks = _chunked(layout, x, valid)
     c_sq = jnp.sum(centroids * centroids, axis=1)
-    labels, sq_dist = jax.lax.map(lambda xc: _nearest(xc, centroids, c_sq, matmul_dtype), x_chunks)
-    return labels.reshape(-1), jnp.where(v_chunks, sq_dist, 0.0).reshape(-1)
+    labels, sq_dist = rows_lib.map_rows(
+        lambda xc: _nearest(xc, centroids, c_sq, matmul_dtype), (x,), layout.chunk_size
+    )
+    return labels, jnp.where(valid, sq_dist, 0.0)
 
 
 def _stats_kernel(x, valid, centroids, *, layout: _Layout, matmul_dtype: str, one_hot: bool, axis):
     """Cluster sums (k, d), counts (k,) int32 and inertia () over all shards' rows.
 
-    ``one_hot`` accumulates the sums with a one-hot matmul, otherwise with segment_sum.
+    The assignment runs in chunks; the accumulation then runs once over the shard's rows, with
+    a one-hot matmul if ``one_hot``, otherwise with segment_sum.
     """
-    k, d = centroids.shape
-    x_chunks, v_chunks = _chunked(layout, x, valid)
-    c_sq = jnp.sum(centroids * centroids, axis=1)
-
-    def body(carry, inputs):
-        sums, counts, inertia = carry
-        xc, vc = inputs
-        labels, sq_dist = _nearest(xc, centroids, c_sq, matmul_dtype)
-        if one_hot:
-            member = (labels[:, None] == jnp.arange(k)) & vc[:, None]  # (b, k)
-            sums = sums + jnp.matmul(member.T.astype(xc.dtype), xc, precision=_PRECISION)
-            counts = counts + jnp.sum(member, axis=0, dtype=jnp.int32)
-        else:
-            # Padding rows get the out-of-range id k, which segment_sum drops.
-            ids = jnp.where(vc, labels, k)
-            sums = sums + jax.ops.segment_sum(xc, ids, num_segments=k)
-            counts = counts + jax.ops.segment_sum(vc.astype(jnp.int32), ids, num_segments=k)
-        inertia = inertia + jnp.sum(jnp.where(vc, sq_dist, 0.0))
-        return (sums, counts, inertia), None
-
-    init = (jnp.zeros((k, d), jnp.float32), jnp.zeros((k,), jnp.int32), jnp.float32(0.0))
-    if axis is not None:  # the partial sums differ per device until the psum
-        init = jax.lax.pcast(init, axis, to="varying")
-    stats, _ = jax.lax.scan(body, init, (x_chunks, v_chunks))
-    return _psum(stats, axis)
+    k = centroids.shape[0]
+    labels, sq_dist = _assign_kernel(
+        x, valid, centroids, layout=layout, matmul_dtype=matmul_dtype, axis=axis
+    )
+    if one_hot:
+        member = (labels[:, None] == jnp.arange(k)) & valid[:, None]  # (rows, k)
+        sums = jnp.matmul(member.T.astype(x.dtype), x, precision=float32_precision())
+        counts = jnp.sum(member, axis=0, dtype=jnp.int32)
+    else:
+        # Padding rows get the out-of-range id k, which segment_sum drops.
+        ids = jnp.where(valid, labels, k)
+        sums = jax.ops.segment_sum(x, ids, num_segments=k)
+        counts = jax.ops.segment_sum(valid.astype(jnp.int32), ids, num_segments=k)
+    return _psum((sums, counts, jnp.sum(sq_dist)), axis)
 
 
 def _kmeans_pp_kernel(x, valid, min_sq, chosen, noise, *, axis):
@@ -612,7 +596,7 @@ def fit(
         n_redo=config.n_redo,
         spherical=config.spherical,
         matmul_dtype=config.matmul_dtype,
-        one_hot=k <= _ONE_HOT_MAX_K,
+        one_hot=jax.default_backend() in _ONE_HOT_BACKENDS,
         train=_layout(num_train, k, config.chunk_size, shards),
         full=_layout(n, k, config.chunk_size, shards),
         mesh=mesh,

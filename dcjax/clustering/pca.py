@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -38,10 +37,11 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from dcjax.clustering import rows as rows_lib
+from dcjax.clustering.precision import float32_precision
+
 __all__ = ["PCAResult", "fit", "transform", "l2_normalize"]
 
-# Keep float32 accuracy on accelerators whose default matmul precision is lower (TF32, bf16).
-_PRECISION = jax.lax.Precision.HIGHEST
 # Memory for one chunk of float32 rows: ``fit`` reads _CHUNK_BUDGET_BYTES // (4 * d) rows at a
 # time, ``transform`` _CHUNK_BUDGET_BYTES // (4 * (d + dim)) (input and output rows).
 _CHUNK_BUDGET_BYTES = 64 * 2**20
@@ -110,33 +110,6 @@ def _resolve_chunk_size(chunk_size: int | None, num_rows: int, row_floats: int) 
     return int(min(max(chunk_size, 1), num_rows))
 
 
-def _fold_chunks(
-    fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
-    init: jax.Array,
-    x: jax.Array,
-    chunk: int,
-    row_offset: jax.Array | int,
-    num_valid: int,
-) -> jax.Array:
-    """Folds ``fn(carry, rows, valid)`` over (chunk, d) row blocks of the (r, d) array ``x``.
-
-    Blocks are dynamic slices of ``x`` rather than a padded reshape, so no copy of ``x`` is made.
-    The last block is shifted back to end at row ``r``; its rows already seen are masked out, as
-    are rows whose global index ``row_offset + i`` is ``>= num_valid`` (padding).
-    """
-    r = x.shape[0]
-    num_chunks = -(-r // chunk)
-
-    def body(i, carry):
-        start = jnp.minimum(i * chunk, r - chunk)
-        rows = jax.lax.dynamic_slice_in_dim(x, start, chunk)  # (chunk, d)
-        local = start + jnp.arange(chunk)
-        valid = (local >= i * chunk) & (row_offset + local < num_valid)  # (chunk,)
-        return fn(carry, rows, valid)
-
-    return jax.lax.fori_loop(0, num_chunks, body, init)
-
-
 def _moments(
     x: jax.Array, chunk: int, num_valid: int, axis_name: str | None
 ) -> tuple[jax.Array, jax.Array]:
@@ -156,21 +129,23 @@ def _moments(
         def zeros(shape):
             return jax.lax.pcast(jnp.zeros(shape, jnp.float32), axis_name, to="varying")
 
-    def add_rows(total, rows, valid):
+    masked = {"row_offset": row_offset, "num_valid": num_valid}
+
+    def add_rows(total, valid, rows):
         return total + jnp.sum(jnp.where(valid[:, None], rows, 0.0), axis=0)
 
-    total = _fold_chunks(add_rows, zeros((d,)), x, chunk, row_offset, num_valid)
+    total = rows_lib.fold_rows(add_rows, zeros((d,)), (x,), chunk, **masked)
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
     mean = total / num_valid
 
     # Second pass on centred rows: the one-pass E[xx^T] - mu mu^T cancels catastrophically in
     # float32 when the mean is large relative to the spread.
-    def add_scatter(scatter, rows, valid):
+    def add_scatter(scatter, valid, rows):
         centred = jnp.where(valid[:, None], rows - mean, 0.0)
-        return scatter + jnp.matmul(centred.T, centred, precision=_PRECISION)
+        return scatter + jnp.matmul(centred.T, centred, precision=float32_precision())
 
-    scatter = _fold_chunks(add_scatter, zeros((d, d)), x, chunk, row_offset, num_valid)
+    scatter = rows_lib.fold_rows(add_scatter, zeros((d, d)), (x,), chunk, **masked)
     if axis_name is not None:
         scatter = jax.lax.psum(scatter, axis_name)
     return mean, scatter
@@ -314,18 +289,11 @@ def fit(
 
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
 def _transform(pca: PCAResult, x: jax.Array, chunk_size: int) -> jax.Array:
-    n = x.shape[0]
-    num_chunks = -(-n // chunk_size)
+    def project(rows):  # (chunk, d) -> (chunk, dim)
+        projected = jnp.matmul(rows - pca.mean, pca.components.T, precision=float32_precision())
+        return projected * pca.scale
 
-    def project(i):
-        # The last chunk is shifted back to end at row n; its overlap is dropped below.
-        start = jnp.minimum(i * chunk_size, n - chunk_size)
-        rows = jax.lax.dynamic_slice_in_dim(x, start, chunk_size)  # (chunk, d)
-        return jnp.matmul(rows - pca.mean, pca.components.T, precision=_PRECISION) * pca.scale
-
-    out = jax.lax.map(project, jnp.arange(num_chunks))  # (num_chunks, chunk, dim)
-    overlap = num_chunks * chunk_size - n
-    return jnp.concatenate([out[:-1].reshape(-1, out.shape[-1]), out[-1, overlap:]])
+    return rows_lib.map_rows(project, (x,), chunk_size)
 
 
 def transform(pca: PCAResult, x: jax.Array, *, chunk_size: int | None = None) -> jax.Array:

@@ -156,6 +156,9 @@ from ott.geometry import geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn
 
+from dcjax.clustering import rows
+from dcjax.clustering.precision import float32_precision
+
 __all__ = [
     "SinkhornConfig",
     "SinkhornOutput",
@@ -251,8 +254,7 @@ class SinkhornConfig:
             self.stored_kernel_bytes < 0
         ):
             raise ValueError(
-                "config.stored_kernel_bytes must be an int >= 0, "
-                f"got {self.stored_kernel_bytes!r}"
+                f"config.stored_kernel_bytes must be an int >= 0, got {self.stored_kernel_bytes!r}"
             )
         if not (math.isfinite(self.min_log_ratio) and self.min_log_ratio < 0):
             raise ValueError(
@@ -301,48 +303,7 @@ class SinkhornOutput(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------
-# Row-block streaming. Blocks are dynamic slices (no padded copy of the input); the last block
-# is shifted back to end at the last row and its rows already seen are masked (reductions) or
-# written twice with identical values (per-row outputs).
-
-
-def _fold_rows(step: Callable, init, arrays: tuple[jax.Array, ...], chunk: int):
-    """Folds ``carry = step(carry, valid (chunk,), *tiles)`` over blocks of rows of ``arrays``."""
-    r = arrays[0].shape[0]
-    num_chunks = -(-r // chunk)
-
-    def body(i, carry):
-        start = jnp.minimum(i * chunk, r - chunk)
-        tiles = [jax.lax.dynamic_slice_in_dim(x, start, chunk) for x in arrays]
-        valid = start + jnp.arange(chunk) >= i * chunk
-        return step(carry, valid, *tiles)
-
-    return jax.lax.fori_loop(0, num_chunks, body, init)
-
-
-def _map_rows(fn: Callable, arrays: tuple[jax.Array, ...], chunk: int):
-    """Per-row outputs ``fn(*tiles)`` (a pytree of (chunk, ...) arrays) over blocks of rows."""
-    r = arrays[0].shape[0]
-    num_chunks = -(-r // chunk)
-    if num_chunks == 1:
-        return fn(*arrays)
-
-    def block(i):
-        start = jnp.minimum(i * chunk, r - chunk)
-        return fn(*(jax.lax.dynamic_slice_in_dim(x, start, chunk) for x in arrays))
-
-    out = jax.lax.map(block, jnp.arange(num_chunks))
-    overlap = num_chunks * chunk - r
-    return jax.tree.map(
-        lambda o: jnp.concatenate([o[:-1].reshape(-1, *o.shape[2:]), o[-1, overlap:]]), out
-    )
-
-
-def _precision() -> jax.lax.Precision | None:
-    """Full float32 products: ``HIGHEST`` on accelerators, whose default may be TF32 or bf16
-    passes; the default on CPU, which is already float32 there and ran the stored-kernel
-    products ~1.4x faster than ``HIGHEST`` (XLA:CPU, N=50,000, K=3,000)."""
-    return None if jax.default_backend() == "cpu" else jax.lax.Precision.HIGHEST
+# Row-block kernels, streamed with ``rows.fold_rows``/``rows.map_rows``.
 
 
 def _compute_dtype(dtype) -> jnp.dtype:
@@ -374,10 +335,10 @@ def _local_rows_lse(lp, m, f, *, eps, chunk, max_cost, axis_name):
         z = (f[None, :] - _cost_tile(lp_t, m_t, max_cost)) / eps  # (B, K)
         shift = _safe_shift(z.max(axis=1))
         ones = jnp.ones((z.shape[1],), z.dtype)
-        s = jnp.matmul(jnp.exp(z - shift[:, None]), ones, precision=_precision())
+        s = jnp.matmul(jnp.exp(z - shift[:, None]), ones, precision=float32_precision())
         return eps * (shift + jnp.log(s))
 
-    return _map_rows(block, (lp, m), chunk)
+    return rows.map_rows(block, (lp, m), chunk)
 
 
 def _local_cols_lse(lp, m, g, *, eps, chunk, max_cost, axis_name):
@@ -391,14 +352,14 @@ def _local_cols_lse(lp, m, g, *, eps, chunk, max_cost, axis_name):
         new_mx = jnp.maximum(mx, z.max(axis=0))
         shift = _safe_shift(new_mx)
         ones = jnp.ones((z.shape[0],), z.dtype)
-        block_sum = jnp.matmul(ones, jnp.exp(z - shift[None, :]), precision=_precision())
+        block_sum = jnp.matmul(ones, jnp.exp(z - shift[None, :]), precision=float32_precision())
         return new_mx, s * jnp.exp(mx - shift) + block_sum
 
     init = (
         _varying(jnp.full((k,), -jnp.inf, g.dtype), axis_name),
         _varying(jnp.zeros((k,), g.dtype), axis_name),
     )
-    mx, s = _fold_rows(step, init, (lp, m, g), chunk)
+    mx, s = rows.fold_rows(step, init, (lp, m, g), chunk)
     shift = _safe_shift(mx)  # ``s`` is relative to this
     if axis_name is not None:
         global_shift = _safe_shift(jax.lax.pmax(mx, axis_name))
@@ -412,9 +373,10 @@ def _local_rows_apply(lp, m, vec, *, tile_fn, chunk, max_cost, axis_name):
     del axis_name
 
     def block(lp_t, m_t):
-        return jnp.matmul(tile_fn(_cost_tile(lp_t, m_t, max_cost)), vec, precision=_precision())
+        tile = tile_fn(_cost_tile(lp_t, m_t, max_cost))
+        return jnp.matmul(tile, vec, precision=float32_precision())
 
-    return _map_rows(block, (lp, m), chunk)
+    return rows.map_rows(block, (lp, m), chunk)
 
 
 def _local_cols_apply(lp, m, vec, *, tile_fn, chunk, max_cost, axis_name):
@@ -423,10 +385,10 @@ def _local_cols_apply(lp, m, vec, *, tile_fn, chunk, max_cost, axis_name):
     def step(acc, valid, lp_t, m_t, v_t):
         v_t = jnp.where(valid, v_t, 0.0)
         tile = tile_fn(_cost_tile(lp_t, m_t, max_cost))
-        return acc + jnp.matmul(v_t, tile, precision=_precision())
+        return acc + jnp.matmul(v_t, tile, precision=float32_precision())
 
     init = _varying(jnp.zeros((lp.shape[1],), vec.dtype), axis_name)
-    acc = _fold_rows(step, init, (lp, m, vec), chunk)
+    acc = rows.fold_rows(step, init, (lp, m, vec), chunk)
     return acc if axis_name is None else jax.lax.psum(acc, axis_name)
 
 
@@ -438,7 +400,7 @@ def _local_labels(lp, m, f, *, chunk, max_cost, axis_name):
         scores = f[None, :] - _cost_tile(lp_t, m_t, max_cost)
         return jnp.argmax(scores, axis=1).astype(jnp.int32)
 
-    return _map_rows(block, (lp, m), chunk)
+    return rows.map_rows(block, (lp, m), chunk)
 
 
 def _local_row_stats(lp, *, chunk, max_cost, axis_name):
@@ -461,7 +423,7 @@ def _local_row_stats(lp, *, chunk, max_cost, axis_name):
             jnp.where(jnp.isfinite(row_max), cost.max(axis=1), 0.0),
         )
 
-    return _map_rows(block, (lp,), chunk)
+    return rows.map_rows(block, (lp,), chunk)
 
 
 # ------------------------------------------------------------------------------------------
@@ -687,10 +649,10 @@ class StoredKernelGeometry(geometry.Geometry):
         """
         del eps
         if axis == 0:
-            return jnp.matmul(self.kernel, vec, precision=_precision())
+            return jnp.matmul(self.kernel, vec, precision=float32_precision())
         if self.kernel.shape[1] < _ROW_SUM_MAX_CLUSTERS:
             return jnp.sum(self.kernel * vec[:, None], axis=0)
-        return jnp.matmul(vec, self.kernel, precision=_precision())
+        return jnp.matmul(vec, self.kernel, precision=float32_precision())
 
     def tree_flatten(self):
         return (self.kernel, self._epsilon_init), None
