@@ -28,11 +28,12 @@ whatever ``n_redo`` is: at DeepCluster's ImageNet size (n = 1,281,167, d = 256, 
 64 MiB of distances and ~10 MB of centroids and per-row labels beside the 1.31 GB input.
 
 Sharding: with a 1-D ``mesh``, the rows are placed on the mesh axis, padded (a copy, masked
-out) only when the device count does not divide n. Each device assigns its rows in chunks and sums its
-centroid sums, counts and inertia; ``lax.psum`` inside ``jax.shard_map`` combines them. The
-centroids are replicated, so the mean update and the empty-cluster splits run identically on
-every device. k-means++ draws its noise per global row index, so 1 and 8 devices pick the same
-points. Results match the unsharded ones up to float32 summation order. The (n,) labels come
+out) only when the device count does not divide n. Each device assigns its rows in chunks and
+sums its centroid sums, counts and inertia; ``lax.psum`` inside ``jax.shard_map`` combines
+them. The centroids are replicated, so the mean update and the empty-cluster splits run
+identically on every device. k-means++ draws its noise per global row index, so 1 and 8
+devices pick the same points. Results match the unsharded ones up to float32 summation order.
+The (n,) labels come
 back replicated.
 
 Centroid sums: one segment_sum over each device's rows after the chunked assignment (a one-hot

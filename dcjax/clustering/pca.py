@@ -7,9 +7,11 @@ provides the same two steps as pure, jitted functions:
 1. ``fit``: optionally draw a random subset of the rows (faiss's ``max_points_per_d``
    subsampling is ``fit_points=min(n, 1000 * d)``), accumulate the mean and then the centred
    scatter ``(x - mean)^T (x - mean)`` chunk by chunk in float32 (two passes over the rows, so
-   the mean is exact before any outer product is formed), optionally with the rows sharded over
-   a 1-D mesh and the partial sums combined by ``psum``; diagonalise the covariance with
-   ``eigh`` (float32 on device, or float64 NumPy on the host) and keep the top ``dim`` axes.
+   the mean is exact before any outer product is formed; only the upper-triangular column
+   blocks of the symmetric scatter are computed, see ``_scatter_blocks``), optionally with the
+   rows sharded over a 1-D mesh and the partial sums combined by ``psum``; diagonalise the
+   covariance with ``eigh`` (float32 on device, or the top ``dim`` pairs in float64 SciPy on
+   the host) and keep the top ``dim`` axes.
 2. ``transform``: ``((x - mean) @ components.T) * scale`` with
    ``scale_i = (eigenvalue_i + eps) ** eigen_power``, chunk by chunk.
 
@@ -34,6 +36,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -45,6 +48,9 @@ __all__ = ["PCAResult", "fit", "transform", "l2_normalize"]
 # Memory for one chunk of float32 rows: ``fit`` reads _CHUNK_BUDGET_BYTES // (4 * d) rows at a
 # time, ``transform`` _CHUNK_BUDGET_BYTES // (4 * (d + dim)) (input and output rows).
 _CHUNK_BUDGET_BYTES = 64 * 2**20
+# The scatter is accumulated in blocks of at least this many columns, at most this many blocks.
+_MIN_SCATTER_BLOCK = 512
+_MAX_SCATTER_BLOCKS = 8
 
 
 class PCAResult(NamedTuple):
@@ -141,18 +147,67 @@ def _moments(
 
     # Second pass on centred rows: the one-pass E[xx^T] - mu mu^T cancels catastrophically in
     # float32 when the mean is large relative to the spread.
-    def add_scatter(scatter, valid, rows):
+    edges = _block_edges(d)
+
+    def add_scatter(blocks, valid, rows):
         centred = jnp.where(valid[:, None], rows - mean, 0.0)
-        return scatter + jnp.matmul(centred.T, centred, precision=float32_precision())
+        return jax.tree.map(jnp.add, blocks, _scatter_blocks(centred, edges))
 
-    scatter = rows_lib.fold_rows(add_scatter, zeros((d, d)), (x,), chunk, **masked)
+    sizes = np.diff(edges)
+    init = tuple(zeros((sizes[i], sizes[j])) for i, j in _upper_pairs(len(sizes)))
+    blocks = rows_lib.fold_rows(add_scatter, init, (x,), chunk, **masked)
     if axis_name is not None:
-        scatter = jax.lax.psum(scatter, axis_name)
-    return mean, scatter
+        blocks = jax.lax.psum(blocks, axis_name)
+    return mean, _symmetric_from_blocks(blocks, len(sizes))
 
 
-def _host_eigh(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    eigvals, eigvecs = np.linalg.eigh(np.asarray(cov, np.float64))
+def _block_edges(d: int) -> list[int]:
+    """Column edges of the scatter's blocks: ``d // 512`` blocks (1 to 8) of near-equal width."""
+    num_blocks = max(1, min(_MAX_SCATTER_BLOCKS, d // _MIN_SCATTER_BLOCK))
+    return [round(i * d / num_blocks) for i in range(num_blocks + 1)]
+
+
+def _upper_pairs(num_blocks: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(num_blocks) for j in range(i, num_blocks)]
+
+
+def _scatter_blocks(centred: jax.Array, edges: list[int]) -> tuple[jax.Array, ...]:
+    """Upper-triangular blocks ``X_i^T X_j`` (i <= j) of the scatter of ``centred`` (b, d).
+
+    The scatter is symmetric, so only these blocks are computed: with 8 blocks 36/64 of the
+    FLOPs. Each product takes the explicitly transposed rows (d, b), so that both operands
+    contract their minor dimension: XLA:CPU ran that form 1.6x faster than ``X^T X`` on the
+    row-major chunk, and the blocking another 1.5x (2-core x86, 8192 x 4096 float32: 70 GF/s
+    for ``X^T X``, 110 transposed, 177 per full-matrix FLOP with 8 blocks). The barrier keeps
+    XLA from folding the transpose back into the products.
+    """
+    ct = jax.lax.optimization_barrier(centred.T)  # (d, b)
+    parts = [ct[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return tuple(
+        jnp.matmul(parts[i], parts[j].T, precision=float32_precision())
+        for i, j in _upper_pairs(len(parts))
+    )
+
+
+def _symmetric_from_blocks(blocks: tuple[jax.Array, ...], num_blocks: int) -> jax.Array:
+    """The (d, d) matrix whose upper-triangular blocks are ``blocks`` (as ``_upper_pairs``)."""
+    upper = dict(zip(_upper_pairs(num_blocks), blocks, strict=True))
+    return jnp.block(
+        [
+            [upper[(i, j)] if i <= j else upper[(j, i)].T for j in range(num_blocks)]
+            for i in range(num_blocks)
+        ]
+    )
+
+
+def _host_eigh(cov: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``dim`` largest eigenpairs of ``cov`` (d, d) in float64 LAPACK, ascending: (dim,),
+    (d, dim). Only the wanted pairs are computed (``syevr``): 6.1 s against 11.4 s for all of
+    them at d = 4096, dim = 256 on the 2-core x86 machine."""
+    d = cov.shape[0]
+    eigvals, eigvecs = scipy.linalg.eigh(
+        np.asarray(cov, np.float64), subset_by_index=(d - dim, d - 1), driver="evr"
+    )
     return eigvals.astype(np.float32), eigvecs.astype(np.float32)
 
 
@@ -186,10 +241,10 @@ def _fit(
     cov = scatter / max(n - 1, 1)  # (d, d)
     if eigh_on_host_float64:
         shapes = (
-            jax.ShapeDtypeStruct((d,), jnp.float32),
-            jax.ShapeDtypeStruct((d, d), jnp.float32),
+            jax.ShapeDtypeStruct((dim,), jnp.float32),
+            jax.ShapeDtypeStruct((d, dim), jnp.float32),
         )
-        eigvals, eigvecs = jax.pure_callback(_host_eigh, shapes, cov)
+        eigvals, eigvecs = jax.pure_callback(functools.partial(_host_eigh, dim=dim), shapes, cov)
     else:
         eigvals, eigvecs = jnp.linalg.eigh(cov)
     # eigh sorts ascending. Rounding can make eigenvalues of a singular covariance negative.
@@ -237,8 +292,9 @@ def fit(
       mesh: a 1-D ``jax.sharding.Mesh``; if given, the fitted rows are sharded along its axis
         (padded to a multiple of its size and masked) and the partial sums combined with
         ``psum``. The result is replicated.
-      eigh_on_host_float64: diagonalise the (d, d) covariance in float64 with NumPy on the host
-        (through ``jax.pure_callback``) instead of float32 ``jnp.linalg.eigh`` on the device.
+      eigh_on_host_float64: compute the top ``dim`` eigenpairs of the (d, d) covariance in
+        float64 with SciPy on the host (through ``jax.pure_callback``) instead of float32
+        ``jnp.linalg.eigh`` (all pairs) on the device.
         The covariance itself is still accumulated in float32.
 
     Returns:
