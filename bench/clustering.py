@@ -262,6 +262,15 @@ def _mixture(rng: np.random.Generator, n: int, d: int, num_centers: int, spread:
     return x
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _device_mixture(key: jax.Array, n: int, d: int, num_centers: int, spread: float):
+    """(n, d) float32 Gaussian mixture made on the device (one (n, d) buffer)."""
+    center_key, label_key, noise_key = jax.random.split(key, 3)
+    centers = spread * jax.random.normal(center_key, (num_centers, d))
+    labels = jax.random.randint(label_key, (n,), 0, num_centers)
+    return centers[labels] + jax.random.normal(noise_key, (n, d))
+
+
 def _low_rank(rng: np.random.Generator, n: int, d: int, rank: int) -> np.ndarray:
     """(n, d) float32: a rank-``rank`` signal with decaying variances plus weaker isotropic noise.
 
@@ -611,10 +620,11 @@ def _reset_peak_rss() -> bool:
 def _memory_child(spec: str) -> None:
     """Runs one k-means iteration at ``spec`` = 'n,d,k' and prints its time and peak memory."""
     n, d, k = (int(v) for v in spec.split(","))
-    x = _mixture(np.random.default_rng(_SEED.value), n, d, num_centers=1000, spread=0.5)
+    # Made on the device, as features computed there would arrive: the process then holds one
+    # copy (a host copy moved over with device_put stayed resident on the CPU backend).
+    x = _block(_device_mixture(jax.random.key(_SEED.value), n, d, num_centers=1000, spread=0.5))
     input_bytes = x.nbytes
-    x = jax.device_put(x)  # as features computed on the device would arrive
-    _block(x)
+    time.sleep(1.0)  # the runtime frees the generation's temporaries asynchronously
     rss_before = _proc_status_bytes("VmRSS")
     hwm_before_reset = _proc_status_bytes("VmHWM")
     reset = _reset_peak_rss()
