@@ -17,6 +17,8 @@ Expected result (digits default, 2-core CPU): see the README's table of measured
 
 import ml_collections
 
+from dcjax.config_base import apply_smoke, base_config
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = {v for v in (arg or "").split(",") if v}
@@ -24,30 +26,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)} for configs/deepcluster.py")
 
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.num_devices = 0  # 0 = every visible device
-    config.num_cycles = 25
-    config.epochs_per_cycle = 1
-    config.batch_size = 64
-    config.eval_batch_size = 512
-    config.eval_every_cycles = 0
-    config.augment = "none"  # none | flip | crop_flip; the clustering pass never augments
-
-    config.data = ml_collections.ConfigDict(
-        dict(
-            source="digits",
-            path="",
-            name="",
-            cache_dir="",
-            max_train_examples=0,
-            max_test_examples=0,
-            test_fraction=0.25,
-            seed=0,
-        )
-    )
-    config.input = ml_collections.ConfigDict(dict(image_size=0, crop_scale=(0.08, 1.0)))
-    config.model = ml_collections.ConfigDict(dict(name="small_cnn", sobel=False, kwargs={}))
+    config = base_config()
     config.method = ml_collections.ConfigDict(
         dict(
             name="deepcluster",
@@ -59,20 +38,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             samples_per_epoch=0,  # 0 = N, as the official sampler
         )
     )
-    config.optim = ml_collections.ConfigDict(
-        dict(learning_rate=0.05, momentum=0.9, head_momentum=0.0, weight_decay=1e-5)
-    )
-    config.eval = ml_collections.ConfigDict(
-        dict(
-            probe_layer="features",
-            knn_layer="features",
-            knn_k=20,
-            probe_epochs=30,
-            probe_batch_size=128,
-            probe_learning_rate=1e-3,
-        )
-    )
-    config.checkpoint = ml_collections.ConfigDict(dict(keep=2))
 
     if "fmnist" in variants:
         config.data.source = "idx"
@@ -94,13 +59,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.input.update(image_size=32, crop_scale=(0.08, 1.0))
         config.eval.update(probe_layer="relu5", probe_epochs=20, probe_batch_size=256)
     if "smoke" in variants:
-        config.num_cycles = 2
-        config.data.max_train_examples = 256
-        config.data.max_test_examples = 128
-        config.batch_size = 32
-        config.eval_batch_size = 64
+        apply_smoke(config)
         config.method.num_clusters = min(config.method.num_clusters, 10)
         config.method.pca_dim = min(config.method.pca_dim, 8)
-        config.eval.probe_epochs = 2
-        config.eval.knn_k = 5
     return config

@@ -1,11 +1,11 @@
 """Methods, registered by name: ``config.method.name`` picks one."""
 
-from dcjax.methods import deepcluster
+from dcjax.methods import deepcluster, sela
 from dcjax.methods.base import Context, Method
 
 __all__ = ["METHODS", "Context", "Method", "get_method"]
 
-METHODS: dict[str, Method] = {deepcluster.METHOD.name: deepcluster.METHOD}
+METHODS: dict[str, Method] = {m.name: m for m in (deepcluster.METHOD, sela.METHOD)}
 
 
 def get_method(name: str) -> Method:

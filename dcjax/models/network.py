@@ -9,7 +9,7 @@ import ml_collections
 from dcjax.models.backbones import LeNet5, MiniAlexNet, SmallCNN
 from dcjax.models.sobel import sobel
 
-__all__ = ["BACKBONES", "Trunk", "ClassifierHead", "Network", "build_trunk"]
+__all__ = ["BACKBONES", "Trunk", "ClassifierHead", "MultiHead", "Network", "build_trunk"]
 
 BACKBONES: dict[str, type[nn.Module]] = {
     "small_cnn": SmallCNN,
@@ -48,6 +48,35 @@ class ClassifierHead(nn.Module):
         return dense(nn.relu(features))
 
 
+class MultiHead(nn.Module):
+    """ReLU -> ``num_heads`` independent Linear(K) heads, stored as one Dense of H*K outputs.
+
+    Head ``h`` owns columns ``[h K, (h + 1) K)`` of the kernel and bias (see ``head_logits``);
+    weights N(0, 0.01), zero bias.
+    """
+
+    num_heads: int
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, features: jax.Array) -> jax.Array:
+        """Maps (B, D) features to (B, H, K) logits."""
+        dense = nn.Dense(
+            self.num_heads * self.num_classes,
+            kernel_init=nn.initializers.normal(stddev=0.01),
+            bias_init=nn.initializers.zeros,
+        )
+        logits = dense(nn.relu(features))
+        return logits.reshape(features.shape[0], self.num_heads, self.num_classes)
+
+
+def head_logits(head_params: dict, features: jax.Array, head: int, num_classes: int) -> jax.Array:
+    """Head ``head`` of a ``MultiHead``'s params applied to (N, D) features: (N, K) logits."""
+    columns = slice(head * num_classes, (head + 1) * num_classes)
+    kernel, bias = head_params["Dense_0"]["kernel"], head_params["Dense_0"]["bias"]
+    return nn.relu(features) @ kernel[:, columns] + bias[columns]
+
+
 def build_trunk(model_config: ml_collections.ConfigDict) -> Trunk:
     """Builds the trunk named by ``model_config.name`` (one of BACKBONES)."""
     name = model_config.name
@@ -60,15 +89,24 @@ def build_trunk(model_config: ml_collections.ConfigDict) -> Trunk:
 
 
 class Network(nn.Module):
-    """Trunk followed by a classifier head on ``feature_key``; params ``{"trunk", "head"}``."""
+    """Trunk followed by a classifier head on ``feature_key``; params ``{"trunk", "head"}``.
+
+    ``num_heads`` = 0: one ``ClassifierHead``, logits (B, K); otherwise a ``MultiHead``, logits
+    (B, H, K).
+    """
 
     trunk: Trunk
     num_classes: int
     feature_key: str = "features"
+    num_heads: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-        """Maps (B, H, W, C) images to the trunk's named features plus ``"logits"`` (B, K)."""
+        """Maps (B, H, W, C) images to the trunk's named features plus ``"logits"``."""
         out = dict(self.trunk(x, train=train))
-        out["logits"] = ClassifierHead(self.num_classes, name="head")(out[self.feature_key])
+        if self.num_heads:
+            head = MultiHead(self.num_heads, self.num_classes, name="head")
+        else:
+            head = ClassifierHead(self.num_classes, name="head")
+        out["logits"] = head(out[self.feature_key])
         return out

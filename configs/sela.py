@@ -1,0 +1,53 @@
+"""SeLa (self-labelling by optimal transport) on scikit-learn's digits by default.
+
+Launch (the embedded default; no download):
+  python -m dcjax.main --config configs/sela.py
+
+What it does: a small CNN with 2 linear heads of K=30 clusters is trained for 25 epochs with the
+cross-entropy to each head's pseudo-labels. The labels start as a random equal-size assignment
+and are re-optimised 9 times (linear schedule) by Sinkhorn-Knopp equipartition with lambda=10
+and the CIFAR stopping rule (error < 0.01), the reference's CIFAR-scale settings. It prints the
+linear-probe and kNN accuracies on the test split before and after training and the NMI of
+head 0's labels with the true classes; logs go to ``runs/sela-digits``.
+
+Variants, comma-separated after a colon (``configs/sela.py:smoke``):
+  smoke    a few seconds: tiny data subset and 2 cycles, labels optimised at both (the tests).
+
+Fields of ``config.method``: ``num_heads``, ``num_clusters``, ``num_label_steps`` (label sets
+over the run, the random start included), ``schedule`` (linear | quadratic),
+``sinkhorn_lambda`` (25 ImageNet-scale, 10 CIFAR-scale), ``sinkhorn_threshold`` (0.1 / 0.01),
+``cluster_prior`` (empty = equipartition, else K weights for imbalanced data).
+"""
+
+import ml_collections
+
+from dcjax.config_base import apply_smoke, base_config
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    variants = {v for v in (arg or "").split(",") if v}
+    unknown = variants - {"smoke"}
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)} for configs/sela.py")
+
+    config = base_config()
+    config.method = ml_collections.ConfigDict(
+        dict(
+            name="sela",
+            num_heads=2,
+            num_clusters=30,
+            num_label_steps=10,
+            schedule="linear",
+            sinkhorn_lambda=10.0,
+            sinkhorn_threshold=0.01,
+            cluster_prior=(),
+            cluster_layer="features",
+            samples_per_epoch=0,  # 0 = N: one shuffled pass per epoch
+        )
+    )
+    config.optim.head_momentum = config.optim.momentum  # heads persist: same SGD as the trunk
+
+    if "smoke" in variants:
+        apply_smoke(config)
+        config.method.update(num_clusters=10, num_label_steps=4)
+    return config

@@ -1,0 +1,126 @@
+"""SeLa's schedule, initial labels, heads, label step and loss, against direct computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dcjax.clustering import sinkhorn
+from dcjax.methods import sela
+from dcjax.models.network import head_logits
+from dcjax.training.setup import build_run
+from tests.helpers import load_config
+
+
+@pytest.fixture(scope="module")
+def run():
+    config = load_config("sela", "smoke")
+    config.num_devices = 1
+    return build_run(config)
+
+
+@pytest.mark.parametrize(
+    ("cycles", "steps", "schedule", "expected"),
+    [
+        (25, 10, "linear", [2, 5, 7, 10, 12, 15, 17, 20, 22]),
+        (100, 5, "quadratic", [4, 16, 36, 64]),
+        (2, 4, "linear", [0, 1]),
+        (10, 1, "linear", []),  # the random labels only
+    ],
+)
+def test_label_step_cycles(cycles, steps, schedule, expected):
+    assert sela.label_step_cycles(cycles, steps, schedule) == expected
+
+
+def test_label_step_cycles_reject_bad_fields():
+    with pytest.raises(ValueError, match="config.method.schedule"):
+        sela.label_step_cycles(10, 3, "cubic")
+    with pytest.raises(ValueError, match="config.method.num_label_steps"):
+        sela.label_step_cycles(10, 0, "linear")
+
+
+def test_random_labels_are_equal_size_and_differ_per_head():
+    labels = sela.random_equal_labels(0, 3, 103, 10)
+    assert labels.shape == (3, 103) and labels.dtype == np.int32
+    for head in labels:
+        sizes = np.bincount(head, minlength=10)
+        assert sizes.max() - sizes.min() <= 1
+    assert not np.array_equal(labels[0], labels[1])
+
+
+def test_model_heads_are_the_sliced_dense(run, rng):
+    images = jnp.asarray(rng.normal(size=(5, 8, 8, 1)), jnp.float32)
+    state = run.initial_state
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    out = run.ctx.model.apply(variables, images, train=False)
+    h, k = run.config.method.num_heads, run.config.method.num_clusters
+    assert out["logits"].shape == (5, h, k)
+    for head in range(h):
+        expected = head_logits(state.params["head"], out["features"], head, k)
+        np.testing.assert_allclose(out["logits"][:, head], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_label_step_equals_sinkhorn_on_each_head(run, rng):
+    n, d = run.ctx.num_examples, run.ctx.feature_dim
+    features = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    state, stats = sela.recluster(run.ctx, run.initial_state, features)
+    method = run.config.method
+    config = sela.sinkhorn_config(run.config)
+    assert state.method.labels.shape == (method.num_heads, n)
+    for head in range(method.num_heads):
+        logits = head_logits(state.params["head"], features, head, method.num_clusters)
+        expected = sinkhorn.solve(jax.nn.log_softmax(logits, axis=-1), config)
+        np.testing.assert_array_equal(state.method.labels[head], expected.labels)
+    # (Equal cluster sizes of the argmax labels are the Sinkhorn tests' business: at N=256
+    # and lambda=10 the entropic plan's argmax leaves sizes 18-29 around N/K=25.6.)
+    assert {"nmi_true", "nmi_previous", "sinkhorn_iters"} <= set(stats)
+    np.testing.assert_array_equal(state.method.pseudo_labels, state.method.labels[0])
+
+
+def test_no_features_keeps_the_labels(run):
+    state, stats = sela.recluster(run.ctx, run.initial_state, None)
+    assert stats == {} and state is run.initial_state
+
+
+def test_cluster_prior_shapes_the_sizes(run, rng):
+    config = run.config.copy_and_resolve_references()
+    k = config.method.num_clusters
+    prior = np.linspace(1.0, 3.0, k)
+    config.method.cluster_prior = tuple(prior)
+    ctx = run.ctx.__class__(**{**run.ctx.__dict__, "config": config})
+    n = ctx.num_examples
+    features = jnp.asarray(rng.normal(size=(n, ctx.feature_dim)), jnp.float32)
+    state, _ = sela.recluster(ctx, run.initial_state, features)
+    sizes = np.bincount(np.asarray(state.method.labels[0]), minlength=k)
+    # The argmax of the plan rounds each example to one cluster (+-7 around N/K at this N), so
+    # the sizes follow the 1:3 prior in trend: strongly correlated, largest share 3x smallest.
+    assert np.corrcoef(sizes, prior)[0, 1] > 0.8
+    assert sizes[-3:].sum() > 2 * sizes[:3].sum()
+
+    config.method.cluster_prior = (1.0, -1.0)
+    with pytest.raises(ValueError, match="config.method.cluster_prior"):
+        sela.cluster_prior(config)
+
+
+def test_loss_averages_the_heads_cross_entropy(rng):
+    labels = jnp.asarray(rng.integers(0, 4, size=(3, 10)), jnp.int32)
+    indices = jnp.asarray([7, 2, 5])
+    logits = jnp.asarray(rng.normal(size=(3, 3, 4)), jnp.float32)  # (B, H, K)
+    loss, metrics = sela.loss_fn(sela.SeLaState(labels=labels), {"logits": logits}, indices)
+    per_head = [
+        optax.softmax_cross_entropy_with_integer_labels(logits[:, h], labels[h, indices]).mean()
+        for h in range(3)
+    ]
+    np.testing.assert_allclose(loss, np.mean(per_head), rtol=1e-6)
+    assert 0.0 <= float(metrics["pseudo_label_accuracy"]) <= 1.0
+
+
+def test_more_clusters_than_examples_is_refused(run):
+    config = run.config.copy_and_resolve_references()
+    config.method.num_clusters = run.ctx.num_examples + 1
+    ctx = run.ctx.__class__(**{**run.ctx.__dict__, "config": config})
+    with pytest.raises(ValueError, match="config.method.num_clusters"):
+        sela.init_state(ctx)
