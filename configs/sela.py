@@ -12,11 +12,18 @@ head 0's labels with the true classes; logs go to ``runs/sela-digits``.
 
 Variants, comma-separated after a colon (``configs/sela.py:smoke``):
   smoke    a few seconds: tiny data subset and 2 cycles, labels optimised at both (the tests).
+  transfer the paper's label-transfer experiment: a different trunk (small CNN with 64 features
+           instead of 128) trained on the labels another run exported, with no label steps:
+             python -m dcjax.main --config configs/sela.py:transfer --workdir=runs/sela-transfer \
+               --config.method.labels_from=runs/sela-digits/pseudo_labels/cycle_25.npz
+
+Every checkpoint writes the labels of all heads to ``<workdir>/pseudo_labels/cycle_<c>.npz``
+(``labels`` (H, N), ``indices`` (N,), ``cycle``).
 
 Fields of ``config.method``: ``num_heads``, ``num_clusters``, ``num_label_steps`` (label sets
 over the run, the random start included), ``schedule`` (linear | quadratic),
 ``sinkhorn_lambda`` (25 ImageNet-scale, 10 CIFAR-scale), ``sinkhorn_threshold`` (0.1 / 0.01),
-``cluster_prior`` (empty = equipartition, else K weights for imbalanced data).
+``cluster_prior`` (empty = equipartition, else K weights for imbalanced data), ``labels_from``.
 """
 
 import ml_collections
@@ -26,7 +33,7 @@ from dcjax.config_base import apply_smoke, base_config
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = {v for v in (arg or "").split(",") if v}
-    unknown = variants - {"smoke"}
+    unknown = variants - {"smoke", "transfer"}
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)} for configs/sela.py")
 
@@ -41,6 +48,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             sinkhorn_lambda=10.0,
             sinkhorn_threshold=0.01,
             cluster_prior=(),
+            labels_from="",  # an exported pseudo_labels/cycle_<c>.npz: start from its labels
             cluster_layer="features",
             samples_per_epoch=0,  # 0 = N: one shuffled pass per epoch
         )
@@ -50,4 +58,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if "smoke" in variants:
         apply_smoke(config)
         config.method.update(num_clusters=10, num_label_steps=4)
+    if "transfer" in variants:  # the paper's label transfer: another backbone, fixed labels
+        config.model.kwargs = {"feature_dim": 64}
+        config.method.num_label_steps = 1
     return config

@@ -19,6 +19,9 @@ reference's CIFAR code; 2 for ``"quadratic"``, its ImageNet code, denser early);
 start these are S label sets. Cycles that do not optimise keep the labels and skip the pass.
 
 State kept: the labels of every head (H, N). ``pseudo_labels`` (head 0's) feeds the reports.
+Every checkpoint also writes them to ``<workdir>/pseudo_labels/cycle_<c>.npz``; a run with
+``labels_from`` set to such a file starts from those labels instead of random ones (label
+transfer: with ``num_label_steps=1`` it is plain supervised training on them).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dcjax.data import sampler
 from dcjax.evaluation import scores
 from dcjax.methods.base import Context, Method
 from dcjax.models.network import Network, build_trunk, head_logits
+from dcjax.training import label_export
 
 __all__ = ["SeLaState", "METHOD", "label_step_cycles", "random_equal_labels"]
 
@@ -93,9 +97,17 @@ def init_state(ctx: Context) -> SeLaState:
             f"config.method.num_clusters={method.num_clusters} exceeds the {ctx.num_examples} "
             "training examples: an equipartition needs K <= N"
         )
-    labels = random_equal_labels(
-        ctx.config.seed, method.num_heads, ctx.num_examples, method.num_clusters
-    )
+    if method.labels_from:  # label transfer: train on another run's exported labels
+        labels = label_export.load_labels(method.labels_from, ctx.num_examples, method.num_clusters)
+        if labels.shape[0] != method.num_heads:
+            raise ValueError(
+                f"config.method.num_heads={method.num_heads} but {method.labels_from} holds "
+                f"labels of {labels.shape[0]} heads"
+            )
+    else:
+        labels = random_equal_labels(
+            ctx.config.seed, method.num_heads, ctx.num_examples, method.num_clusters
+        )
     return SeLaState(labels=jnp.asarray(labels))
 
 

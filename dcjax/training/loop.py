@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dcjax.data import sampler
 from dcjax.evaluation.report import Evaluator
-from dcjax.training import checkpoint, metrics
+from dcjax.training import checkpoint, label_export, metrics
 from dcjax.training.mesh import DATA_AXIS
 from dcjax.training.setup import Run, build_run
 from dcjax.training.state import TrainState
@@ -150,6 +150,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
         state, train_stats = train_phase(built, state, train_step, progress)
         state = state.replace(cycle=state.cycle + 1)
         checkpoint.save(manager, state)
+        label_export.export_labels(workdir, state, config.checkpoint.keep)
         scalars = {
             **{f"cluster/{k}": v for k, v in cluster_stats.items()},
             **train_stats,
