@@ -512,11 +512,19 @@ def test_bfloat16_matmul_rarely_changes_assignments(rng):
     chosen = _sq_dists64(x, centroids)[np.arange(n), np.asarray(low)]
     np.testing.assert_allclose(low_sq, chosen, rtol=1e-5, atol=1e-6)
 
-    # A whole fit from the same start on separated blobs ends at the same partition.
-    x, init, reference = _data_without_splits(rng, 301, 6, 8, 2.0)
+    # A whole fit started at the blob means of well-separated blobs (centres 5 noise-stds apart
+    # per axis) ends, in both precisions, at the blobs' partition: no point is near a tie. (From
+    # a random start two float32 and bfloat16 fits may take different near-tie decisions and
+    # reach different local optima: 25% of seeds at separation 2, so that is not tested.)
+    n, k = 301, 6
+    x = _blobs(rng, n, k, 8, spread=5.0)
+    truth = np.arange(n) % k
+    init = np.stack([x[truth == j].mean(0) for j in range(k)])
+    reference = kmeans.fit(jax.random.key(0), x, k, init_centroids=init)
     config = kmeans.KMeansConfig(matmul_dtype="bfloat16")
-    low_fit = kmeans.fit(jax.random.key(0), x, 6, config, init_centroids=init)
-    assert np.mean(np.asarray(low_fit.assignments) != np.asarray(reference.assignments)) <= 0.01
+    low_fit = kmeans.fit(jax.random.key(0), x, k, config, init_centroids=init)
+    np.testing.assert_array_equal(reference.assignments, truth)
+    np.testing.assert_array_equal(low_fit.assignments, truth)
     np.testing.assert_allclose(low_fit.inertia, reference.inertia, rtol=1e-3)
 
 
