@@ -13,12 +13,13 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh
 
-__all__ = ["Context", "Method"]
+__all__ = ["Context", "Method", "no_online_update", "pseudo_label_loss"]
 
 PyTree = Any
 
@@ -76,3 +77,18 @@ class Method(NamedTuple):
     wants_features: Callable[[Context, int], bool]
     recluster: Callable[[Context, Any, jax.Array | None], tuple[Any, dict[str, float]]]
     sample: Callable[[Context, Any, np.random.Generator], np.ndarray]
+
+
+def pseudo_label_loss(
+    logits: jax.Array, labels: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy of (..., K) logits against (...) int labels, and the accuracy."""
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+    return loss, {"pseudo_label_accuracy": accuracy}
+
+
+def no_online_update(method_state: PyTree, outputs: dict[str, jax.Array], indices: jax.Array):
+    """``Method.online_update`` of methods without per-step memories: the state unchanged."""
+    del outputs, indices
+    return method_state

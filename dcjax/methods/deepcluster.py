@@ -23,13 +23,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.sharding import Mesh
 
 from dcjax.clustering import kmeans, pca
 from dcjax.data import sampler
 from dcjax.evaluation import scores
-from dcjax.methods.base import Context, Method
+from dcjax.methods.base import Context, Method, no_online_update, pseudo_label_loss
 from dcjax.models.network import ClassifierHead, Network, build_trunk
 
 __all__ = ["DeepClusterState", "METHOD"]
@@ -59,15 +58,7 @@ def loss_fn(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Cross-entropy of the head's logits (B, K) against the batch's pseudo-labels."""
     labels = method_state.pseudo_labels[indices]
-    logits = outputs["logits"]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
-    return loss, {"pseudo_label_accuracy": accuracy}
-
-
-def _identity_update(method_state, outputs, indices):
-    del outputs, indices
-    return method_state
+    return pseudo_label_loss(outputs["logits"], labels)
 
 
 def is_halted(config: ml_collections.ConfigDict, cycle: int) -> bool:
@@ -144,7 +135,7 @@ METHOD = Method(
     build_model=build_model,
     init_state=init_state,
     loss_fn=loss_fn,
-    online_update=_identity_update,
+    online_update=no_online_update,
     wants_features=wants_features,
     recluster=recluster,
     sample=sample,

@@ -33,12 +33,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from dcjax.clustering import sinkhorn
 from dcjax.data import sampler
 from dcjax.evaluation import scores
-from dcjax.methods.base import Context, Method
+from dcjax.methods.base import Context, Method, no_online_update, pseudo_label_loss
 from dcjax.models.network import Network, build_trunk, head_logits
 from dcjax.training import label_export
 
@@ -116,15 +115,7 @@ def loss_fn(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Cross-entropy of each head's logits (B, H, K) against its labels, averaged over heads."""
     labels = method_state.labels[:, indices].T  # (B, H)
-    logits = outputs["logits"]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
-    return loss, {"pseudo_label_accuracy": accuracy}
-
-
-def _identity_update(method_state, outputs, indices):
-    del outputs, indices
-    return method_state
+    return pseudo_label_loss(outputs["logits"], labels)
 
 
 def wants_features(ctx: Context, cycle: int) -> bool:
@@ -202,7 +193,7 @@ METHOD = Method(
     build_model=build_model,
     init_state=init_state,
     loss_fn=loss_fn,
-    online_update=_identity_update,
+    online_update=no_online_update,
     wants_features=wants_features,
     recluster=recluster,
     sample=sample,
