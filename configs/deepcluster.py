@@ -17,7 +17,7 @@ Expected result (digits default, 2-core CPU): see the README's table of measured
 
 import ml_collections
 
-from dcjax.config_base import apply_smoke, base_config
+from dcjax.config_base import apply_cifar10, apply_smoke, base_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -49,15 +49,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.augment = "flip"
         config.eval.update(probe_layer="conv2", probe_epochs=20, probe_batch_size=256)
     if "cifar10" in variants:
-        config.data.source = "folder"
-        config.model.update(name="mini_alexnet", sobel=True)
+        apply_cifar10(config)
         config.method.update(num_clusters=1000, pca_dim=256)
-        config.optim.update(learning_rate=0.1, momentum=0.9, weight_decay=1e-3)
-        config.batch_size = 64
-        config.num_cycles = 100
-        config.augment = "crop_flip"
-        config.input.update(image_size=32, crop_scale=(0.08, 1.0))
-        config.eval.update(probe_layer="relu5", probe_epochs=20, probe_batch_size=256)
     if "smoke" in variants:
         apply_smoke(config)
         config.method.num_clusters = min(config.method.num_clusters, 10)

@@ -4,7 +4,9 @@ Launch (the embedded default; no download):
   python -m dcjax.main --config configs/sela.py
 
 What it does: a small CNN with 2 linear heads of K=30 clusters is trained for 25 epochs with the
-cross-entropy to each head's pseudo-labels. The labels start as a random equal-size assignment
+cross-entropy to each head's pseudo-labels, on random resized crops (area 0.5-1, no mirroring:
+a mirrored digit is another symbol; without augmentation the trunk memorises its own labels
+and ends below random init). The labels start as a random equal-size assignment
 and are re-optimised 9 times (linear schedule) by Sinkhorn-Knopp equipartition with lambda=10
 and the CIFAR stopping rule (error < 0.01), the reference's CIFAR-scale settings. It prints the
 linear-probe and kNN accuracies on the test split before and after training and the NMI of
@@ -12,6 +14,11 @@ head 0's labels with the true classes; logs go to ``runs/sela-digits``.
 
 Variants, comma-separated after a colon (``configs/sela.py:smoke``):
   smoke    a few seconds: tiny data subset and 2 cycles, labels optimised at both (the tests).
+  cifar10  the reference's CIFAR settings on a CIFAR-10 image folder
+           (``--config.data.path=<dir with train/ and test/>``): 10 heads of K=128, lambda 10,
+           threshold 0.01, a label step every epoch (linear), 100 epochs; trunk and optimiser as
+           configs/deepcluster.py:cifar10 (mini-AlexNet with Sobel, lr 0.1, wd 1e-3, batch 64,
+           crop_flip), so that the two methods compare at the same budget; probe on relu5.
   transfer the paper's label-transfer experiment: a different trunk (small CNN with 64 features
            instead of 128) trained on the labels another run exported, with no label steps:
              python -m dcjax.main --config configs/sela.py:transfer --workdir=runs/sela-transfer \
@@ -28,12 +35,12 @@ over the run, the random start included), ``schedule`` (linear | quadratic),
 
 import ml_collections
 
-from dcjax.config_base import apply_smoke, base_config
+from dcjax.config_base import apply_cifar10, apply_smoke, base_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = {v for v in (arg or "").split(",") if v}
-    unknown = variants - {"smoke", "transfer"}
+    unknown = variants - {"cifar10", "smoke", "transfer"}
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)} for configs/sela.py")
 
@@ -54,7 +61,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         )
     )
     config.optim.head_momentum = config.optim.momentum  # heads persist: same SGD as the trunk
+    config.augment = "crop"
+    config.input.crop_scale = (0.5, 1.0)
 
+    if "cifar10" in variants:
+        apply_cifar10(config)
+        config.method.update(num_heads=10, num_clusters=128, num_label_steps=config.num_cycles)
     if "smoke" in variants:
         apply_smoke(config)
         config.method.update(num_clusters=10, num_label_steps=4)

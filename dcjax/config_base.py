@@ -3,9 +3,29 @@ evaluation and checkpointing, with the embedded digits data set as the default."
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
-__all__ = ["base_config", "apply_smoke"]
+__all__ = ["CONFIG_DIR", "base_config", "apply_cifar10", "apply_smoke", "load_config"]
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(name: str, variants: str = "") -> ml_collections.ConfigDict:
+    """``configs/<name>.py``'s ``get_config(variants)``, as ``--config configs/<name>.py:<v>``.
+
+    Raises:
+      FileNotFoundError: naming the path when ``configs/<name>.py`` does not exist.
+    """
+    path = os.path.join(CONFIG_DIR, f"{name}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file {path}")
+    spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variants)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -18,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.eval_batch_size = 512
     config.eval_every_cycles = 0
-    config.augment = "none"  # none | flip | crop_flip; the clustering pass never augments
+    config.augment = "none"  # none | flip | crop | crop_flip; the clustering pass never augments
 
     config.data = ml_collections.ConfigDict(
         dict(
@@ -30,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
             max_test_examples=0,
             test_fraction=0.25,
             seed=0,
+            class_fractions=(),  # per-class share of the train split kept (imbalanced data)
         )
     )
     config.input = ml_collections.ConfigDict(dict(image_size=0, crop_scale=(0.08, 1.0)))
@@ -60,3 +81,20 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
     config.eval_batch_size = 64
     config.eval.probe_epochs = 2
     config.eval.knn_k = 5
+
+
+def apply_cifar10(config: ml_collections.ConfigDict) -> None:
+    """Sets ``config`` in place to the deep-dive paper's CIFAR-10 trunk and optimiser.
+
+    An image folder (``data.path`` = a dir with ``train/`` and ``test/``), mini-AlexNet with
+    Sobel, SGD lr 0.1, momentum 0.9, wd 1e-3, batch 64, crop_flip, 100 cycles, probe on relu5.
+    Every method's cifar10 variant starts here, so they compare at the same budget.
+    """
+    config.data.source = "folder"
+    config.model.update(name="mini_alexnet", sobel=True)
+    config.optim.update(learning_rate=0.1, momentum=0.9, weight_decay=1e-3)
+    config.batch_size = 64
+    config.num_cycles = 100
+    config.augment = "crop_flip"
+    config.input.update(image_size=32, crop_scale=(0.08, 1.0))
+    config.eval.update(probe_layer="relu5", probe_epochs=20, probe_batch_size=256)

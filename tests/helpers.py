@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import zipfile
 
-import ml_collections
+from dcjax.config_base import load_config  # noqa: F401  (re-exported for the tests)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
-    """``configs/<name>.py``'s ``get_config(arg)``, as the command line loads it."""
-    path = os.path.join(REPO, "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def config_files() -> list[str]:

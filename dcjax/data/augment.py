@@ -23,7 +23,7 @@ __all__ = [
     "to_float",
 ]
 
-AUGMENT_MODES = ("none", "flip", "crop_flip")
+AUGMENT_MODES = ("none", "flip", "crop", "crop_flip")
 
 
 def _check_image(image: jax.Array) -> None:
@@ -191,6 +191,15 @@ def _view_flip(
     return random_flip(key, center_resize(image, out_size))
 
 
+def _view_crop(
+    key: jax.Array,
+    image: jax.Array,
+    out_size: tuple[int, int],
+    crop_scale: tuple[float, float],
+) -> jax.Array:
+    return random_resized_crop(key, image, out_size=out_size, scale=crop_scale)
+
+
 def _view_crop_flip(
     key: jax.Array,
     image: jax.Array,
@@ -198,11 +207,15 @@ def _view_crop_flip(
     crop_scale: tuple[float, float],
 ) -> jax.Array:
     key_crop, key_flip = jax.random.split(key)
-    crop = random_resized_crop(key_crop, image, out_size=out_size, scale=crop_scale)
-    return random_flip(key_flip, crop)
+    return random_flip(key_flip, _view_crop(key_crop, image, out_size, crop_scale))
 
 
-_VIEW_FNS = {"none": _view_none, "flip": _view_flip, "crop_flip": _view_crop_flip}
+_VIEW_FNS = {
+    "none": _view_none,
+    "flip": _view_flip,
+    "crop": _view_crop,
+    "crop_flip": _view_crop_flip,
+}
 
 
 def augment_batch(
@@ -219,10 +232,11 @@ def augment_batch(
       key: PRNG key; split into one key per image.
       images: `(B, H, W, C)` float images.
       mode: one of `AUGMENT_MODES` (static): `"none"` resizes only (clustering pass, eval and
-        the domain-agnostic setting), `"flip"` resizes and randomly mirrors, `"crop_flip"` takes a
-        random resized crop and randomly mirrors it (DeepCluster's training augmentation).
+        the domain-agnostic setting), `"flip"` resizes and randomly mirrors, `"crop"` takes a
+        random resized crop (for data a mirror would change, such as digits), `"crop_flip"` a
+        random resized crop randomly mirrored (DeepCluster's training augmentation).
       out_size: static `(out_h, out_w)`.
-      crop_scale: area bounds of the random crop, used by `"crop_flip"` only.
+      crop_scale: area bounds of the random crop, used by `"crop"` and `"crop_flip"` only.
 
     Returns:
       `(B, out_h, out_w, C)` array with the dtype of `images`.

@@ -23,8 +23,8 @@ class Pipeline:
     Attributes:
       mean, std: per-channel statistics of the training images, in [0, 1] units, (C,) tuples.
       out_size: (height, width) given to the network.
-      augment: training augmentation mode (``none``, ``flip``, ``crop_flip``); evaluation and the
-        clustering pass never augment.
+      augment: training augmentation mode (``none``, ``flip``, ``crop``, ``crop_flip``);
+        evaluation and the clustering pass never augment.
       crop_scale: area range of the random resized crop.
     """
 

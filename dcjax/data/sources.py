@@ -9,7 +9,10 @@ Config fields (the `data` sub-config; a missing field takes the default below):
     npz -- the file; tfds -- the TFDS data_dir ('' = TFDS's default).
   name: the TFDS name (tfds only).
   cache_dir: where folder keeps decoded arrays ('' = ~/.cache/dcjax).
-  max_train_examples, max_test_examples: keep only the first n (0 = all).
+  max_train_examples, max_test_examples: keep n examples drawn at random with `seed`, in
+    their original order (0 = all). Random, not the first n: a folder lists its classes in order.
+  class_fractions: empty, or one fraction in (0, 1] per class: the train split keeps that share
+    of each class (drawn with `seed`, before the cap), to make a balanced set imbalanced.
   test_fraction, seed: the stratified test split of digits, which ships without one.
 """
 
@@ -50,6 +53,7 @@ _DEFAULTS: dict[str, Any] = {
     "max_test_examples": 0,
     "test_fraction": 0.25,
     "seed": 0,
+    "class_fractions": (),
 }
 
 
@@ -146,19 +150,58 @@ def load(config: ml_collections.ConfigDict) -> Dataset:
         if value < 0:
             raise DataError(f"{source}: data.{field} must be >= 0 (0 = all), got {value}")
     dataset = SOURCES[source](config)
-    return _cap(dataset, max_train, max_test)
+    rng = np.random.default_rng(int(_get(config, "seed")))
+    dataset = _imbalance(dataset, tuple(_get(config, "class_fractions")), rng, source)
+    return _cap(dataset, max_train, max_test, rng)
 
 
-def _cap(dataset: Dataset, max_train: int, max_test: int) -> Dataset:
-    def first(x: np.ndarray | None, n: int) -> np.ndarray | None:
-        return x if x is None or n == 0 else x[:n]
+def _imbalance(
+    dataset: Dataset, fractions: tuple[float, ...], rng: np.random.Generator, source: str
+) -> Dataset:
+    """Keeps round(f_c * n_c) (at least 1) random train examples of each class c."""
+    if not fractions:
+        return dataset
+    labels = dataset.train_labels
+    if labels is None:
+        raise DataError(f"{source}: data.class_fractions needs train labels; this set has none")
+    if len(fractions) != dataset.num_classes:
+        raise DataError(
+            f"{source}: data.class_fractions has {len(fractions)} entries for "
+            f"{dataset.num_classes} classes"
+        )
+    if not all(0.0 < float(f) <= 1.0 for f in fractions):
+        raise DataError(f"{source}: data.class_fractions must lie in (0, 1], got {fractions}")
+    keep = []
+    for c, fraction in enumerate(fractions):
+        members = np.flatnonzero(labels == c)
+        count = max(1, round(float(fraction) * members.size)) if members.size else 0
+        keep.append(rng.choice(members, count, replace=False))
+    return _take(dataset, np.sort(np.concatenate(keep)), None)
+
+
+def _cap(dataset: Dataset, max_train: int, max_test: int, rng: np.random.Generator) -> Dataset:
+    def pick(x: np.ndarray | None, n: int) -> np.ndarray | None:
+        if x is None or n == 0 or n >= x.shape[0]:
+            return None
+        return np.sort(rng.choice(x.shape[0], n, replace=False))
+
+    return _take(
+        dataset, pick(dataset.train_images, max_train), pick(dataset.test_images, max_test)
+    )
+
+
+def _take(dataset: Dataset, train: np.ndarray | None, test: np.ndarray | None) -> Dataset:
+    """The examples at `train` and `test` (None = the whole split)."""
+
+    def at(x: np.ndarray | None, rows: np.ndarray | None) -> np.ndarray | None:
+        return x if x is None or rows is None else x[rows]
 
     return dataclasses.replace(
         dataset,
-        train_images=first(dataset.train_images, max_train),
-        train_labels=first(dataset.train_labels, max_train),
-        test_images=first(dataset.test_images, max_test),
-        test_labels=first(dataset.test_labels, max_test),
+        train_images=at(dataset.train_images, train),
+        train_labels=at(dataset.train_labels, train),
+        test_images=at(dataset.test_images, test),
+        test_labels=at(dataset.test_labels, test),
     )
 
 

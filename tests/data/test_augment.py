@@ -201,6 +201,13 @@ def test_augment_batch_crop_flip_is_per_example_and_keyed(key, image):
     assert not np.allclose(out, other)
 
 
+def test_augment_batch_crop_is_a_per_example_random_resized_crop(key, images):
+    out = _batch(key, images, mode="crop", out_size=_OUT, crop_scale=(0.3, 1.0))
+    keys = jax.random.split(key, images.shape[0])
+    for o, k, x in zip(out, keys, images, strict=True):
+        np.testing.assert_allclose(o, _crop(k, x, out_size=_OUT, scale=(0.3, 1.0)), atol=1e-6)
+
+
 def test_augment_batch_unknown_mode_lists_modes(key, images):
     with pytest.raises(ValueError, match="crop_flip"):
         augment.augment_batch(key, images, mode="jitter", out_size=_OUT)

@@ -29,6 +29,7 @@ def _config(**overrides) -> ml_collections.ConfigDict:
         "max_test_examples": 0,
         "test_fraction": 0.25,
         "seed": 0,
+        "class_fractions": (),
     }
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
@@ -108,13 +109,46 @@ def test_digits_seed_and_fraction():
         sources.load(_config(test_fraction=1.0))
 
 
-def test_caps_take_the_first_examples():
+def _rows_of(part: np.ndarray, whole: np.ndarray) -> np.ndarray:
+    """Indices in `whole` of each image of `part` (digits images are not all distinct: first)."""
+    flat = whole.reshape(whole.shape[0], -1)
+    return np.array([np.flatnonzero((flat == x.ravel()).all(1))[0] for x in part])
+
+
+def test_caps_draw_a_random_subset_in_order():
     full = sources.load(_config())
     capped = sources.load(_config(max_train_examples=37, max_test_examples=5))
     assert capped.train_images.shape == (37, 8, 8, 1) and capped.train_labels.shape == (37,)
     assert capped.test_images.shape == (5, 8, 8, 1) and capped.test_labels.shape == (5,)
-    np.testing.assert_array_equal(capped.train_images, full.train_images[:37])
-    np.testing.assert_array_equal(capped.test_labels, full.test_labels[:5])
+    rows = _rows_of(capped.train_images, full.train_images)
+    assert np.all(np.diff(rows) > 0), "the kept examples keep their order"
+    assert rows[-1] > 37, "not simply the first 37"
+    np.testing.assert_array_equal(capped.train_labels, full.train_labels[rows])
+    again = sources.load(_config(max_train_examples=37, max_test_examples=5))
+    np.testing.assert_array_equal(again.train_images, capped.train_images)
+
+
+def test_class_fractions_shape_the_train_split():
+    full = sources.load(_config())
+    fractions = (1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.1)
+    imbalanced = sources.load(_config(class_fractions=fractions))
+    counts = np.bincount(full.train_labels)
+    expected = [max(1, round(f * n)) for f, n in zip(fractions, counts, strict=True)]
+    np.testing.assert_array_equal(np.bincount(imbalanced.train_labels), expected)
+    rows = _rows_of(imbalanced.train_images, full.train_images)
+    np.testing.assert_array_equal(imbalanced.train_labels, full.train_labels[rows])
+    np.testing.assert_array_equal(imbalanced.test_labels, full.test_labels)  # test kept whole
+    capped = sources.load(_config(class_fractions=fractions, max_train_examples=100))
+    assert capped.train_images.shape[0] == 100
+
+
+@pytest.mark.parametrize(
+    "fractions, message",
+    [((1.0,) * 9, "9 entries for 10 classes"), ((1.0,) * 9 + (0.0,), "must lie in")],
+)
+def test_bad_class_fractions_are_named(fractions, message):
+    with pytest.raises(DataError, match=f"data.class_fractions.*{message}"):
+        sources.load(_config(class_fractions=fractions))
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,9 +77,10 @@ def test_fmnist_smoke_on_real_fashion_mnist(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(cifar_zip() is None, reason=CIFAR_SKIP_REASON)
-def test_cifar10_smoke_on_real_cifar10_subset(tmp_path):
+@pytest.mark.parametrize("name", config_files())
+def test_cifar10_smoke_on_real_cifar10_subset(name, tmp_path):
     extract_cifar_subset(str(tmp_path / "cifar"), per_class=26)
-    config = load_config("deepcluster", "cifar10,smoke")
+    config = load_config(name, "cifar10,smoke")
     config.data.path = str(tmp_path / "cifar")
     config.data.cache_dir = str(tmp_path / "cache")
     results = loop.run(config, str(tmp_path / "run"))
