@@ -82,6 +82,7 @@ _SPLIT_EPS = 1.0 / 1024.0
 # on TPU scatters are serialised while the one-hot product runs on the MXU, so TPU uses it.
 _ONE_HOT_BACKENDS = ("tpu",)
 _INITS = ("random", "kmeans++")
+_EMPTY_CLUSTER_RULES = ("split", "keep")
 _MATMUL_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -102,6 +103,8 @@ class KMeansConfig:
         ``_DISTANCE_BUDGET_BYTES``. Changes memory use, not results beyond float32 rounding.
       matmul_dtype: input dtype of the x.cᵀ distance matmul, ``"float32"`` or ``"bfloat16"``
         (see ``assign``).
+      empty_clusters: ``"split"`` re-fills an empty cluster by splitting a donor (faiss,
+        DeepCluster v1); ``"keep"`` leaves its previous centroid in place (DeepCluster-v2).
     """
 
     num_iters: int = 20
@@ -112,6 +115,7 @@ class KMeansConfig:
     tol: float = 0.0
     chunk_size: int | None = None
     matmul_dtype: str = "float32"
+    empty_clusters: str = "split"
 
     def __post_init__(self) -> None:
         for name, low in (("num_iters", 0), ("n_redo", 1), ("max_points_per_centroid", 0)):
@@ -120,6 +124,10 @@ class KMeansConfig:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not isinstance(self.init, str) or self.init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {self.init!r}")
+        if self.empty_clusters not in _EMPTY_CLUSTER_RULES:
+            raise ValueError(
+                f"empty_clusters must be one of {_EMPTY_CLUSTER_RULES}, got {self.empty_clusters!r}"
+            )
         if not isinstance(self.spherical, bool):
             raise ValueError(f"spherical must be a bool, got {self.spherical!r}")
         if not self.tol >= 0:  # also rejects NaN
@@ -170,6 +178,7 @@ class _Plan(NamedTuple):
     init: str
     n_redo: int
     spherical: bool
+    split_empty: bool  # faiss's splits (else an empty cluster keeps its centroid)
     matmul_dtype: str
     one_hot: bool  # accumulate with a one-hot matmul (else segment_sum)
     train: _Layout  # the training points (a subset of x, or all of it)
@@ -472,7 +481,9 @@ def _lloyd(
         sums, counts, new_inertia = stats_fn(x, valid, centroids)
         means = sums / jnp.maximum(counts, 1)[:, None].astype(sums.dtype)
         means = jnp.where((counts > 0)[:, None], means, centroids)
-        means, splits = _split_empty(jax.random.fold_in(split_key, it), means, counts)
+        splits = jnp.int32(0)
+        if plan.split_empty:
+            means, splits = _split_empty(jax.random.fold_in(split_key, it), means, counts)
         if plan.spherical:
             means = l2_normalize(means)
         return it + 1, means, inertia, new_inertia, num_splits + splits
@@ -596,6 +607,7 @@ def fit(
         init=config.init,
         n_redo=config.n_redo,
         spherical=config.spherical,
+        split_empty=config.empty_clusters == "split",
         matmul_dtype=config.matmul_dtype,
         one_hot=jax.default_backend() in _ONE_HOT_BACKENDS,
         train=_layout(num_train, k, config.chunk_size, shards),

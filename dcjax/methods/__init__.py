@@ -1,11 +1,14 @@
 """Methods, registered by name: ``config.method.name`` picks one."""
 
-from dcjax.methods import deepcluster, sela
+from dcjax.methods import deepcluster, deepcluster_v2, sela
 from dcjax.methods.base import Context, Method
 
 __all__ = ["METHODS", "Context", "Method", "get_method"]
 
-METHODS: dict[str, Method] = {m.name: m for m in (deepcluster.METHOD, sela.METHOD)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (deepcluster.METHOD, sela.METHOD, deepcluster_v2.METHOD, deepcluster_v2.KD_METHOD)
+}
 
 
 def get_method(name: str) -> Method:

@@ -19,7 +19,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-__all__ = ["Context", "Method", "no_online_update", "pseudo_label_loss"]
+from dcjax.evaluation import scores
+
+__all__ = ["Context", "Method", "label_stats", "no_online_update", "pseudo_label_loss"]
 
 PyTree = Any
 
@@ -92,3 +94,20 @@ def no_online_update(method_state: PyTree, outputs: dict[str, jax.Array], indice
     """``Method.online_update`` of methods without per-step memories: the state unchanged."""
     del outputs, indices
     return method_state
+
+
+def label_stats(
+    ctx: Context, previous: np.ndarray | None, labels: np.ndarray, k: int
+) -> dict[str, float]:
+    """What a recluster logs about its new (N,) labels into ``k`` clusters.
+
+    NMI with the ``previous`` labels (when given) and with the true labels (when known), and
+    ``scores.cluster_stats`` (empty clusters, largest and smallest cluster shares).
+    """
+    stats: dict[str, float] = {}
+    if previous is not None:
+        stats["nmi_previous"] = scores.nmi(np.asarray(previous), labels)
+    if ctx.true_labels is not None:
+        stats["nmi_true"] = scores.nmi(ctx.true_labels, labels)
+    stats.update(scores.cluster_stats(labels, k))
+    return stats

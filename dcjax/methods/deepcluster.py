@@ -27,8 +27,13 @@ from jax.sharding import Mesh
 
 from dcjax.clustering import kmeans, pca
 from dcjax.data import sampler
-from dcjax.evaluation import scores
-from dcjax.methods.base import Context, Method, no_online_update, pseudo_label_loss
+from dcjax.methods.base import (
+    Context,
+    Method,
+    label_stats,
+    no_online_update,
+    pseudo_label_loss,
+)
 from dcjax.models.network import ClassifierHead, Network, build_trunk
 
 __all__ = ["DeepClusterState", "METHOD"]
@@ -107,12 +112,9 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
             kmeans_config(ctx.config),
             mesh=ctx.mesh,
         )
+        previous = method_state.pseudo_labels if cycle > 0 else None
         labels = np.asarray(result.assignments)
-        if cycle > 0:
-            stats["nmi_previous"] = scores.nmi(np.asarray(method_state.pseudo_labels), labels)
-        if ctx.true_labels is not None:
-            stats["nmi_true"] = scores.nmi(ctx.true_labels, labels)
-        stats.update(scores.cluster_stats(labels, config.num_clusters))
+        stats.update(label_stats(ctx, previous, labels, config.num_clusters))
         stats["kmeans_inertia"] = float(result.inertia)
         stats["kmeans_empty_splits"] = float(result.n_empty_splits)
         method_state = method_state.replace(

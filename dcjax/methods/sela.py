@@ -36,8 +36,13 @@ import numpy as np
 
 from dcjax.clustering import sinkhorn
 from dcjax.data import sampler
-from dcjax.evaluation import scores
-from dcjax.methods.base import Context, Method, no_online_update, pseudo_label_loss
+from dcjax.methods.base import (
+    Context,
+    Method,
+    label_stats,
+    no_online_update,
+    pseudo_label_loss,
+)
 from dcjax.models.network import Network, build_trunk, head_logits
 from dcjax.training import label_export
 
@@ -171,14 +176,9 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
         converged.append(bool(out.converged))
     new_labels = jnp.stack(labels)
     first = np.asarray(new_labels[0])
-    stats = {
-        "nmi_previous": scores.nmi(np.asarray(state.method.labels[0]), first),
-        "sinkhorn_iters": float(np.mean(iterations)),
-        "sinkhorn_converged": float(np.mean(converged)),
-    }
-    if ctx.true_labels is not None:
-        stats["nmi_true"] = scores.nmi(ctx.true_labels, first)
-    stats.update(scores.cluster_stats(first, method.num_clusters))
+    stats = label_stats(ctx, state.method.labels[0], first, method.num_clusters)
+    stats["sinkhorn_iters"] = float(np.mean(iterations))
+    stats["sinkhorn_converged"] = float(np.mean(converged))
     return state.replace(method=state.method.replace(labels=new_labels)), stats
 
 

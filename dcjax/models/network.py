@@ -7,6 +7,7 @@ import jax
 import ml_collections
 
 from dcjax.models.backbones import LeNet5, MiniAlexNet, SmallCNN
+from dcjax.models.resnet import ResNet18, ResNet50
 from dcjax.models.sobel import sobel
 
 __all__ = ["BACKBONES", "Trunk", "ClassifierHead", "MultiHead", "Network", "build_trunk"]
@@ -15,6 +16,8 @@ BACKBONES: dict[str, type[nn.Module]] = {
     "small_cnn": SmallCNN,
     "lenet5": LeNet5,
     "mini_alexnet": MiniAlexNet,
+    "resnet18": ResNet18,
+    "resnet50": ResNet50,
 }
 
 

@@ -61,7 +61,8 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     pipeline = make_pipeline(config, dataset.train_images)
     method = get_method(config.method.name)
     model = method.build_model(config)
-    optimizers = make_optimizers(config)
+    samples_per_epoch = config.method.get("samples_per_epoch", 0) or num_examples
+    optimizers = make_optimizers(config, samples_per_epoch // config.batch_size)
 
     key_params, key_state = jax.random.split(jax.random.PRNGKey(config.seed))
     channels = dataset.train_images.shape[-1]
@@ -76,7 +77,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
         num_examples=num_examples,
         feature_dim=int(np.prod(outputs[cluster_layer].shape[1:])),
         cluster_layer=cluster_layer,
-        samples_per_epoch=config.method.get("samples_per_epoch", 0) or num_examples,
+        samples_per_epoch=samples_per_epoch,
         true_labels=dataset.train_labels,
         mesh=mesh,
     )

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import optax
 
-__all__ = ["TrainState", "make_optimizers"]
+__all__ = ["TrainState", "learning_rate_schedule", "make_optimizers"]
 
 PyTree = Any
 
@@ -32,21 +32,62 @@ class TrainState:
     method: PyTree  # the method's own state (pseudo-labels, centroids, memories, ...)
 
 
-def make_optimizers(config: ml_collections.ConfigDict) -> dict[str, optax.GradientTransformation]:
+def learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule | float:
+    """``config.optim.learning_rate`` constant, or SwAV's warm-up then cosine.
+
+    ``optim.schedule="warmup_cosine"``: linear from ``warmup_learning_rate`` to
+    ``learning_rate`` over ``warmup_epochs`` epochs, then cosine down to
+    ``final_learning_rate`` at the end of the run (``num_cycles * epochs_per_cycle`` epochs).
+
+    Raises:
+      ValueError: naming ``config.optim.schedule`` when unknown.
+    """
+    optim = config.optim
+    schedule = optim.get("schedule", "constant")
+    if schedule == "constant":
+        return optim.learning_rate
+    if schedule != "warmup_cosine":
+        raise ValueError(
+            f"config.optim.schedule={schedule!r} is unknown; choose constant or warmup_cosine"
+        )
+    total = max(1, config.num_cycles * config.epochs_per_cycle * steps_per_epoch)
+    warmup = min(total - 1, optim.warmup_epochs * steps_per_epoch)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=optim.warmup_learning_rate,
+        peak_value=optim.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=total,
+        end_value=optim.final_learning_rate,
+    )
+
+
+def make_optimizers(
+    config: ml_collections.ConfigDict, steps_per_epoch: int = 1
+) -> dict[str, optax.GradientTransformation]:
     """SGD per parameter group with PyTorch's coupled weight decay (added to the gradient).
 
     ``config.optim`` has ``learning_rate``, ``momentum``, ``weight_decay`` and optionally
-    ``head_momentum`` (DeepCluster v1's head has none: 0.0).
+    ``head_momentum`` (DeepCluster v1's head has none: 0.0), the schedule fields of
+    ``learning_rate_schedule`` and ``freeze_head_steps``: the head group gets no update (and
+    accumulates no momentum) during its first that many steps (DeepCluster-v2's frozen
+    prototypes).
 
     Returns:
       ``{"trunk": tx, "head": tx}``.
     """
     optim = config.optim
+    learning_rate = learning_rate_schedule(config, steps_per_epoch)
 
     def sgd(momentum: float) -> optax.GradientTransformation:
         return optax.chain(
             optax.add_decayed_weights(optim.weight_decay),
-            optax.sgd(optim.learning_rate, momentum=momentum or None),
+            optax.sgd(learning_rate, momentum=momentum or None),
         )
 
-    return {"trunk": sgd(optim.momentum), "head": sgd(optim.get("head_momentum", 0.0))}
+    head = sgd(optim.get("head_momentum", 0.0))
+    freeze = int(optim.get("freeze_head_steps", 0))
+    if freeze > 0:
+        head = optax.transforms.conditionally_mask(head, lambda count: count >= freeze)
+    return {"trunk": sgd(optim.momentum), "head": head}

@@ -165,6 +165,33 @@ def test_empty_clusters_are_split(rng, init_kind):
     _assert_nearest(x, result.centroids, result.assignments)
 
 
+def test_keep_rule_leaves_empty_centroids_in_place(rng):
+    # DeepCluster-v2's spherical k-means: an empty cluster keeps its previous centroid.
+    # Positive data in D dims plus a zero last dim: every data centroid has a positive cosine
+    # with every point, the last axis has cosine 0, so clusters 1 and 3 stay empty throughout.
+    x = np.abs(_blobs(rng, N, K, D, spread=3.0))
+    x = np.concatenate([x, np.zeros((N, 1), np.float32)], axis=1)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    init = x[:K].copy()
+    init[[1, 3]] = np.eye(D + 1, dtype=np.float32)[D]
+    config = kmeans.KMeansConfig(spherical=True, empty_clusters="keep")
+    result = kmeans.fit(jax.random.key(1), x, K, config, init_centroids=init)
+    # Reference: float64 spherical Lloyd where empty clusters keep their (normalised) centroid.
+    x64 = x.astype(np.float64)
+    c = init / np.linalg.norm(init, axis=1, keepdims=True)
+    for _ in range(config.num_iters):
+        labels = np.argmax(x64 @ c.T, axis=1)
+        for j in range(K):
+            if np.any(labels == j):
+                mean = x64[labels == j].mean(0)
+                c[j] = mean / np.linalg.norm(mean)
+    assert int(result.n_empty_splits) == 0
+    np.testing.assert_array_equal(result.assignments, np.argmax(x64 @ c.T, axis=1))
+    np.testing.assert_allclose(result.centroids, c, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(result.centroids)[[1, 3]], c[[1, 3]], atol=1e-6)
+    assert np.bincount(np.asarray(result.assignments), minlength=K)[[1, 3]].sum() == 0
+
+
 def test_split_follows_faiss_rule():
     eps = 1.0 / 1024.0
     centroids = jnp.arange(1.0, 1.0 + 4 * 3).reshape(4, 3).astype(jnp.float32)
@@ -305,6 +332,7 @@ def test_fit_rejects_bad_input(rng, change, match):
         ("tol", float("nan")),
         ("chunk_size", 0),
         ("matmul_dtype", "float16"),
+        ("empty_clusters", "drop"),
     ],
 )
 def test_config_rejects_bad_values(field, value):

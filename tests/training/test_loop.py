@@ -77,7 +77,9 @@ def test_fmnist_smoke_on_real_fashion_mnist(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(cifar_zip() is None, reason=CIFAR_SKIP_REASON)
-@pytest.mark.parametrize("name", config_files())
+# deepcluster_v2_kd's cifar10 variant is deepcluster_v2's plus the branched trunk, which its
+# digits smoke run already trains: left out to keep the suite short.
+@pytest.mark.parametrize("name", ["deepcluster", "sela", "deepcluster_v2"])
 def test_cifar10_smoke_on_real_cifar10_subset(name, tmp_path):
     extract_cifar_subset(str(tmp_path / "cifar"), per_class=26)
     config = load_config(name, "cifar10,smoke")

@@ -1,0 +1,28 @@
+"""DeepCluster-v2 with self-distillation (Adnan et al. 2021) on digits by default.
+
+Launch (the embedded default; no download):
+  python -m dcjax.main --config configs/deepcluster_v2_kd.py
+
+Everything of ``configs/deepcluster_v2.py`` (same variants: ``cifar10``, ``cpu``, ``smoke``),
+with a ResNet-18 whose stages 1-3 feed three bottleneck branches, each with its own projection
+head and prototypes (the students; the deepest classifier is the teacher), and the loss
+L_c + (1 - alpha) sum L_i + alpha L_KL + lambda L_hints with alpha = 0.9, lambda = 1e-5
+(seed Appendix A.1). The probe reads the backbone's pooled features: the branches are dropped,
+so DC-v2 and DC-v2 + KD are compared on the same network. On digits the trunk is a ResNet-18 at
+width 16 with the CIFAR stem (8x8 inputs).
+"""
+
+import ml_collections
+
+from dcjax.config_base import load_config
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = load_config("deepcluster_v2", arg)
+    config.method.name = "deepcluster_v2_kd"
+    kwargs = {"cifar_stem": True, "width": 16, **config.model.kwargs, "num_branches": 3}
+    config.model.update(name="resnet18", sobel=False, kwargs=kwargs)
+    if "smoke" in (arg or "").split(","):  # one block per stage: compiles in seconds
+        config.model.kwargs = {**kwargs, "width": 4, "stage_sizes": (1, 1, 1, 1)}
+    config.eval.update(probe_layer="pooled", knn_layer="pooled")
+    return config

@@ -1,0 +1,261 @@
+"""DeepCluster-v2 (Caron et al. 2020, SwAV's repository), alone or with self-distillation.
+
+Network (``dcjax.models.prototypes``): trunk -> projection head -> L2-normalised embedding ->
+prototypes, one set per entry of ``num_prototypes``. With self-distillation (method
+``deepcluster_v2_kd``, Adnan et al. 2021) a ResNet's three bottleneck branches each get their own
+projection head and prototypes: C = 4 classifiers, classifier 0 (the deepest) the teacher.
+
+State: a feature memory (C, N, D) holding every example's latest embedding from each
+classifier, written inside the jitted train step at the batch's indices and filled by a feature
+pass before the first epoch; the labels (S, N) of the S prototype sets.
+
+Each epoch (one cycle) starts with, for every prototype set j of K_j prototypes: spherical
+k-means on the deepest memory (``kmeans_iters`` Lloyd iterations from K_j random rows,
+centroids L2-normalised, an empty cluster keeps its previous centroid), labels for every
+example, and the deepest classifier's prototypes set to the centroids. A student's prototypes
+are set to the normalised means of its own memory over the same clusters (an empty cluster
+keeps its prototype): its embedding space differs from the teacher's, the labels do not. The
+prototypes are frozen (no update, no momentum) for ``config.optim.freeze_head_steps`` steps.
+
+Loss, for each classifier c and set j, CE_cj = cross-entropy of softmax(scores_cj / tau) against
+set j's labels; L_c = mean_j CE_cj. DeepCluster-v2: L_0. With self-distillation (seed eq. 5):
+
+    L = L_0 + (1 - alpha) sum_i L_i + alpha L_KL + lambda L_hints,
+
+L_KL = sum_i mean_j KL(softmax(scores_0j / tau) || softmax(scores_ij / tau)) and L_hints =
+sum_i ||branch_i_map - stage4||^2 (summed over elements, mean over the batch), the teacher
+detached in both. The KL uses the classifiers' own temperature tau: the seed defines the
+classifiers' probabilities at tau (its eq. 2-3) and gives no separate distillation temperature,
+so BYOT's T = 3 (and its T^2 factor) is not applied.
+"""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dcjax.clustering import kmeans
+from dcjax.clustering.pca import l2_normalize
+from dcjax.data import sampler
+from dcjax.methods.base import Context, Method, label_stats
+from dcjax.methods.distillation import hint_loss, kl_to_teacher
+from dcjax.models.network import build_trunk
+from dcjax.models.prototypes import BRANCH_KEYS, EmbeddingTrunk, PrototypeNetwork
+
+__all__ = ["DCv2State", "METHOD", "KD_METHOD", "kmeans_config", "set_prototypes"]
+
+KD_NAME = "deepcluster_v2_kd"
+
+
+@flax.struct.dataclass
+class DCv2State:
+    memory: jax.Array  # (C, N, D) float32, every classifier's latest embedding of each example
+    labels: jax.Array  # (S, N) int32, each prototype set's cluster of each example
+    # The loss's hyper-parameters, static (not arrays, not checkpointed: they come from config).
+    sizes: tuple[int, ...] = flax.struct.field(pytree_node=False, default=(1,))
+    temperature: float = flax.struct.field(pytree_node=False, default=1.0)
+    distill_alpha: float = flax.struct.field(pytree_node=False, default=0.0)
+    hint_weight: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def pseudo_labels(self) -> jax.Array:
+        """(N,) the first prototype set's labels (what the reports score)."""
+        return self.labels[0]
+
+
+def num_classifiers(config: ml_collections.ConfigDict) -> int:
+    """1 for DeepCluster-v2, 4 (deepest + 3 branches) with self-distillation."""
+    return 1 + len(BRANCH_KEYS) if config.method.name == KD_NAME else 1
+
+
+def _num_prototypes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    sizes = tuple(int(k) for k in config.method.num_prototypes)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(
+            f"config.method.num_prototypes must be a non-empty list of positive sizes, got "
+            f"{tuple(config.method.num_prototypes)}"
+        )
+    return sizes
+
+
+def build_model(config: ml_collections.ConfigDict) -> PrototypeNetwork:
+    method = config.method
+    trunk = EmbeddingTrunk(
+        build_trunk(config.model), method.hidden_dim, method.feat_dim, num_classifiers(config)
+    )
+    return PrototypeNetwork(trunk, _num_prototypes(config))
+
+
+def init_state(ctx: Context) -> DCv2State:
+    config = ctx.config
+    sizes = _num_prototypes(config)
+    if max(sizes) > ctx.num_examples:
+        raise ValueError(
+            f"config.method.num_prototypes={sizes} has more prototypes than the "
+            f"{ctx.num_examples} training examples"
+        )
+    if config.method.temperature <= 0:
+        raise ValueError(f"config.method.temperature must be > 0, got {config.method.temperature}")
+    method = config.method
+    distill = num_classifiers(config) > 1
+    return DCv2State(
+        memory=jnp.zeros((num_classifiers(config), ctx.num_examples, method.feat_dim)),
+        labels=jnp.zeros((len(sizes), ctx.num_examples), jnp.int32),
+        sizes=sizes,
+        temperature=float(method.temperature),
+        distill_alpha=float(method.distill_alpha) if distill else 0.0,
+        hint_weight=float(method.hint_weight) if distill else 0.0,
+    )
+
+
+def _set_slices(sizes: tuple[int, ...]) -> list[slice]:
+    bounds = np.cumsum((0, *sizes))
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def classifier_losses(
+    scores: jax.Array, labels: jax.Array, sizes: tuple[int, ...], temperature: float
+) -> jax.Array:
+    """(C,) L_c: per classifier, the cross-entropy averaged over prototype sets.
+
+    Args:
+      scores: (B, C, sum K) prototype scores; labels: (S, B) int labels of the batch.
+    """
+    losses = []
+    for j, columns in enumerate(_set_slices(sizes)):
+        logits = scores[:, :, columns] / temperature  # (B, C, K_j)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(log_probs, labels[j][:, None, None], axis=-1)[..., 0]
+        losses.append(-jnp.mean(picked, axis=0))  # (C,)
+    return jnp.mean(jnp.stack(losses), axis=0)
+
+
+def loss_fn(method_state: DCv2State, outputs: dict[str, jax.Array], indices: jax.Array):
+    """L_0 alone (C = 1) or the self-distillation total (C = 4); see the module docstring."""
+    scores, sizes, temperature = outputs["scores"], method_state.sizes, method_state.temperature
+    labels = method_state.labels[:, indices]
+    per_classifier = classifier_losses(scores, labels, sizes, temperature)
+    first = _set_slices(sizes)[0]
+    accuracy = jnp.mean(jnp.argmax(scores[:, 0, first], axis=-1) == labels[0])
+    metrics = {"pseudo_label_accuracy": accuracy, "loss_deepest": per_classifier[0]}
+    if scores.shape[1] == 1:
+        return per_classifier[0], metrics
+    kl = sum(
+        kl_to_teacher(scores[:, 0, cols] / temperature, scores[:, i, cols] / temperature)
+        for i in range(1, scores.shape[1])
+        for cols in _set_slices(sizes)
+    ) / len(sizes)
+    hints = sum(hint_loss(outputs[f"{b}_map"], outputs["stage4"]) for b in BRANCH_KEYS)
+    students = jnp.sum(per_classifier[1:])
+    alpha = method_state.distill_alpha
+    loss = per_classifier[0] + (1 - alpha) * students + alpha * kl
+    loss = loss + method_state.hint_weight * hints
+    metrics.update(loss_students=students, loss_kl=kl, loss_hints=hints)
+    return loss, metrics
+
+
+def online_update(method_state: DCv2State, outputs, indices) -> DCv2State:
+    """Writes the batch's (B, C, D) embeddings into the memory at its example indices."""
+    embeddings = jax.lax.stop_gradient(outputs["embeddings"]).astype(method_state.memory.dtype)
+    memory = method_state.memory.at[:, indices].set(jnp.swapaxes(embeddings, 0, 1))
+    return method_state.replace(memory=memory)
+
+
+def wants_features(ctx: Context, cycle: int) -> bool:
+    """Only before the first epoch: the pass that fills the memory."""
+    return cycle == 0
+
+
+def kmeans_config(config: ml_collections.ConfigDict) -> kmeans.KMeansConfig:
+    """SwAV's DeepCluster-v2 k-means: random rows, spherical, empty clusters kept, no subset."""
+    return kmeans.KMeansConfig(
+        num_iters=config.method.kmeans_iters,
+        spherical=True,
+        max_points_per_centroid=0,
+        empty_clusters="keep",
+    )
+
+
+@jax.jit
+def _cluster_means(memory: jax.Array, labels: jax.Array, old: jax.Array) -> jax.Array:
+    """(C, D, K) normalised per-cluster means of each (N, D) memory; empty clusters keep ``old``."""
+    k = old.shape[-1]
+    sums = jax.vmap(lambda m: jax.ops.segment_sum(m, labels, num_segments=k))(memory)  # (C, K, D)
+    counts = jnp.bincount(labels, length=k)
+    means = jnp.swapaxes(l2_normalize(sums), 1, 2)
+    return jnp.where(counts[None, None, :] > 0, means, old)
+
+
+def set_prototypes(
+    prototypes: jax.Array,
+    memory: jax.Array,
+    labels: jax.Array,
+    centroids: jax.Array,
+    columns: slice,
+) -> jax.Array:
+    """Prototype set ``columns`` of every classifier from one clustering of the deepest memory.
+
+    Args:
+      prototypes: (C, D, sum K) the head's parameters; memory: (C, N, D); labels: (N,) int32;
+      centroids: (K, D) the k-means centroids; columns: the set's columns.
+
+    Returns:
+      (C, D, sum K): classifier 0's set = the centroids, classifier c's = its memory's normalised
+      cluster means (empty clusters unchanged).
+    """
+    new = _cluster_means(memory, labels, prototypes[:, :, columns])
+    new = new.at[0].set(centroids.T.astype(new.dtype))
+    return prototypes.at[:, :, columns].set(new)
+
+
+def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, dict[str, float]]:
+    """Fills the memory (first cycle), clusters it, sets labels and prototypes."""
+    config = ctx.config
+    cycle = int(state.cycle)
+    memory = state.method.memory
+    if features is not None:
+        memory = jnp.swapaxes(features.astype(memory.dtype), 0, 1)
+    head = dict(state.params["head"])
+    prototypes = head["prototypes"]
+    sizes = _num_prototypes(config)
+    labels, stats = [], {}
+    for j, (k, columns) in enumerate(zip(sizes, _set_slices(sizes), strict=True)):
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, cycle), j)
+        result = kmeans.fit(key, memory[0], k, kmeans_config(config), mesh=ctx.mesh)
+        assignments = result.assignments
+        prototypes = set_prototypes(prototypes, memory, assignments, result.centroids, columns)
+        labels.append(assignments)
+        if j == 0:
+            previous = state.method.labels[0] if cycle > 0 else None
+            stats = label_stats(ctx, previous, np.asarray(assignments), k)
+            stats["kmeans_inertia"] = float(result.inertia)
+    head["prototypes"] = prototypes
+    method_state = state.method.replace(memory=memory, labels=jnp.stack(labels))
+    params = {**state.params, "head": head}
+    return state.replace(params=params, method=method_state), stats
+
+
+def sample(ctx: Context, state, rng: np.random.Generator) -> np.ndarray:
+    """A shuffled pass over the examples (``samples_per_epoch`` indices)."""
+    del state
+    return sampler.shuffled(rng, ctx.num_examples, ctx.samples_per_epoch)
+
+
+def _method(name: str) -> Method:
+    return Method(
+        name=name,
+        build_model=build_model,
+        init_state=init_state,
+        loss_fn=loss_fn,
+        online_update=online_update,
+        wants_features=wants_features,
+        recluster=recluster,
+        sample=sample,
+    )
+
+
+METHOD = _method("deepcluster_v2")
+KD_METHOD = _method(KD_NAME)

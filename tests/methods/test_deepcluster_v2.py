@@ -1,0 +1,271 @@
+"""DeepCluster-v2 and its self-distillation: memory writes, prototypes from the k-means,
+every loss term against NumPy float64, the teacher's gradients, the frozen prototypes and
+1 device against 8 for one step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dcjax.clustering import kmeans
+from dcjax.methods import deepcluster_v2 as dcv2
+from dcjax.methods.distillation import hint_loss, kl_to_teacher
+from dcjax.training.setup import build_run
+from dcjax.training.state import make_optimizers
+from dcjax.training.step import make_train_step
+from tests.helpers import load_config
+
+
+def _run(name: str, num_devices: int = 1):
+    config = load_config(name, "smoke")
+    config.num_devices = num_devices
+    return build_run(config)
+
+
+@pytest.fixture(scope="module")
+def kd_run():
+    return _run("deepcluster_v2_kd")
+
+
+@pytest.fixture(scope="module")
+def kd_step(kd_run):
+    return _train_step(kd_run)
+
+
+def _copy(state):
+    return jax.tree.map(lambda x: x.copy(), state)
+
+
+def _train_step(run):
+    return make_train_step(
+        run.ctx.model, run.ctx.optimizers, run.method, run.pipeline, run.mesh, run.state_sharding
+    )
+
+
+def _unit_rows(rng, shape):
+    x = rng.normal(size=shape)
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _log_softmax64(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+# --------------------------------------------------------------------------------------------
+# the memory and the prototypes
+
+
+def test_memory_is_written_at_the_batch_indices_inside_the_step(kd_run, kd_step, rng):
+    run = kd_run
+    state = _copy(run.initial_state)
+    old_memory = rng.normal(size=state.method.memory.shape).astype(np.float32)
+    state = state.replace(method=state.method.replace(memory=jnp.asarray(old_memory)))
+    indices = rng.choice(run.ctx.num_examples, run.config.batch_size, replace=False)
+    indices = indices.astype(np.int32)
+    # What the step sees: the same (unaugmented) batch through the train-mode network.
+    x = run.pipeline.train_batch(jax.random.key(0), run.train_images[indices])
+    outputs, _ = run.ctx.model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    new, _ = kd_step(state, run.train_images, indices)
+    memory = np.asarray(new.method.memory)
+    np.testing.assert_allclose(
+        memory[:, indices], np.swapaxes(outputs["embeddings"], 0, 1), rtol=1e-4, atol=1e-5
+    )
+    others = np.setdiff1d(np.arange(run.ctx.num_examples), indices)
+    np.testing.assert_array_equal(memory[:, others], old_memory[:, others])
+
+
+def test_prototypes_are_the_centroids_after_reclustering(kd_run, rng):
+    run = kd_run
+    c, n, d = run.initial_state.method.memory.shape
+    memory = _unit_rows(rng, (c, n, d))
+    state = _copy(run.initial_state)
+    state = state.replace(method=state.method.replace(memory=jnp.asarray(memory)), cycle=3)
+    new, stats = dcv2.recluster(run.ctx, state, None)
+
+    (k,) = run.config.method.num_prototypes
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, 3), 0)
+    expected = kmeans.fit(key, memory[0], k, dcv2.kmeans_config(run.config))
+    prototypes = np.asarray(new.params["head"]["prototypes"])  # (C, D, K)
+    labels = np.asarray(new.method.labels[0])
+    np.testing.assert_array_equal(labels, expected.assignments)
+    np.testing.assert_allclose(prototypes[0], np.asarray(expected.centroids).T, atol=1e-6)
+    # Students: the normalised means of their own memory over the teacher's clusters (float64).
+    old = np.asarray(state.params["head"]["prototypes"])
+    for i in range(1, c):
+        for j in range(k):
+            members = memory[i][labels == j].astype(np.float64)
+            if len(members) == 0:
+                np.testing.assert_array_equal(prototypes[i][:, j], old[i][:, j])
+                continue
+            mean = members.sum(0) / np.linalg.norm(members.sum(0))
+            np.testing.assert_allclose(prototypes[i][:, j], mean, atol=1e-5)
+    assert {"nmi_true", "nmi_previous", "kmeans_inertia"} <= set(stats)
+
+
+def test_first_cycle_fills_the_memory_from_the_feature_pass(kd_run, rng):
+    run = kd_run
+    c, n, d = run.initial_state.method.memory.shape
+    features = _unit_rows(rng, (n, c, d))  # the feature pass's (N, C, D) "embeddings"
+    new, _ = dcv2.recluster(run.ctx, _copy(run.initial_state), jnp.asarray(features))
+    np.testing.assert_array_equal(new.method.memory, np.swapaxes(features, 0, 1))
+    assert dcv2.wants_features(run.ctx, 0) and not dcv2.wants_features(run.ctx, 1)
+
+
+def test_prototypes_stay_frozen_then_train(rng):
+    config = load_config("deepcluster_v2", "smoke")
+    config.optim.freeze_head_steps = 3
+    head = make_optimizers(config, steps_per_epoch=8)["head"]
+    params = {"prototypes": jnp.ones((1, 4, 5))}
+    opt_state = head.init(params)
+    grads = {"prototypes": jnp.asarray(rng.normal(size=(1, 4, 5)), jnp.float32)}
+    moved = []
+    for _ in range(5):
+        updates, opt_state = head.update(grads, opt_state, params)
+        moved.append(bool(np.any(np.asarray(updates["prototypes"]) != 0)))
+    assert moved == [False, False, False, True, True]
+
+
+# --------------------------------------------------------------------------------------------
+# the losses against NumPy float64
+
+
+def test_classifier_losses_match_numpy(rng):
+    b, c, sizes, tau = 6, 3, (4, 7), 0.5
+    scores = rng.normal(size=(b, c, sum(sizes))).astype(np.float32)
+    labels = np.stack([rng.integers(0, k, b) for k in sizes]).astype(np.int32)
+    got = dcv2.classifier_losses(jnp.asarray(scores), jnp.asarray(labels), sizes, tau)
+    expected = np.zeros(c)
+    start = 0
+    for j, k in enumerate(sizes):
+        log_p = _log_softmax64(scores[:, :, start : start + k].astype(np.float64) / tau)
+        expected += -log_p[np.arange(b), :, labels[j]].mean(0) / len(sizes)
+        start += k
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_kl_and_hint_match_numpy(rng):
+    teacher, student = rng.normal(size=(2, 5, 9))
+    p = np.exp(_log_softmax64(teacher))
+    kl = np.mean(np.sum(p * (_log_softmax64(teacher) - _log_softmax64(student)), -1))
+    got = kl_to_teacher(jnp.asarray(teacher, jnp.float32), jnp.asarray(student, jnp.float32))
+    np.testing.assert_allclose(got, kl, rtol=1e-5)
+    a, t = rng.normal(size=(2, 3, 2, 2, 6))
+    hint = np.mean(np.sum(((a - t) ** 2).reshape(3, -1), -1))
+    got = hint_loss(jnp.asarray(a, jnp.float32), jnp.asarray(t, jnp.float32))
+    np.testing.assert_allclose(got, hint, rtol=1e-5)
+
+
+def test_total_kd_loss_matches_numpy(kd_run, rng):
+    state = kd_run.initial_state.method
+    b, sizes, tau = 6, state.sizes, state.temperature
+    c = state.memory.shape[0]
+    scores = rng.normal(size=(b, c, sum(sizes)))
+    maps = {k: rng.normal(size=(b, 1, 1, 8)) for k in ("stage4", "branch1_map")}
+    maps["branch2_map"], maps["branch3_map"] = rng.normal(size=(2, b, 1, 1, 8))
+    labels = rng.integers(0, sizes[0], (1, state.labels.shape[1]))
+    method_state = state.replace(labels=jnp.asarray(labels, jnp.int32))
+    indices = rng.choice(state.labels.shape[1], b, replace=False)
+    outputs = {k: jnp.asarray(v, jnp.float32) for k, v in maps.items()}
+    outputs["scores"] = jnp.asarray(scores, jnp.float32)
+    loss, metrics = dcv2.loss_fn(method_state, outputs, jnp.asarray(indices))
+
+    log_p = _log_softmax64(scores / tau)  # one prototype set
+    ce = -log_p[np.arange(b), :, labels[0, indices]].mean(0)  # (C,)
+    kl = sum(
+        np.mean(np.sum(np.exp(log_p[:, 0]) * (log_p[:, 0] - log_p[:, i]), -1)) for i in range(1, c)
+    )
+    hints = sum(
+        np.mean(np.sum(((maps[f"branch{i}_map"] - maps["stage4"]) ** 2).reshape(b, -1), -1))
+        for i in (1, 2, 3)
+    )
+    alpha, lam = state.distill_alpha, state.hint_weight
+    assert (alpha, lam) == (0.9, 1e-5)
+    expected = ce[0] + (1 - alpha) * ce[1:].sum() + alpha * kl + lam * hints
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss_kl"], kl, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss_hints"], hints, rtol=1e-5)
+
+
+def test_teacher_gets_no_gradient_from_kl_and_hints(rng):
+    teacher, student = (jnp.asarray(x, jnp.float32) for x in rng.normal(size=(2, 4, 7)))
+    g_teacher, g_student = jax.grad(kl_to_teacher, argnums=(0, 1))(teacher, student)
+    np.testing.assert_array_equal(g_teacher, 0.0)
+    assert np.abs(np.asarray(g_student)).sum() > 0
+    student_map, teacher_map = (jnp.asarray(x, jnp.float32) for x in rng.normal(size=(2, 3, 8)))
+    g_student, g_teacher = jax.grad(hint_loss, argnums=(0, 1))(student_map, teacher_map)
+    np.testing.assert_array_equal(g_teacher, 0.0)
+    assert np.abs(np.asarray(g_student)).sum() > 0
+
+
+def test_distillation_terms_leave_the_teacher_classifier_untouched(kd_run, rng):
+    # Through the whole network: the KL and hint terms move no parameter of the teacher's
+    # projection head or prototypes (the students' and the shared trunk's may move).
+    run = kd_run
+    state = run.initial_state
+    labels = rng.integers(0, run.config.method.num_prototypes[0], state.method.labels.shape)
+    method_state = state.method.replace(
+        labels=jnp.asarray(labels, jnp.int32), distill_alpha=1.0, hint_weight=1.0
+    )
+    indices = jnp.arange(8)
+    x = run.pipeline.eval_batch(run.train_images[indices])
+
+    def distill_only(params):
+        outputs, _ = run.ctx.model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        _, metrics = dcv2.loss_fn(method_state, outputs, indices)
+        return metrics["loss_kl"] + metrics["loss_hints"]
+
+    grads = jax.grad(distill_only)(state.params)
+    np.testing.assert_array_equal(grads["head"]["prototypes"][0], 0.0)
+    for leaf in jax.tree.leaves(grads["trunk"]["projection_0"]):
+        np.testing.assert_array_equal(leaf, 0.0)
+    assert np.abs(np.asarray(grads["head"]["prototypes"][1:])).sum() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# devices and bad input
+
+
+def test_one_device_equals_eight_devices_for_one_step(kd_run, kd_step, rng):
+    assert jax.device_count() == 8, "tests/conftest.py should simulate 8 CPU devices"
+    indices = rng.choice(256, 32, replace=False).astype(np.int32)
+    results, memory = [], None
+    for run in (kd_run, _run("deepcluster_v2_kd", 8)):
+        state = _copy(run.initial_state)
+        if memory is None:
+            memory = _unit_rows(rng, state.method.memory.shape)  # NumPy: the step donates
+        state = state.replace(method=state.method.replace(memory=jnp.asarray(memory)))
+        state, _ = dcv2.recluster(run.ctx, state, None)
+        state = jax.device_put(state, run.state_sharding)  # as the loop's recluster phase
+        step = kd_step if run is kd_run else _train_step(run)
+        results.append(step(state, run.train_images, indices)[0])
+    one, eight = results
+    for a, b in ((one.params, eight.params), (one.batch_stats, eight.batch_stats)):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(eight.method.memory, one.method.memory, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("num_prototypes", (), "num_prototypes must be a non-empty"),
+        ("num_prototypes", (300,), "more prototypes than the 256"),
+        ("temperature", 0.0, "temperature must be > 0"),
+    ],
+)
+def test_bad_method_fields_are_named(field, value, match):
+    config = load_config("deepcluster_v2", "smoke")
+    config.method[field] = value
+    with pytest.raises(ValueError, match=match):
+        build_run(config)
