@@ -20,9 +20,10 @@ from dcjax.config_base import load_config
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = load_config("deepcluster_v2", arg)
     config.method.name = "deepcluster_v2_kd"
-    kwargs = {"cifar_stem": True, "width": 16, **config.model.kwargs, "num_branches": 3}
-    config.model.update(name="resnet18", sobel=False, kwargs=kwargs)
-    if "smoke" in (arg or "").split(","):  # one block per stage: compiles in seconds
-        config.model.kwargs = {**kwargs, "width": 4, "stage_sizes": (1, 1, 1, 1)}
+    if config.model.name != "resnet18":  # digits: the branches need a ResNet
+        config.model.update(name="resnet18", sobel=False, kwargs={"cifar_stem": True, "width": 16})
+        if "smoke" in (arg or "").split(","):  # one block per stage: compiles in seconds
+            config.model.kwargs = {"cifar_stem": True, "width": 4, "stage_sizes": (1, 1, 1, 1)}
+    config.model.kwargs = {**config.model.kwargs, "num_branches": 3}
     config.eval.update(probe_layer="pooled", knn_layer="pooled")
     return config
