@@ -17,18 +17,14 @@ std over seeds) goes to ``<out>/kd_vs_dcv2_<setting>.{md,json}``.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import time
 
-import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
 
 from dcjax.config_base import load_config
-from dcjax.training import loop
+from dcjax.training.summary import machine_line, run_row, write_table
 
 METHODS = ("deepcluster_v2", "deepcluster_v2_kd")
 SETTINGS = {"full": "cifar10", "cpu": "cifar10,cpu", "smoke": "cifar10,smoke"}
@@ -65,16 +61,8 @@ def run_experiment(
     for seed in seeds:
         for method in METHODS:
             config = experiment_config(method, setting, seed, data, cache_dir)
-            start = time.perf_counter()
-            results = loop.run(config, os.path.join(workdir, setting, f"{method}-seed{seed}"))
-            rows.append(
-                dict(
-                    method=method,
-                    seed=seed,
-                    seconds=round(time.perf_counter() - start, 1),
-                    **{f"{k}_{part}": v for part, r in results.items() for k, v in r.items()},
-                )
-            )
+            run_dir = os.path.join(workdir, setting, f"{method}-seed{seed}")
+            rows.append(run_row(config, run_dir, method=method, seed=seed))
     return rows
 
 
@@ -122,22 +110,14 @@ def main(argv: list[str]) -> None:
         "",
         f"Command: `python experiments/kd_vs_dcv2.py --data=<CIFAR-10 folder> "
         f"--setting={setting} --seeds={','.join(map(str, seeds))}`",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"JAX {jax.__version__} on {jax.default_backend()}",
+        machine_line(),
         f"Budget per run: {config.model.name} {dict(config.model.kwargs)}, "
         f"{config.data.max_train_examples or 50_000} train / "
         f"{config.data.max_test_examples or 10_000} test images, {config.num_cycles} epochs, "
         f"batch {config.batch_size}, no augmentation; probe on `{config.eval.probe_layer}` "
         f"(Adam 1e-3, {config.eval.probe_epochs} epochs). Figures in %, mean +- std over seeds.",
     ]
-    os.makedirs(FLAGS.out, exist_ok=True)
-    stem = os.path.join(FLAGS.out, f"kd_vs_dcv2_{setting}")
-    table = summary_table(rows, header)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
-    with open(stem + ".json", "w") as f:
-        json.dump(rows, f, indent=2)
-    print(table)
+    write_table(FLAGS.out, f"kd_vs_dcv2_{setting}", summary_table(rows, header), rows)
 
 
 if __name__ == "__main__":

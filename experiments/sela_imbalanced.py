@@ -23,17 +23,13 @@ stopped. The table goes to ``<out>/sela_imbalanced_<setting>.{md,json}``.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import time
 
-import jax
 import ml_collections
 from absl import app, flags
 
 from dcjax.config_base import load_config
-from dcjax.training import loop
+from dcjax.training.summary import machine_line, run_row, write_table
 
 IMBALANCES: dict[str, tuple[float, ...]] = {
     "none": (1.0,) * 10,
@@ -98,20 +94,15 @@ def run_experiment(
     for imbalance in IMBALANCES:
         for method in METHODS:
             config = experiment_config(method, imbalance, setting, data, cache_dir)
-            run_dir = os.path.join(workdir, setting, f"{imbalance}-{method}")
-            start = time.perf_counter()
-            results = loop.run(config, run_dir)
-            rows.append(
-                dict(
-                    imbalance=imbalance,
-                    method=method,
-                    train_examples=round(
-                        (SETTINGS[setting]["train"] or 50_000) * sum(IMBALANCES[imbalance]) / 10
-                    ),
-                    seconds=round(time.perf_counter() - start, 1),
-                    **{f"{k}_{part}": v for part, r in results.items() for k, v in r.items()},
-                )
+            kept = sum(IMBALANCES[imbalance]) / len(IMBALANCES[imbalance])
+            row = run_row(
+                config,
+                os.path.join(workdir, setting, f"{imbalance}-{method}"),
+                imbalance=imbalance,
+                method=method,
+                train_examples=round((SETTINGS[setting]["train"] or 50_000) * kept),
             )
+            rows.append(row)
     return rows
 
 
@@ -144,20 +135,13 @@ def main(argv: list[str]) -> None:
         "",
         f"Command: `python experiments/sela_imbalanced.py --data=<CIFAR-10 folder> "
         f"--setting={setting}`",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"JAX {jax.__version__} on {jax.default_backend()}",
+        machine_line(),
         f"Budget: {budget['train'] or 50_000} balanced train images (scaled by the kept "
         f"fraction), {budget['test'] or 10_000} test images, {budget['epochs']} epochs, "
         f"K = {budget['clusters']}; kNN (k=20) and linear probe on relu5, balanced test split.",
         "Wall seconds include the two evaluations (random init and trained).",
     ]
-    os.makedirs(FLAGS.out, exist_ok=True)
-    stem = os.path.join(FLAGS.out, f"sela_imbalanced_{setting}")
-    with open(stem + ".md", "w") as f:
-        f.write(markdown_table(rows, header))
-    with open(stem + ".json", "w") as f:
-        json.dump(rows, f, indent=2)
-    print(markdown_table(rows, header))
+    write_table(FLAGS.out, f"sela_imbalanced_{setting}", markdown_table(rows, header), rows)
 
 
 if __name__ == "__main__":

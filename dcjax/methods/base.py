@@ -19,9 +19,17 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from dcjax.data import sampler
 from dcjax.evaluation import scores
 
-__all__ = ["Context", "Method", "label_stats", "no_online_update", "pseudo_label_loss"]
+__all__ = [
+    "Context",
+    "Method",
+    "label_stats",
+    "no_online_update",
+    "pseudo_label_loss",
+    "shuffled_sample",
+]
 
 PyTree = Any
 
@@ -111,3 +119,9 @@ def label_stats(
         stats["nmi_true"] = scores.nmi(ctx.true_labels, labels)
     stats.update(scores.cluster_stats(labels, k))
     return stats
+
+
+def shuffled_sample(ctx: Context, state, rng: np.random.Generator) -> np.ndarray:
+    """``Method.sample`` of a shuffled pass over the examples (``samples_per_epoch`` indices)."""
+    del state
+    return sampler.shuffled(rng, ctx.num_examples, ctx.samples_per_epoch)

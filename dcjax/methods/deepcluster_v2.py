@@ -39,8 +39,7 @@ import numpy as np
 
 from dcjax.clustering import kmeans
 from dcjax.clustering.pca import l2_normalize
-from dcjax.data import sampler
-from dcjax.methods.base import Context, Method, label_stats
+from dcjax.methods.base import Context, Method, label_stats, shuffled_sample
 from dcjax.methods.distillation import hint_loss, kl_to_teacher
 from dcjax.models.network import build_trunk
 from dcjax.models.prototypes import BRANCH_KEYS, EmbeddingTrunk, PrototypeNetwork
@@ -238,12 +237,6 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
     return state.replace(params=params, method=method_state), stats
 
 
-def sample(ctx: Context, state, rng: np.random.Generator) -> np.ndarray:
-    """A shuffled pass over the examples (``samples_per_epoch`` indices)."""
-    del state
-    return sampler.shuffled(rng, ctx.num_examples, ctx.samples_per_epoch)
-
-
 def _method(name: str) -> Method:
     return Method(
         name=name,
@@ -253,7 +246,7 @@ def _method(name: str) -> Method:
         online_update=online_update,
         wants_features=wants_features,
         recluster=recluster,
-        sample=sample,
+        sample=shuffled_sample,
     )
 
 

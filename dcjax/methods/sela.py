@@ -35,13 +35,13 @@ import ml_collections
 import numpy as np
 
 from dcjax.clustering import sinkhorn
-from dcjax.data import sampler
 from dcjax.methods.base import (
     Context,
     Method,
     label_stats,
     no_online_update,
     pseudo_label_loss,
+    shuffled_sample,
 )
 from dcjax.models.network import Network, build_trunk, head_logits
 from dcjax.training import label_export
@@ -182,12 +182,6 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
     return state.replace(method=state.method.replace(labels=new_labels)), stats
 
 
-def sample(ctx: Context, state, rng: np.random.Generator) -> np.ndarray:
-    """A shuffled pass over the examples (``samples_per_epoch`` indices)."""
-    del state
-    return sampler.shuffled(rng, ctx.num_examples, ctx.samples_per_epoch)
-
-
 METHOD = Method(
     name="sela",
     build_model=build_model,
@@ -196,5 +190,5 @@ METHOD = Method(
     online_update=no_online_update,
     wants_features=wants_features,
     recluster=recluster,
-    sample=sample,
+    sample=shuffled_sample,
 )

@@ -1,8 +1,16 @@
-"""The closing summary a run prints."""
+"""The closing summary a run prints, and the pieces experiment scripts build tables from."""
 
 from __future__ import annotations
 
-__all__ = ["print_results"]
+import json
+import os
+import platform
+import time
+
+import jax
+import ml_collections
+
+__all__ = ["print_results", "run_row", "machine_line", "write_table"]
 
 _ROWS = (
     ("probe_accuracy", "linear probe accuracy (test)"),
@@ -21,3 +29,36 @@ def print_results(results: dict[str, dict[str, float]], workdir: str) -> None:
             continue
         cells = ["-" if v is None else f"{v:.4f}" for v in row]
         print(f"  {label:34s} {cells[0]:>12s} {cells[1]:>10s}")
+
+
+def run_row(config: ml_collections.ConfigDict, workdir: str, **tags) -> dict[str, object]:
+    """Runs (or resumes) ``config`` in ``workdir``; ``tags`` plus the flat figures.
+
+    Returns:
+      ``{**tags, "seconds": wall time, "<figure>_random_init": .., "<figure>_trained": ..}``.
+    """
+    from dcjax.training import loop  # the loop imports this module for print_results
+
+    start = time.perf_counter()
+    results = loop.run(config, workdir)
+    flat = {f"{k}_{part}": v for part, figures in results.items() for k, v in figures.items()}
+    return {**tags, "seconds": round(time.perf_counter() - start, 1), **flat}
+
+
+def machine_line() -> str:
+    """``Machine: <cpu>, <cores> cores, JAX <version> on <backend>`` for a results header."""
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"Machine: {cpu}, {os.cpu_count()} cores, JAX {jax.__version__} on {jax.default_backend()}"
+    )
+
+
+def write_table(out_dir: str, name: str, table: str, rows: list[dict[str, object]]) -> None:
+    """Writes ``<out_dir>/<name>.md`` (the table) and ``.json`` (the rows), and prints it."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, name)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    with open(stem + ".json", "w") as f:
+        json.dump(rows, f, indent=2)
+    print(table)

@@ -3,23 +3,11 @@ mean +- std table (the runs themselves are the loop's tests)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import load_experiment
 
-
-def _experiment():
-    path = os.path.join(REPO, "experiments", "kd_vs_dcv2.py")
-    spec = importlib.util.spec_from_file_location("kd_vs_dcv2", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EXPERIMENT = _experiment()
+EXPERIMENT = load_experiment("kd_vs_dcv2")
 
 
 @pytest.mark.parametrize("setting", ["full", "cpu", "smoke"])

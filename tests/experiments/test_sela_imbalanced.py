@@ -3,24 +3,12 @@ imbalance settings, and the table it writes (the runs themselves are the loop's 
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import load_experiment
 
-
-def _experiment():
-    path = os.path.join(REPO, "experiments", "sela_imbalanced.py")
-    spec = importlib.util.spec_from_file_location("sela_imbalanced", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EXPERIMENT = _experiment()
+EXPERIMENT = load_experiment("sela_imbalanced")
 
 
 def test_imbalance_settings_are_the_papers():
