@@ -11,8 +11,25 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+_CACHE_DIR = tempfile.mkdtemp(prefix="dcjax-test-xla-cache-")
+
+
+def pytest_configure(config):
+    # Many tests rebuild the same run (resume, evaluate, 1 vs 8 devices); a compilation cache
+    # for the session lets a rebuilt jit reuse the executable instead of compiling it again.
+    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture
