@@ -14,18 +14,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-import jax  # noqa: E402
+# Many tests rebuild the same run (resume, evaluate, 1 vs 8 devices, the kill-and-resume
+# subprocesses); a compilation cache for the session lets a rebuilt jit reuse the executable
+# instead of compiling it again. Set through the environment so subprocesses share it.
+_CACHE_DIR = tempfile.mkdtemp(prefix="dcjax-test-xla-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-_CACHE_DIR = tempfile.mkdtemp(prefix="dcjax-test-xla-cache-")
-
-
-def pytest_configure(config):
-    # Many tests rebuild the same run (resume, evaluate, 1 vs 8 devices); a compilation cache
-    # for the session lets a rebuilt jit reuse the executable instead of compiling it again.
-    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def pytest_unconfigure(config):
