@@ -17,14 +17,11 @@ Expected result (digits default, 2-core CPU): see the README's table of measured
 
 import ml_collections
 
-from dcjax.config_base import apply_cifar10, apply_smoke, base_config
+from dcjax.config_base import apply_cifar10, apply_smoke, base_config, parse_variants
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = {v for v in (arg or "").split(",") if v}
-    unknown = variants - {"fmnist", "cifar10", "smoke"}
-    if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)} for configs/deepcluster.py")
+    variants = parse_variants(arg, {"fmnist", "cifar10", "smoke"}, "configs/deepcluster.py")
 
     config = base_config()
     config.method = ml_collections.ConfigDict(

@@ -26,14 +26,11 @@ Variants, comma-separated after a colon (``configs/deepcluster_v2.py:cifar10``):
 
 import ml_collections
 
-from dcjax.config_base import apply_smoke, base_config
+from dcjax.config_base import apply_smoke, base_config, parse_variants
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = {v for v in (arg or "").split(",") if v}
-    unknown = variants - {"cifar10", "cpu", "smoke"}
-    if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)} for configs/deepcluster_v2.py")
+    variants = parse_variants(arg, {"cifar10", "cpu", "smoke"}, "configs/deepcluster_v2.py")
     if "cpu" in variants and "cifar10" not in variants:
         raise ValueError(
             "the cpu variant cuts cifar10 down: use configs/deepcluster_v2.py:cifar10,cpu"

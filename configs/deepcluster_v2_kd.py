@@ -14,15 +14,16 @@ width 16 with the CIFAR stem (8x8 inputs).
 
 import ml_collections
 
-from dcjax.config_base import load_config
+from dcjax.config_base import load_config, parse_variants
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    variants = parse_variants(arg, {"cifar10", "cpu", "smoke"}, "configs/deepcluster_v2_kd.py")
     config = load_config("deepcluster_v2", arg)
     config.method.name = "deepcluster_v2_kd"
     if config.model.name != "resnet18":  # digits: the branches need a ResNet
         config.model.update(name="resnet18", sobel=False, kwargs={"cifar_stem": True, "width": 16})
-        if "smoke" in (arg or "").split(","):  # one block per stage: compiles in seconds
+        if "smoke" in variants:  # one block per stage: compiles in seconds
             config.model.kwargs = {"cifar_stem": True, "width": 4, "stage_sizes": (1, 1, 1, 1)}
     config.model.kwargs = {**config.model.kwargs, "num_branches": 3}
     config.eval.update(probe_layer="pooled", knn_layer="pooled")

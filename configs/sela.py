@@ -35,14 +35,11 @@ over the run, the random start included), ``schedule`` (linear | quadratic),
 
 import ml_collections
 
-from dcjax.config_base import apply_cifar10, apply_smoke, base_config
+from dcjax.config_base import apply_cifar10, apply_smoke, base_config, parse_variants
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = {v for v in (arg or "").split(",") if v}
-    unknown = variants - {"cifar10", "smoke", "transfer"}
-    if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)} for configs/sela.py")
+    variants = parse_variants(arg, {"cifar10", "smoke", "transfer"}, "configs/sela.py")
 
     config = base_config()
     config.method = ml_collections.ConfigDict(

@@ -8,9 +8,29 @@ import os
 
 import ml_collections
 
-__all__ = ["CONFIG_DIR", "base_config", "apply_cifar10", "apply_smoke", "load_config"]
+__all__ = [
+    "CONFIG_DIR",
+    "base_config",
+    "apply_cifar10",
+    "apply_smoke",
+    "load_config",
+    "parse_variants",
+]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def parse_variants(arg: str | None, allowed: set[str], config_file: str) -> set[str]:
+    """The comma-separated variants after ``configs/<file>.py:``.
+
+    Raises:
+      ValueError: naming ``config_file`` and the variants not in ``allowed``.
+    """
+    variants = {v for v in (arg or "").split(",") if v}
+    unknown = variants - allowed
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)} for {config_file}")
+    return variants
 
 
 def load_config(name: str, variants: str = "") -> ml_collections.ConfigDict:
