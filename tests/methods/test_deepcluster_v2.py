@@ -253,7 +253,10 @@ def test_one_device_equals_eight_devices_for_one_step(kd_run, kd_step, rng):
     for a, b in ((one.params, eight.params), (one.batch_stats, eight.batch_stats)):
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(eight.method.memory, one.method.memory, rtol=1e-4, atol=1e-6)
+    # The memory holds unit vectors after a batch norm over 32 examples: 8 partial sums instead
+    # of one changed entries by up to 2.9e-6 (measured, 2 of 16384 over 1e-6), hence atol 1e-5
+    # on entries of typical size 0.25.
+    np.testing.assert_allclose(eight.method.memory, one.method.memory, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
