@@ -58,7 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.eval_batch_size = 512
     config.eval_every_cycles = 0
-    config.augment = "none"  # none | flip | crop | crop_flip; the clustering pass never augments
+    config.augment = (
+        "none"  # none | flip | crop | crop_flip | odc; the clustering pass never augments
+    )
 
     config.data = ml_collections.ConfigDict(
         dict(
@@ -86,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
             probe_epochs=30,
             probe_batch_size=128,
             probe_learning_rate=1e-3,
+            # More probes, reported as probe_accuracy/<layer>; "a+b" probes a and b concatenated.
+            extra_probe_layers=(),
         )
     )
     config.checkpoint = ml_collections.ConfigDict(dict(keep=2))

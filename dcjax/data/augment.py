@@ -7,6 +7,11 @@ to the image instead of torchvision's up-to-ten rejection retries followed by a 
 fallback. Boxes are continuous (sub-pixel), not rounded to whole pixels, and resampled bilinearly
 without antialiasing. `center_resize` uses the same resampler, so a full-image crop and the
 clustering view of an image are pixel-identical.
+
+Online Deep Clustering (ODC, OpenSelfSup) adds a small rotation, a strong colour jitter and random
+greyscale to the crop and flip (mode `"odc"`). The colour operations follow torchvision's tensor
+semantics on `[0, 1]` pixels, so augmentation runs before the per-channel normalisation (see
+`dcjax.data.pipeline`).
 """
 
 from __future__ import annotations
@@ -16,14 +21,33 @@ import jax.numpy as jnp
 
 __all__ = [
     "AUGMENT_MODES",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
     "augment_batch",
     "center_resize",
+    "color_jitter",
+    "normalize",
     "random_flip",
+    "random_grayscale",
     "random_resized_crop",
+    "random_rotation",
+    "rgb_to_grayscale",
+    "rotate",
     "to_float",
 ]
 
-AUGMENT_MODES = ("none", "flip", "crop", "crop_flip")
+AUGMENT_MODES = ("none", "flip", "crop", "crop_flip", "odc")
+
+# ODC's (OpenSelfSup) training augmentation after the crop and flip: RandomRotation(2),
+# ColorJitter(0.4, 0.4, 1.0, 0.5), RandomGrayscale(0.2).
+_ODC_ROTATION_DEGREES = 2.0
+_ODC_JITTER = dict(brightness=0.4, contrast=0.4, saturation=1.0, hue=0.5)
+_ODC_GRAYSCALE_P = 0.2
+
+# ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale and PIL's convert("L").
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 def _check_image(image: jax.Array) -> None:
@@ -66,6 +90,29 @@ def _resample_box(
     )
 
 
+def normalize(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+    """Normalises `[0, 1]`-scaled pixels per channel, `(x - mean) / std`.
+
+    Args:
+      images: `(..., C)` pixels on the `[0, 1]` scale.
+      mean: `(C,)` channel means on the `[0, 1]` scale (torchvision convention).
+      std: `(C,)` positive channel standard deviations on the `[0, 1]` scale.
+
+    Returns:
+      float32 array with the shape of `images`.
+
+    Raises:
+      ValueError: if `mean` or `std` is not of shape `(C,)`.
+    """
+    num_channels = images.shape[-1]
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    for name, value in (("mean", mean), ("std", std)):
+        if value.shape != (num_channels,):
+            raise ValueError(f"{name} must have shape ({num_channels},), got {value.shape}.")
+    return (images.astype(jnp.float32) - mean) / std
+
+
 def to_float(images_uint8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
     """Maps raw pixels to normalised floats, `((x / 255) - mean) / std` per channel.
 
@@ -80,13 +127,7 @@ def to_float(images_uint8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Ar
     Raises:
       ValueError: if `mean` or `std` is not of shape `(C,)`.
     """
-    num_channels = images_uint8.shape[-1]
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
-    for name, value in (("mean", mean), ("std", std)):
-        if value.shape != (num_channels,):
-            raise ValueError(f"{name} must have shape ({num_channels},), got {value.shape}.")
-    return (images_uint8.astype(jnp.float32) / 255.0 - mean) / std
+    return normalize(images_uint8.astype(jnp.float32) / 255.0, mean, std)
 
 
 def random_resized_crop(
@@ -171,6 +212,221 @@ def center_resize(image: jax.Array, out_size: tuple[int, int]) -> jax.Array:
     return _resample_box(image, out_size, zero, zero, image.shape[0], image.shape[1])
 
 
+def rotate(image: jax.Array, degrees: jax.Array | float) -> jax.Array:
+    """Rotates the image about its centre, counter-clockwise as displayed (rows pointing down).
+
+    Bilinear; output pixels whose source lies outside the image are filled with 0, blending with
+    the edge pixels over the half-pixel band outside them (`scipy.ndimage` `mode="grid-constant"`).
+    Positive angles turn the same way as torchvision's `rotate` and `scipy.ndimage.rotate`.
+
+    Args:
+      image: `(H, W, C)` float image.
+      degrees: scalar angle in degrees; may be traced.
+
+    Returns:
+      `(H, W, C)` array with the dtype of `image`.
+
+    Raises:
+      ValueError: if `image` is not 3-D.
+    """
+    _check_image(image)
+    height, width = image.shape[0], image.shape[1]
+    theta = jnp.deg2rad(jnp.asarray(degrees, jnp.float32))
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
+    # Pixel-centre coordinates relative to the image centre; each output pixel samples the input
+    # at the inverse rotation of its own position.
+    rows = jnp.arange(height, dtype=jnp.float32)[:, None] - (height - 1) / 2
+    cols = jnp.arange(width, dtype=jnp.float32)[None, :] - (width - 1) / 2
+    src_rows = sin * cols + cos * rows + (height - 1) / 2
+    src_cols = cos * cols - sin * rows + (width - 1) / 2
+
+    def sample(channel: jax.Array) -> jax.Array:
+        return jax.scipy.ndimage.map_coordinates(
+            channel, [src_rows, src_cols], order=1, mode="constant", cval=0.0
+        )
+
+    return jax.vmap(sample, in_axes=2, out_axes=2)(image).astype(image.dtype)
+
+
+def random_rotation(key: jax.Array, image: jax.Array, max_degrees: jax.Array | float) -> jax.Array:
+    """Rotates the image about its centre by an angle `~ U(-max_degrees, max_degrees)`.
+
+    Bilinear with zero fill, see `rotate` (torchvision's `RandomRotation` defaults to nearest
+    neighbour; bilinear avoids its jagged edges and costs the same here).
+
+    Args:
+      key: PRNG key.
+      image: `(H, W, C)` float image.
+      max_degrees: non-negative bound of the angle in degrees; may be traced.
+
+    Returns:
+      `(H, W, C)` array with the dtype of `image`.
+
+    Raises:
+      ValueError: if `image` is not 3-D.
+    """
+    max_degrees = jnp.asarray(max_degrees, jnp.float32)
+    angle = jax.random.uniform(key, (), minval=-max_degrees, maxval=max_degrees)
+    return rotate(image, angle)
+
+
+def _check_color_image(image: jax.Array) -> int:
+    _check_image(image)
+    channels = image.shape[2]
+    if channels not in (1, 3):
+        raise ValueError(f"colour operations need 1 or 3 channels, got shape {image.shape}.")
+    return channels
+
+
+def rgb_to_grayscale(image: jax.Array) -> jax.Array:
+    """Luma `0.299 R + 0.587 G + 0.114 B` (torchvision's `rgb_to_grayscale`).
+
+    Args:
+      image: `(H, W, C)` image, `C` in `{1, 3}`; a 1-channel image is returned unchanged.
+
+    Returns:
+      `(H, W, 1)` array with the dtype of `image`.
+
+    Raises:
+      ValueError: if `image` is not 3-D with 1 or 3 channels.
+    """
+    if _check_color_image(image) == 1:
+        return image
+    weights = jnp.asarray(_GRAY_WEIGHTS, image.dtype)
+    return jnp.sum(image * weights, axis=2, keepdims=True)
+
+
+def _blend(image: jax.Array, other: jax.Array, factor: jax.Array | float) -> jax.Array:
+    """`clip(factor * image + (1 - factor) * other, 0, 1)` in the dtype of `image`."""
+    factor = jnp.asarray(factor, image.dtype)
+    return jnp.clip(factor * image + (1 - factor) * other, 0, 1).astype(image.dtype)
+
+
+def adjust_brightness(image: jax.Array, factor: jax.Array | float) -> jax.Array:
+    """`clip(factor * image, 0, 1)` for a `(H, W, C)` image in `[0, 1]`; same shape and dtype."""
+    _check_image(image)
+    return _blend(image, jnp.zeros((), image.dtype), factor)
+
+
+def adjust_contrast(image: jax.Array, factor: jax.Array | float) -> jax.Array:
+    """Blends a `(H, W, C)` image in `[0, 1]` with the mean of its greyscale, clipped to `[0, 1]`.
+
+    `factor` 0 gives the uniform mean-grey image, 1 the image itself; same shape and dtype.
+    """
+    mean = jnp.mean(rgb_to_grayscale(image))
+    return _blend(image, mean, factor)
+
+
+def adjust_saturation(image: jax.Array, factor: jax.Array | float) -> jax.Array:
+    """Blends a `(H, W, C)` image in `[0, 1]` with its greyscale, clipped to `[0, 1]`.
+
+    `factor` 0 gives the greyscale image, 1 the image itself; the identity on 1-channel images.
+    Same shape and dtype.
+    """
+    if _check_color_image(image) == 1:
+        return image
+    return _blend(image, rgb_to_grayscale(image), factor)
+
+
+def adjust_hue(image: jax.Array, shift: jax.Array | float) -> jax.Array:
+    """Adds `shift` (in turns, so `[-0.5, 0.5]` covers every hue) to the HSV hue of every pixel.
+
+    Saturation and value (the channels' max and min) are kept; the identity on 1-channel images.
+    Computed without materialising HSV: hue is a piecewise-linear function of the RGB channels.
+
+    Args:
+      image: `(H, W, C)` image in `[0, 1]`, `C` in `{1, 3}`.
+      shift: scalar hue shift; may be traced.
+
+    Returns:
+      `(H, W, C)` array in `[0, 1]` with the dtype of `image`.
+
+    Raises:
+      ValueError: if `image` is not 3-D with 1 or 3 channels.
+    """
+    if _check_color_image(image) == 1:
+        return image
+    rgb = image.astype(jnp.float32)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    max_c = jnp.max(rgb, axis=2)
+    chroma = max_c - jnp.min(rgb, axis=2)
+    safe = jnp.where(chroma > 0, chroma, 1.0)  # grey pixels: any hue, their chroma is 0
+    # Hue in sextants, in [-1, 5): red, green or blue is the largest channel (torchvision order).
+    hue = jnp.where(
+        max_c == red,
+        (green - blue) / safe,
+        jnp.where(max_c == green, 2.0 + (blue - red) / safe, 4.0 + (red - green) / safe),
+    )
+    hue = hue + 6.0 * jnp.asarray(shift, jnp.float32)
+    # HSV -> RGB: channel n in (5, 3, 1) is v - chroma * clip(min(k, 4 - k), 0, 1),
+    # k = (n + hue) mod 6.
+    k = jnp.mod(jnp.asarray([5.0, 3.0, 1.0]) + hue[..., None], 6.0)
+    out = max_c[..., None] - chroma[..., None] * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+    return jnp.clip(out, 0.0, 1.0).astype(image.dtype)
+
+
+def color_jitter(
+    key: jax.Array,
+    image: jax.Array,
+    brightness: jax.Array | float,
+    contrast: jax.Array | float,
+    saturation: jax.Array | float,
+    hue: jax.Array | float,
+) -> jax.Array:
+    """Random brightness, contrast, saturation and hue changes (torchvision's `ColorJitter`).
+
+    Factors `~ U(max(0, 1 - s), 1 + s)` for the first three strengths `s`, a hue shift
+    `~ U(-hue, hue)`, `hue <= 0.5`; every step is clipped to `[0, 1]`. Unlike torchvision, which
+    applies the four steps in a random order per image, the order is fixed (brightness, contrast,
+    saturation, hue): one static graph, and no `switch` that would evaluate all 24 orders under
+    `vmap`. All strengths 0 is the identity (up to float rounding in the hue step).
+
+    Args:
+      key: PRNG key.
+      image: `(H, W, C)` float image with values in `[0, 1]`, `C` in `{1, 3}`; saturation and hue
+        leave 1-channel images unchanged.
+      brightness, contrast, saturation, hue: non-negative strengths; may be traced.
+
+    Returns:
+      `(H, W, C)` array in `[0, 1]` with the dtype of `image`.
+
+    Raises:
+      ValueError: if `image` is not 3-D with 1 or 3 channels.
+    """
+    _check_color_image(image)
+    u_bright, u_contrast, u_sat, u_hue = jax.random.uniform(key, (4,))
+
+    def factor(strength, u):
+        strength = jnp.asarray(strength, jnp.float32)
+        low = jnp.maximum(1.0 - strength, 0.0)
+        return low + (1.0 + strength - low) * u
+
+    image = adjust_brightness(image, factor(brightness, u_bright))
+    image = adjust_contrast(image, factor(contrast, u_contrast))
+    image = adjust_saturation(image, factor(saturation, u_sat))
+    return adjust_hue(image, jnp.asarray(hue, jnp.float32) * (2.0 * u_hue - 1.0))
+
+
+def random_grayscale(key: jax.Array, image: jax.Array, p: jax.Array | float) -> jax.Array:
+    """With probability `p`, replaces an RGB image by its greyscale repeated over 3 channels.
+
+    Args:
+      key: PRNG key.
+      image: `(H, W, C)` image, `C` in `{1, 3}`; 1-channel images are returned unchanged.
+      p: probability of greyscale; may be traced.
+
+    Returns:
+      `(H, W, C)` array with the dtype of `image`.
+
+    Raises:
+      ValueError: if `image` is not 3-D with 1 or 3 channels.
+    """
+    if _check_color_image(image) == 1:
+        return image
+    gray = jnp.broadcast_to(rgb_to_grayscale(image), image.shape)
+    return jnp.where(jax.random.bernoulli(key, p), gray, image)
+
+
 def _view_none(
     key: jax.Array,
     image: jax.Array,
@@ -210,11 +466,25 @@ def _view_crop_flip(
     return random_flip(key_flip, _view_crop(key_crop, image, out_size, crop_scale))
 
 
+def _view_odc(
+    key: jax.Array,
+    image: jax.Array,
+    out_size: tuple[int, int],
+    crop_scale: tuple[float, float],
+) -> jax.Array:
+    key_crop, key_flip, key_rotate, key_jitter, key_gray = jax.random.split(key, 5)
+    image = random_flip(key_flip, _view_crop(key_crop, image, out_size, crop_scale))
+    image = random_rotation(key_rotate, image, _ODC_ROTATION_DEGREES)
+    image = color_jitter(key_jitter, image, **_ODC_JITTER)
+    return random_grayscale(key_gray, image, _ODC_GRAYSCALE_P)
+
+
 _VIEW_FNS = {
     "none": _view_none,
     "flip": _view_flip,
     "crop": _view_crop,
     "crop_flip": _view_crop_flip,
+    "odc": _view_odc,
 }
 
 
@@ -230,13 +500,15 @@ def augment_batch(
 
     Args:
       key: PRNG key; split into one key per image.
-      images: `(B, H, W, C)` float images.
+      images: `(B, H, W, C)` float images; `"odc"` needs values in `[0, 1]` and `C` in `{1, 3}`.
       mode: one of `AUGMENT_MODES` (static): `"none"` resizes only (clustering pass, eval and
         the domain-agnostic setting), `"flip"` resizes and randomly mirrors, `"crop"` takes a
         random resized crop (for data a mirror would change, such as digits), `"crop_flip"` a
-        random resized crop randomly mirrored (DeepCluster's training augmentation).
+        random resized crop randomly mirrored (DeepCluster's training augmentation), `"odc"`
+        the crop and mirror followed by a rotation within +-2 degrees, `color_jitter(0.4, 0.4,
+        1.0, 0.5)` and greyscale with probability 0.2 (ODC's training augmentation).
       out_size: static `(out_h, out_w)`.
-      crop_scale: area bounds of the random crop, used by `"crop"` and `"crop_flip"` only.
+      crop_scale: area bounds of the random crop, used by `"crop"`, `"crop_flip"` and `"odc"`.
 
     Returns:
       `(B, out_h, out_w, C)` array with the dtype of `images`.

@@ -1,5 +1,11 @@
 """The on-device input pipeline: the uint8 image bank lives on the device and batches are gathered
-from it by index inside jitted code, then normalised and (for training) augmented there.
+from it by index inside jitted code, then scaled to [0, 1], resized (and for training augmented)
+and normalised there.
+
+Augmentation runs before the per-channel normalisation, as torchvision's ``ToTensor`` ->
+augment -> ``Normalize`` order: the colour operations of the ``odc`` mode need [0, 1] pixels and
+the rotation's fill is black (0) before normalisation. Resizing, cropping and flipping commute with
+the normalisation, so the other modes are unchanged up to float rounding.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ class Pipeline:
     Attributes:
       mean, std: per-channel statistics of the training images, in [0, 1] units, (C,) tuples.
       out_size: (height, width) given to the network.
-      augment: training augmentation mode (``none``, ``flip``, ``crop``, ``crop_flip``);
-        evaluation and the clustering pass never augment.
+      augment: training augmentation mode, one of ``augment.AUGMENT_MODES`` (``none``,
+        ``flip``, ``crop``, ``crop_flip``, ``odc``); evaluation and the clustering pass never
+        augment.
       crop_scale: area range of the random resized crop.
     """
 
@@ -34,24 +41,37 @@ class Pipeline:
     augment: str = "none"
     crop_scale: tuple[float, float] = (0.08, 1.0)
 
-    def _to_float(self, images: jax.Array) -> jax.Array:
-        return augment.to_float(images, jnp.asarray(self.mean), jnp.asarray(self.std))
+    def _normalize(self, images: jax.Array) -> jax.Array:
+        return augment.normalize(images, jnp.asarray(self.mean), jnp.asarray(self.std))
 
     def train_batch(self, key: jax.Array, images: jax.Array) -> jax.Array:
-        """(B, H, W, C) uint8 -> (B, out_h, out_w, C) float32, augmented with ``key``."""
-        return augment.augment_batch(
+        """(B, H, W, C) uint8 -> (B, out_h, out_w, C) float32, augmented with ``key``.
+
+        Augments ``images / 255`` and normalises afterwards.
+        """
+        views = augment.augment_batch(
             key,
-            self._to_float(images),
+            _to_unit(images),
             mode=self.augment,
             out_size=self.out_size,
             crop_scale=self.crop_scale,
         )
+        return self._normalize(views)
 
     def eval_batch(self, images: jax.Array) -> jax.Array:
-        """(B, H, W, C) uint8 -> (B, out_h, out_w, C) float32, deterministic."""
-        return augment.augment_batch(
-            jax.random.key(0), self._to_float(images), mode="none", out_size=self.out_size
+        """(B, H, W, C) uint8 -> (B, out_h, out_w, C) float32, deterministic.
+
+        Resizes ``images / 255`` and normalises afterwards, in the same order as ``train_batch``.
+        """
+        views = augment.augment_batch(
+            jax.random.key(0), _to_unit(images), mode="none", out_size=self.out_size
         )
+        return self._normalize(views)
+
+
+def _to_unit(images: jax.Array) -> jax.Array:
+    """uint8 pixels in [0, 255] -> float32 in [0, 1]."""
+    return images.astype(jnp.float32) / 255.0
 
 
 def make_pipeline(config: ml_collections.ConfigDict, train_images: np.ndarray) -> Pipeline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -27,7 +28,9 @@ class Evaluator:
     def __init__(self, run: Run):
         self._run = run
         cfg = run.config.eval
-        self._layers = tuple(dict.fromkeys([cfg.probe_layer, cfg.knn_layer]))
+        self._probes = (cfg.probe_layer, *cfg.get("extra_probe_layers", ()))
+        names = [part for probe in self._probes for part in probe.split("+")]
+        self._layers = tuple(dict.fromkeys([*names, cfg.knn_layer]))
         self._feature_fn = make_feature_fn(run.ctx.model, run.pipeline, self._layers, run.mesh)
 
     def __call__(self, state: TrainState) -> dict[str, float]:
@@ -45,21 +48,26 @@ class Evaluator:
         train = extract_features(self._feature_fn, state, run.train_images, batch)
         test = extract_features(self._feature_fn, state, test_images, batch)
         num_classes = int(max(data.train_labels.max(), test_labels.max()) + 1)
-        probe = linear_probe(
-            jax.random.PRNGKey(run.config.seed),
-            train[cfg.probe_layer],
-            data.train_labels,
-            test[cfg.probe_layer],
-            test_labels,
-            num_classes=num_classes,
-            num_epochs=cfg.probe_epochs,
-            batch_size=cfg.probe_batch_size,
-            learning_rate=cfg.probe_learning_rate,
-        )
-        results = {
-            "probe_accuracy": float(probe.test_accuracy),
-            "probe_train_accuracy": float(probe.train_accuracy),
-            "knn_accuracy": float(
+        results = {}
+        for i, layer in enumerate(self._probes):
+            probe = linear_probe(
+                jax.random.PRNGKey(run.config.seed),
+                _layer(train, layer),
+                data.train_labels,
+                _layer(test, layer),
+                test_labels,
+                num_classes=num_classes,
+                num_epochs=cfg.probe_epochs,
+                batch_size=cfg.probe_batch_size,
+                learning_rate=cfg.probe_learning_rate,
+            )
+            if i == 0:
+                results["probe_accuracy"] = float(probe.test_accuracy)
+                results["probe_train_accuracy"] = float(probe.train_accuracy)
+            else:
+                results[f"probe_accuracy/{layer}"] = float(probe.test_accuracy)
+        results.update(
+            knn_accuracy=float(
                 knn_accuracy(
                     train[cfg.knn_layer],
                     data.train_labels,
@@ -69,8 +77,16 @@ class Evaluator:
                     num_classes=num_classes,
                 )
             ),
-        }
+        )
         if int(state.cycle) > 0 and hasattr(state.method, "pseudo_labels"):
             labels = np.asarray(state.method.pseudo_labels)
             results["nmi_pseudo_labels"] = scores.nmi(data.train_labels, labels)
         return results
+
+
+def _layer(features: dict[str, jax.Array], probe: str) -> jax.Array:
+    """The probe's (N, ...) features; ``"a+b"``: layers a and b flattened and concatenated."""
+    parts = probe.split("+")
+    if len(parts) == 1:
+        return features[probe]
+    return jnp.concatenate([features[p].reshape(features[p].shape[0], -1) for p in parts], -1)

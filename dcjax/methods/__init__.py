@@ -1,13 +1,20 @@
 """Methods, registered by name: ``config.method.name`` picks one."""
 
-from dcjax.methods import deepcluster, deepcluster_v2, sela
+from dcjax.methods import deepcluster, deepcluster_v2, odc, sela
 from dcjax.methods.base import Context, Method
 
 __all__ = ["METHODS", "Context", "Method", "get_method"]
 
 METHODS: dict[str, Method] = {
     m.name: m
-    for m in (deepcluster.METHOD, sela.METHOD, deepcluster_v2.METHOD, deepcluster_v2.KD_METHOD)
+    for m in (
+        deepcluster.METHOD,
+        sela.METHOD,
+        deepcluster_v2.METHOD,
+        deepcluster_v2.KD_METHOD,
+        odc.METHOD,
+        odc.CODC_METHOD,
+    )
 }
 
 

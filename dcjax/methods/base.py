@@ -72,11 +72,16 @@ class Method(NamedTuple):
       init_state: ``(ctx) -> method state``, a pytree of arrays.
       loss_fn: ``(method_state, outputs, indices) -> (loss, metrics)``; ``indices`` (B,) are the
         batch's example indices; pure and traced inside the train step.
-      online_update: ``(method_state, outputs, indices) -> method_state``, per step inside the
-        train step (memories); identity for methods without one.
+      online_update: ``(method_state, outputs, indices) -> (method_state, metrics)``, per step
+        inside the train step after the gradient (memories, online labels); identity and no
+        metrics for methods without one.
       wants_features: ``(ctx, cycle) -> bool``: whether ``recluster`` needs a feature pass.
       recluster: ``(ctx, state, features | None) -> (state, stats)`` at the start of a cycle.
       sample: ``(ctx, state, seed) -> (num_samples,) int32`` indices for the epoch.
+      state_sharding: ``(mesh, method_state) -> pytree of shardings`` for the method state, or
+        None to replicate it (large memories split their example axis over the mesh).
+      init_variables: ``(config, variables) -> variables`` applied to the freshly initialised
+        model variables (e.g. trunks loaded from earlier runs), or None.
     """
 
     name: str
@@ -87,6 +92,8 @@ class Method(NamedTuple):
     wants_features: Callable[[Context, int], bool]
     recluster: Callable[[Context, Any, jax.Array | None], tuple[Any, dict[str, float]]]
     sample: Callable[[Context, Any, np.random.Generator], np.ndarray]
+    state_sharding: Callable[[Mesh, PyTree], PyTree] | None = None
+    init_variables: Callable[[ml_collections.ConfigDict, PyTree], PyTree] | None = None
 
 
 def pseudo_label_loss(
@@ -101,7 +108,7 @@ def pseudo_label_loss(
 def no_online_update(method_state: PyTree, outputs: dict[str, jax.Array], indices: jax.Array):
     """``Method.online_update`` of methods without per-step memories: the state unchanged."""
     del outputs, indices
-    return method_state
+    return method_state, {}
 
 
 def label_stats(

@@ -156,11 +156,11 @@ def loss_fn(method_state: DCv2State, outputs: dict[str, jax.Array], indices: jax
     return loss, metrics
 
 
-def online_update(method_state: DCv2State, outputs, indices) -> DCv2State:
+def online_update(method_state: DCv2State, outputs, indices) -> tuple[DCv2State, dict]:
     """Writes the batch's (B, C, D) embeddings into the memory at its example indices."""
     embeddings = jax.lax.stop_gradient(outputs["embeddings"]).astype(method_state.memory.dtype)
     memory = method_state.memory.at[:, indices].set(jnp.swapaxes(embeddings, 0, 1))
-    return method_state.replace(memory=memory)
+    return method_state.replace(memory=memory), {}
 
 
 def wants_features(ctx: Context, cycle: int) -> bool:

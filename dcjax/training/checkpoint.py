@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 
 from dcjax.training.state import TrainState
 
-__all__ = ["make_manager", "restore_latest", "save"]
+__all__ = ["make_manager", "restore_latest", "restore_trunk", "save"]
 
 
 def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -33,3 +33,19 @@ def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
     """Saves ``state`` under its cycle number and waits, so a kill never loses a finished cycle."""
     manager.save(int(state.cycle), args=ocp.args.StandardSave(state))
     manager.wait_until_finished()
+
+
+def restore_trunk(workdir: str) -> tuple[dict, dict]:
+    """The trunk's (params, batch_stats) from the latest checkpoint of the run in ``workdir``.
+
+    Any method's run works: only ``params["trunk"]`` and ``batch_stats["trunk"]`` are read.
+
+    Raises:
+      FileNotFoundError: naming ``workdir`` when it holds no checkpoint.
+    """
+    manager = make_manager(workdir, keep=1)
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir} holds no checkpoint under checkpoints/")
+    state = manager.restore(step, args=ocp.args.StandardRestore())
+    return state["params"]["trunk"], state.get("batch_stats", {}).get("trunk", {})

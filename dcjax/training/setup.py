@@ -35,7 +35,13 @@ class Run:
 
     @property
     def state_sharding(self):
-        return jax.tree.map(lambda _: replicated(self.mesh), self.initial_state)
+        """Everything replicated except what the method's ``state_sharding`` splits."""
+        sharding = jax.tree.map(lambda _: replicated(self.mesh), self.initial_state)
+        if self.method.state_sharding is None:
+            return sharding
+        return sharding.replace(
+            method=self.method.state_sharding(self.mesh, self.initial_state.method)
+        )
 
 
 def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh, num_examples: int) -> None:
@@ -68,6 +74,8 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     channels = dataset.train_images.shape[-1]
     dummy = jnp.zeros((1, *pipeline.out_size, channels), jnp.float32)
     variables = jax.jit(lambda k: model.init(k, dummy, train=False))(key_params)
+    if method.init_variables is not None:
+        variables = method.init_variables(config, variables)
     outputs = jax.eval_shape(lambda v: model.apply(v, dummy, train=False), variables)
     cluster_layer = config.method.get("cluster_layer", "features")
     ctx = Context(
@@ -93,7 +101,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     )
     place = replicated(mesh)
     test_images = dataset.test_images
-    return Run(
+    built = Run(
         config=config,
         mesh=mesh,
         dataset=dataset,
@@ -102,5 +110,6 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
         ctx=ctx,
         train_images=jax.device_put(dataset.train_images, place),
         test_images=None if test_images is None else jax.device_put(test_images, place),
-        initial_state=jax.device_put(state, place),
+        initial_state=state,
     )
+    return dataclasses.replace(built, initial_state=jax.device_put(state, built.state_sharding))

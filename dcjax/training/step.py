@@ -54,6 +54,7 @@ def make_train_step(
         (loss, (metrics, outputs, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
             state.params
         )
+        method_state, online_metrics = method.online_update(state.method, outputs, indices)
         params, opt_state = {}, {}
         for group, tx in optimizers.items():
             updates, opt_state[group] = tx.update(
@@ -65,9 +66,9 @@ def make_train_step(
             params=params,
             batch_stats=batch_stats,
             opt_state=opt_state,
-            method=method.online_update(state.method, outputs, indices),
+            method=method_state,
         )
-        return new_state, {"loss": loss, **metrics}
+        return new_state, {"loss": loss, **metrics, **online_metrics}
 
     return jax.jit(
         train_step,

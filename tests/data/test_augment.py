@@ -5,12 +5,16 @@ to a few shapes (compilations are cached per shape), and run eagerly once, in th
 test.
 """
 
+import colorsys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.ndimage
 
 from dcjax.data import augment
+from dcjax.data.pipeline import Pipeline
 
 _SHAPE = (11, 13, 3)  # (H, W, C) of the random test images
 _OUT = (8, 6)
@@ -19,6 +23,9 @@ _crop = jax.jit(augment.random_resized_crop, static_argnames=("out_size",))
 _center = jax.jit(augment.center_resize, static_argnames=("out_size",))
 _flip = jax.jit(augment.random_flip)
 _batch = jax.jit(augment.augment_batch, static_argnames=("mode", "out_size", "crop_scale"))
+_rotate = jax.jit(augment.rotate)
+_COLOR_SHAPE = (8, 8, 3)  # (H, W, C) of the colour-test images
+_GRAY = np.array([0.299, 0.587, 0.114])
 
 
 @pytest.fixture
@@ -208,9 +215,230 @@ def test_augment_batch_crop_is_a_per_example_random_resized_crop(key, images):
         np.testing.assert_allclose(o, _crop(k, x, out_size=_OUT, scale=(0.3, 1.0)), atol=1e-6)
 
 
+def test_augment_batch_odc_is_keyed_and_in_unit_range(key, rng):
+    unit = jnp.asarray(rng.uniform(size=(3, *_SHAPE)), jnp.float32)
+    out = _batch(key, unit, mode="odc", out_size=_OUT)
+    assert out.shape == (3, *_OUT, 3) and out.dtype == jnp.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    np.testing.assert_array_equal(out, _batch(key, unit, mode="odc", out_size=_OUT))
+    assert not np.allclose(out, _batch(jax.random.split(key)[1], unit, mode="odc", out_size=_OUT))
+    same = _batch(key, jnp.broadcast_to(unit[0], unit.shape), mode="odc", out_size=_OUT)
+    assert not np.allclose(same[0], same[1])
+
+
+def test_augment_batch_odc_traces_on_one_channel_images(key):
+    # Greyscale data (digits): saturation, hue and greyscale are skipped. Shapes only (no compile).
+    out = jax.eval_shape(
+        lambda k, x: augment.augment_batch(k, x, mode="odc", out_size=(8, 8)),
+        key,
+        jax.ShapeDtypeStruct((2, 9, 9, 1), jnp.float32),
+    )
+    assert out.shape == (2, 8, 8, 1) and out.dtype == jnp.float32
+
+
 def test_augment_batch_unknown_mode_lists_modes(key, images):
     with pytest.raises(ValueError, match="crop_flip"):
         augment.augment_batch(key, images, mode="jitter", out_size=_OUT)
+
+
+# ---------------------------------------------------------------------------------------------
+# rotate / random_rotation
+
+
+def test_rotate_matches_scipy(rng):
+    # Non-square, one odd and one even side: checks the centre and the direction of rotation.
+    image = rng.uniform(size=(10, 13, 3))
+    angles = [2.0, -2.0, 90.0, *rng.uniform(-180.0, 180.0, size=3)]
+    for degrees in angles:
+        out = np.asarray(_rotate(jnp.asarray(image, jnp.float32), degrees))
+        ref = scipy.ndimage.rotate(image, degrees, reshape=False, order=1, mode="grid-constant")
+        np.testing.assert_allclose(out, ref, atol=1e-5, err_msg=f"{degrees} degrees")
+        # scipy's "constant" mode fills every sample outside [0, n - 1] instead of blending with
+        # the fill over the outer half pixel; inside, the two agree.
+        ref = scipy.ndimage.rotate(image, degrees, reshape=False, order=1, mode="constant", cval=0)
+        ones = scipy.ndimage.rotate(np.ones(image.shape), degrees, reshape=False, order=1)
+        inside = np.isclose(ones, 1.0)
+        assert inside.mean() > 0.5
+        np.testing.assert_allclose(out[inside], ref[inside], atol=1e-5, err_msg=f"{degrees}")
+
+
+_rotate_ramps = jax.jit(jax.vmap(lambda degrees: augment.rotate(_ramps(16), degrees)))
+_random_rotate_ramps = jax.jit(
+    jax.vmap(
+        lambda seed, max_degrees: augment.random_rotation(
+            jax.random.key(seed), _ramps(16), max_degrees
+        ),
+        in_axes=(0, None),
+    )
+)
+
+
+def _ramp_angles(outs: np.ndarray) -> np.ndarray:
+    """Counter-clockwise angles (degrees) of rotated `_ramps(16)` images, from their interior.
+
+    Bilinear sampling is exact on the column ramp, so output channel 0 is the source column,
+    `cos(a) * col - sin(a) * row + const` around the centre.
+    """
+    interior = np.asarray(outs)[:, 5:11, 5:11, 0]
+    d_col = np.diff(interior, axis=2).mean(axis=(1, 2))
+    d_row = np.diff(interior, axis=1).mean(axis=(1, 2))
+    return np.degrees(np.arctan2(-d_row, d_col))
+
+
+def test_rotate_known_angles_on_ramps(rng):
+    angles = np.array([90.0, -2.0, *rng.uniform(-170.0, 170.0, size=4)], np.float32)
+    outs = _rotate_ramps(angles)
+    np.testing.assert_allclose(_ramp_angles(outs), angles, atol=1e-3)
+    # +90 degrees turns counter-clockwise as displayed: the right edge moves to the top.
+    np.testing.assert_allclose(outs[0], np.rot90(_ramps(16), axes=(0, 1)), atol=1e-5)
+
+
+def test_random_rotation_angles_are_uniform_within_bounds(rng):
+    seeds = rng.integers(2**31, size=64)
+    angles = _ramp_angles(_random_rotate_ramps(seeds, 10.0))
+    assert np.all(np.abs(angles) <= 10.0 + 1e-3)
+    # Both signs and most of the range occur among 64 draws.
+    assert angles.min() < -7.5 and angles.max() > 7.5
+    # A zero bound is the identity.
+    np.testing.assert_allclose(
+        _random_rotate_ramps(seeds[:2], 0.0), np.broadcast_to(_ramps(16), (2, 16, 16, 2)), atol=1e-5
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# colour: greyscale, brightness, contrast, saturation, hue, color_jitter, random_grayscale
+
+
+@pytest.fixture
+def color_image(rng):
+    """(8, 8, 3) float64 pixels in [0, 1], with greys, black, white and tied channels."""
+    pixels = rng.uniform(size=_COLOR_SHAPE)
+    pixels[0, :6] = [[0.5, 0.5, 0.5], [0, 0, 0], [1, 1, 1], [1, 1, 0.2], [0.3, 0.9, 0.9], [1, 0, 0]]
+    return pixels
+
+
+def _gray_np(image: np.ndarray) -> np.ndarray:
+    return image @ _GRAY
+
+
+def test_rgb_to_grayscale_uses_luma_weights(color_image):
+    out = jax.jit(augment.rgb_to_grayscale)(jnp.asarray(color_image, jnp.float32))
+    assert out.shape == (*_COLOR_SHAPE[:2], 1)
+    np.testing.assert_allclose(out[..., 0], _gray_np(color_image), atol=1e-6)
+
+
+_adjust = jax.jit(
+    lambda image, b, c, s: (
+        augment.adjust_brightness(image, b),
+        augment.adjust_contrast(image, c),
+        augment.adjust_saturation(image, s),
+    )
+)
+
+
+def test_brightness_contrast_saturation_match_numpy(rng, color_image):
+    for b, c, s in [rng.uniform(0.0, 2.0, size=3), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)]:
+        outs = _adjust(jnp.asarray(color_image, jnp.float32), b, c, s)
+        gray = _gray_np(color_image)[..., None]
+        expected = (
+            np.clip(b * color_image, 0, 1),
+            np.clip(c * color_image + (1 - c) * gray.mean(), 0, 1),
+            np.clip(s * color_image + (1 - s) * gray, 0, 1),
+        )
+        for name, out, ref in zip(
+            ("brightness", "contrast", "saturation"), outs, expected, strict=True
+        ):
+            assert out.dtype == jnp.float32
+            np.testing.assert_allclose(out, ref, atol=2e-6, err_msg=f"{name}, {(b, c, s)}")
+
+
+_hue = jax.jit(augment.adjust_hue)
+
+
+def test_adjust_hue_matches_colorsys(rng, color_image):
+    for shift in [0.0, 0.5, -0.5, *rng.uniform(-0.5, 0.5, size=3)]:
+        out = _hue(jnp.asarray(color_image, jnp.float32), shift)
+        ref = np.empty_like(color_image)
+        for index in np.ndindex(*_COLOR_SHAPE[:2]):
+            h, s, v = colorsys.rgb_to_hsv(*color_image[index])
+            ref[index] = colorsys.hsv_to_rgb((h + shift) % 1.0, s, v)
+        np.testing.assert_allclose(out, ref, atol=2e-6, err_msg=f"shift {shift}")
+
+
+def test_color_ops_are_identity_on_one_channel(rng, key):
+    image = jnp.asarray(rng.uniform(size=(5, 4, 1)), jnp.float32)
+    for out in (
+        augment.rgb_to_grayscale(image),
+        augment.adjust_saturation(image, 0.3),
+        augment.adjust_hue(image, 0.2),
+        augment.random_grayscale(key, image, 1.0),
+    ):
+        np.testing.assert_array_equal(out, image)
+
+
+_jitter_many = jax.jit(
+    jax.vmap(augment.color_jitter, in_axes=(0, None, None, None, None, None)),
+)
+
+
+def test_color_jitter_zero_strength_is_identity(key, color_image):
+    image = jnp.asarray(color_image, jnp.float32)
+    outs = _jitter_many(jax.random.split(key, 64), image, 0.0, 0.0, 0.0, 0.0)
+    np.testing.assert_allclose(outs, np.broadcast_to(color_image, outs.shape), atol=1e-6)
+
+
+def test_color_jitter_range_and_single_strengths(key, rng):
+    keys = jax.random.split(key, 64)
+    strong = _jitter_many(
+        keys, jnp.asarray(rng.uniform(size=_COLOR_SHAPE), jnp.float32), 0.9, 0.9, 1.0, 0.5
+    )
+    assert strong.dtype == jnp.float32 and strong.min() >= 0.0 and strong.max() <= 1.0
+    assert np.std(np.asarray(strong).reshape(64, -1).mean(axis=1)) > 1e-3  # keyed
+
+    # Mid-grey-ish pixels: no step below clips, so each factor shows exactly.
+    image = rng.uniform(0.4, 0.6, size=_COLOR_SHAPE)
+    x = jnp.asarray(image, jnp.float32)
+    # Brightness only: one factor per image, ~ U(0.6, 1.4).
+    factors = np.asarray(_jitter_many(keys, x, 0.4, 0.0, 0.0, 0.0)) / image
+    np.testing.assert_allclose(factors, factors[:, :1, :1, :1] * np.ones_like(factors), rtol=1e-5)
+    factors = factors[:, 0, 0, 0]
+    assert factors.min() >= 0.6 - 1e-5 and factors.max() <= 1.4 + 1e-5
+    assert factors.min() < 0.8 and factors.max() > 1.2
+    # Contrast only: the greyscale mean is kept. Saturation only: the greyscale is kept.
+    for strengths, kept in (
+        ((0.0, 0.4, 0.0, 0.0), _gray_np(image).mean()),
+        ((0.0, 0.0, 1.0, 0.0), _gray_np(image)),
+    ):
+        outs = np.asarray(_jitter_many(keys, x, *strengths))
+        grays = _gray_np(outs)
+        if np.ndim(kept) == 0:
+            grays = grays.mean(axis=(1, 2))
+        np.testing.assert_allclose(grays, np.broadcast_to(kept, grays.shape), atol=1e-5)
+        assert not np.allclose(outs, image, atol=1e-3)
+    # Hue only: every pixel keeps its largest and smallest channel value.
+    outs = np.asarray(_jitter_many(keys, x, 0.0, 0.0, 0.0, 0.5))
+    np.testing.assert_allclose(
+        outs.max(axis=-1), np.broadcast_to(image.max(axis=-1), outs.shape[:-1]), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        outs.min(axis=-1), np.broadcast_to(image.min(axis=-1), outs.shape[:-1]), atol=1e-6
+    )
+    assert not np.allclose(outs, image, atol=1e-3)
+
+
+_grayscale_many = jax.jit(jax.vmap(augment.random_grayscale, in_axes=(0, None, None)))
+
+
+def test_random_grayscale_probability(key, color_image):
+    keys = jax.random.split(key, 256)
+    image = jnp.asarray(color_image, jnp.float32)
+    gray = np.repeat(_gray_np(color_image)[..., None], 3, axis=-1)
+    for p, low, high in ((0.0, 0, 0), (1.0, 256, 256), (0.2, 20, 90)):  # 0.2: mean 51, sd 6.4
+        outs = np.asarray(_grayscale_many(keys, image, p))
+        is_gray = np.array([np.allclose(o, gray, atol=1e-6) for o in outs])
+        is_same = np.array([np.array_equal(o, color_image.astype(np.float32)) for o in outs])
+        assert np.all(is_gray | is_same)
+        assert low <= is_gray.sum() <= high, (p, is_gray.sum())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,3 +452,55 @@ def test_jit_equals_eager(key, image):
         key_flip, augment.random_resized_crop(key_crop, image, out_size=_OUT, scale=(0.2, 1.0))
     )
     np.testing.assert_allclose(jitted, eager, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline: augment [0, 1] pixels, then normalise
+
+
+def _resize_np(image: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize with half-pixel centres, edge-clamped sample positions, no antialiasing."""
+
+    def weights(n_in: int, n_out: int) -> np.ndarray:
+        pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        low = np.floor(pos).astype(int)
+        high = np.minimum(low + 1, n_in - 1)
+        matrix = np.zeros((n_out, n_in))
+        np.add.at(matrix, (np.arange(n_out), low), 1 - (pos - low))
+        np.add.at(matrix, (np.arange(n_out), high), pos - low)
+        return matrix
+
+    rows, cols = weights(image.shape[0], out_size[0]), weights(image.shape[1], out_size[1])
+    return np.einsum("ih,jw,hwc->ijc", rows, cols, image)
+
+
+def test_pipeline_eval_batch_normalises_after_resize(rng):
+    pixels = rng.integers(0, 256, size=(2, 8, 8, 3), dtype=np.uint8)
+    mean, std = rng.uniform(0.2, 0.8, size=3), rng.uniform(0.1, 0.5, size=3)
+    pipeline = Pipeline(mean=tuple(mean), std=tuple(std), out_size=(6, 10), augment="odc")
+    out = jax.jit(pipeline.eval_batch)(jnp.asarray(pixels))
+    expected = [(_resize_np(x / 255.0, (6, 10)) - mean) / std for x in pixels]
+    assert out.shape == (2, 6, 10, 3) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, np.stack(expected), atol=1e-5)
+
+
+def test_pipeline_train_batch_augments_then_normalises(monkeypatch, key, rng):
+    # A stand-in augmentation records its input and returns black images: the pipeline must hand
+    # it [0, 1] pixels and normalise its output, so black comes out as -mean / std.
+    seen = {}
+
+    def fake_augment_batch(key, images, *, mode, out_size, crop_scale):
+        seen.update(images=np.asarray(images), mode=mode, crop_scale=crop_scale)
+        return jnp.zeros((images.shape[0], *out_size, images.shape[-1]), images.dtype)
+
+    monkeypatch.setattr(augment, "augment_batch", fake_augment_batch)
+    pixels = rng.integers(0, 256, size=(2, 5, 4, 3), dtype=np.uint8)
+    mean, std = rng.uniform(0.2, 0.8, size=3), rng.uniform(0.1, 0.5, size=3)
+    pipeline = Pipeline(
+        mean=tuple(mean), std=tuple(std), out_size=(3, 2), augment="odc", crop_scale=(0.3, 1.0)
+    )
+    out = pipeline.train_batch(key, jnp.asarray(pixels))
+    assert seen["mode"] == "odc" and seen["crop_scale"] == (0.3, 1.0)
+    np.testing.assert_allclose(seen["images"], pixels / 255.0, atol=1e-7)
+    assert out.shape == (2, 3, 2, 3) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, np.broadcast_to(-mean / std, out.shape), rtol=1e-6)

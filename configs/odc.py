@@ -1,0 +1,76 @@
+"""Online Deep Clustering (ODC) on scikit-learn's digits by default.
+
+Launch (the embedded default; no download):
+  python -m dcjax.main --config configs/odc.py
+
+What it does: a small CNN and a ReLU -> Linear(K=20) head trained for 25 epochs on labels held
+in a samples memory. One feature pass and k-means initialise the memory; after that there is no
+feature pass: every step writes the batch's features into the memory (momentum 0.5), re-labels
+the batch with its nearest centroid, recomputes the centroids every 10 steps and dissolves and
+refills clusters under 20 members (see ``dcjax/methods/odc.py``). The loss is cross-entropy
+re-weighted by 1 / sqrt(cluster size). Random resized crops (area 0.5-1, no mirroring: a mirrored
+digit is another symbol).
+
+Variants, comma-separated after a colon (``configs/odc.py:fmnist``):
+  fmnist   LeNet-5 on Fashion-MNIST (IDX files of Debian's dataset-fashion-mnist), the
+           optimiser and budget of configs/deepcluster.py:fmnist (lr 0.1, momentum 0.1, wd 1e-3,
+           batch 128), K=100, ODC's augmentation; probe on conv2.
+  cifar10  the deep-dive paper's mini-AlexNet with Sobel on a CIFAR-10 image folder
+           (``--config.data.path=...``), trunk and optimiser as configs/deepcluster.py:cifar10,
+           K=1000, ODC's augmentation (crop, flip, rotation +-2 degrees, colour jitter, grey).
+  smoke    a few seconds: tiny data subset and 2 epochs (the tests).
+
+Fields of ``config.method``: ``num_clusters`` K; ``memory_momentum``; ``reweight_pow``;
+``centroids_update_interval``; ``small_cluster_interval``; ``min_cluster_size``;
+``max_small_clusters`` (clusters dissolved per check, the rest wait for the next check);
+``split_iters`` (2-means iterations of a split); ``kmeans_iters`` (the initial k-means). K and
+``min_cluster_size`` must satisfy N >= 2 K min_cluster_size.
+"""
+
+import ml_collections
+
+from dcjax.config_base import apply_cifar10, apply_smoke, base_config, parse_variants
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    variants = parse_variants(arg, {"fmnist", "cifar10", "smoke"}, "configs/odc.py")
+    config = base_config()
+    # OpenSelfSup's defaults, except K (set per data set).
+    config.method = ml_collections.ConfigDict(
+        dict(
+            name="odc",
+            num_clusters=20,
+            memory_momentum=0.5,
+            reweight_pow=0.5,
+            centroids_update_interval=10,
+            small_cluster_interval=1,
+            min_cluster_size=20,
+            max_small_clusters=16,
+            split_iters=20,
+            kmeans_iters=20,
+            cluster_layer="features",
+            samples_per_epoch=0,  # 0 = N: one shuffled pass per epoch
+        )
+    )
+    config.augment = "crop"
+    config.input.crop_scale = (0.5, 1.0)
+    config.optim.head_momentum = config.optim.momentum  # the head persists across epochs
+    if "fmnist" in variants:
+        config.data.source = "idx"
+        config.model.name = "lenet5"
+        config.method.num_clusters = 100
+        config.optim.update(learning_rate=0.1, momentum=0.1, head_momentum=0.1, weight_decay=1e-3)
+        config.batch_size = 128
+        config.num_cycles = 50
+        config.augment = "odc"
+        config.input.crop_scale = (0.5, 1.0)
+        config.eval.update(probe_layer="conv2", probe_epochs=20, probe_batch_size=256)
+    if "cifar10" in variants:
+        apply_cifar10(config)
+        config.optim.head_momentum = config.optim.momentum
+        config.method.num_clusters = 1000
+        config.augment = "odc"
+    if "smoke" in variants:
+        apply_smoke(config)
+        config.method.update(num_clusters=4, min_cluster_size=8, max_small_clusters=2)
+    return config

@@ -1,0 +1,217 @@
+"""Online k-means on a samples memory (ODC, Zhan et al. 2020): jittable, fixed shapes.
+
+The memory holds one L2-normalised feature per training example and its cluster label; the
+centroids are the (un-normalised) means of their members. Every function here is pure and
+traceable: the train step calls them on the batch, and, behind ``lax.cond``, on the whole memory
+every few steps.
+
+Small clusters (fewer than ``min_size`` members) are handled at most ``max_small`` at a time:
+their members move to the nearest normal centroid, then each freed id takes one half of the
+then-largest cluster, split by 2-means. Clusters beyond ``max_small`` wait for the next check.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dcjax.clustering.pca import l2_normalize
+
+__all__ = [
+    "OnlineClusters",
+    "cluster_means",
+    "handle_small_clusters",
+    "momentum_write",
+    "nearest_centroid",
+    "reweight",
+    "split_cluster",
+]
+
+
+class OnlineClusters(NamedTuple):
+    """What the online clustering updates together.
+
+    Attributes:
+      labels: (N,) int32 cluster of every example.
+      centroids: (K, D) float32 member means.
+      counts: (K,) int32 members per cluster (``bincount(labels)``).
+    """
+
+    labels: jax.Array
+    centroids: jax.Array
+    counts: jax.Array
+
+
+def momentum_write(
+    memory: jax.Array, indices: jax.Array, features: jax.Array, momentum: float
+) -> tuple[jax.Array, jax.Array]:
+    """Writes ``l2(1 - m) old + m new)`` at ``indices``; returns (memory, the (B, D) new rows).
+
+    Args:
+      memory: (N, D); indices: (B,) distinct rows; features: (B, D) L2-normalised.
+      momentum: m, the weight of the new features (1 replaces them).
+    """
+    old = memory[indices]
+    rows = l2_normalize((1.0 - momentum) * old + momentum * features.astype(memory.dtype))
+    return memory.at[indices].set(rows), rows
+
+
+def nearest_centroid(
+    x: jax.Array, centroids: jax.Array, allowed: jax.Array | None = None
+) -> jax.Array:
+    """(n,) int32 index of the Euclidean-nearest of the (K, D) centroids for each (n, D) row.
+
+    ``allowed`` (K,) bool restricts the choice to some centroids.
+    """
+    dist = jnp.sum(jnp.square(centroids), axis=-1)[None, :] - 2.0 * x @ centroids.T
+    if allowed is not None:
+        dist = jnp.where(allowed[None, :], dist, jnp.inf)
+    return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+
+
+def cluster_means(
+    memory: jax.Array, labels: jax.Array, old: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(K, D) member means (an empty cluster keeps its ``old`` row) and (K,) int32 counts."""
+    k = old.shape[0]
+    sums = jax.ops.segment_sum(memory, labels, num_segments=k)
+    counts = jnp.bincount(labels, length=k).astype(jnp.int32)
+    means = sums / jnp.maximum(counts, 1)[:, None].astype(sums.dtype)
+    return jnp.where(counts[:, None] > 0, means, old), counts
+
+
+def reweight(counts: jax.Array, power: float) -> jax.Array:
+    """(K,) class weights ``(1 / (count + 1e-5)) ** power``, normalised to sum to 1."""
+    weights = (1.0 / (counts.astype(jnp.float32) + 1e-5)) ** power
+    return weights / jnp.sum(weights)
+
+
+def _masked_mean(memory: jax.Array, mask: jax.Array) -> jax.Array:
+    """(D,) mean of the rows where ``mask``; zero when none."""
+    weights = mask.astype(memory.dtype)
+    return weights @ memory / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _two_means(points: jax.Array, valid: jax.Array, num_iters: int) -> tuple[jax.Array, jax.Array]:
+    """Two centroids of the valid (P, D) points: farthest-point seeds, then Lloyd iterations."""
+
+    def far_from(c):
+        dist = jnp.sum(jnp.square(points - c), axis=-1)
+        return points[jnp.argmax(jnp.where(valid, dist, -jnp.inf))]
+
+    first = far_from(_masked_mean(points, valid))
+    second = far_from(first)
+
+    def body(_, pair):
+        a, b = pair
+        to_b = valid & (jnp.sum(jnp.square(points - b), -1) < jnp.sum(jnp.square(points - a), -1))
+        to_a = valid & ~to_b
+        a = jnp.where(jnp.any(to_a), _masked_mean(points, to_a), a)
+        b = jnp.where(jnp.any(to_b), _masked_mean(points, to_b), b)
+        return a, b
+
+    return jax.lax.fori_loop(0, num_iters, body, (first, second))
+
+
+def split_cluster(
+    key: jax.Array,
+    memory: jax.Array,
+    clusters: OnlineClusters,
+    source: jax.Array,
+    target: jax.Array,
+    *,
+    min_size: int,
+    num_iters: int = 20,
+    fit_points: int = 4096,
+) -> OnlineClusters:
+    """Moves one part of cluster ``source`` into the (empty) id ``target``.
+
+    2-means (``num_iters`` iterations) is fitted on up to ``fit_points`` random members, then
+    every member goes to the nearer of the two centres. If a side would have fewer than
+    ``min_size`` members, the split falls back to halving the members along the two centres'
+    axis (OpenSelfSup falls back to a random halving), so both parts keep at least
+    ``floor(size / 2)`` members. Both centroids and counts are recomputed.
+    """
+    n = memory.shape[0]
+    mask = clusters.labels == source
+    size = clusters.counts[source]
+    score = jnp.where(mask, jax.random.uniform(key, (n,)), -1.0)
+    _, rows = jax.lax.top_k(score, min(fit_points, n))
+    a, b = _two_means(memory[rows], score[rows] >= 0, num_iters)
+    closer_b = jnp.sum(jnp.square(memory - b), -1) < jnp.sum(jnp.square(memory - a), -1)
+    to_b = mask & closer_b
+    moved = jnp.sum(to_b)
+
+    def halve(_):
+        projection = jnp.where(mask, memory @ (b - a), -jnp.inf)
+        rank = jnp.zeros((n,), jnp.int32).at[jnp.argsort(-projection)].set(jnp.arange(n))
+        return mask & (rank < size // 2)
+
+    unbalanced = jnp.minimum(moved, size - moved) < min_size
+    to_b = jax.lax.cond(unbalanced, halve, lambda _: to_b, None)
+    moved = jnp.sum(to_b).astype(jnp.int32)
+    labels = jnp.where(to_b, target, clusters.labels)
+    centroids = clusters.centroids.at[source].set(_masked_mean(memory, mask & ~to_b))
+    centroids = centroids.at[target].set(_masked_mean(memory, to_b))
+    counts = clusters.counts.at[source].add(-moved).at[target].set(moved)
+    return OnlineClusters(labels, centroids, counts)
+
+
+def handle_small_clusters(
+    key: jax.Array,
+    memory: jax.Array,
+    clusters: OnlineClusters,
+    *,
+    min_size: int,
+    max_small: int,
+    split_iters: int = 20,
+    fit_points: int = 4096,
+) -> tuple[OnlineClusters, jax.Array]:
+    """Dissolves up to ``max_small`` clusters under ``min_size`` members and refills their ids.
+
+    The handled clusters' members (fewer than ``max_small * min_size`` rows) move to their
+    nearest centroid among the clusters that were not small; then, one id at a time, the
+    currently largest cluster is split in two (``split_cluster``) and one part takes the id.
+    With N >= 2 K ``min_size`` (checked by the method's config) the largest cluster always has
+    at least ``2 min_size`` members, so no handled id ends under the threshold.
+
+    Args:
+      key: PRNG key for the splits' member subsets.
+      memory: (N, D) features; clusters: the current labels, centroids and counts.
+
+    Returns:
+      The updated clusters and () int32 the number of small clusters found (before handling);
+      if it exceeds ``max_small`` the rest are handled by later calls.
+    """
+    k, n = clusters.centroids.shape[0], memory.shape[0]
+    small = clusters.counts < min_size
+    found = jnp.sum(small).astype(jnp.int32)
+    slots = jnp.nonzero(small, size=max_small, fill_value=k)[0]
+    handled = jnp.zeros((k,), bool).at[slots].set(True, mode="drop")
+    rows = jnp.nonzero(handled[clusters.labels], size=max_small * min_size, fill_value=n)[0]
+    feats = memory.at[rows].get(mode="fill", fill_value=0.0)
+    moved_to = nearest_centroid(feats, clusters.centroids, allowed=~small)
+    labels = clusters.labels.at[rows].set(moved_to, mode="drop")
+    counts = jnp.bincount(labels, length=k).astype(jnp.int32)
+    clusters = OnlineClusters(labels, clusters.centroids, counts)
+
+    def refill(i, clusters):
+        slot = slots[i]
+
+        def split(clusters):
+            return split_cluster(
+                jax.random.fold_in(key, i),
+                memory,
+                clusters,
+                jnp.argmax(clusters.counts),
+                slot,
+                min_size=min_size,
+                num_iters=split_iters,
+                fit_points=fit_points,
+            )
+
+        return jax.lax.cond(slot < k, split, lambda c: c, clusters)
+
+    return jax.lax.fori_loop(0, max_small, refill, clusters), found

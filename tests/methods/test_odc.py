@@ -1,0 +1,242 @@
+"""ODC and CODC: the online update inside the step against NumPy, the re-weighted loss, the
+labels every CODC backbone trains on, trunks loaded from earlier runs, 1 device against 8 and
+named errors for bad fields."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from dcjax.methods import odc
+from dcjax.training import checkpoint
+from dcjax.training.setup import build_run
+from dcjax.training.step import make_train_step
+from tests.helpers import load_config
+
+
+def _config(name="odc", **method):
+    config = load_config(name, "smoke")
+    config.method.update(method)
+    return config
+
+
+@pytest.fixture(scope="module")
+def odc_run():
+    # Centroids every 2 steps and small clusters every step, so 3 steps exercise both.
+    return build_run(_config(centroids_update_interval=2))
+
+
+def _unit_rows(rng, shape):
+    x = rng.normal(size=shape)
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _log_softmax64(z):
+    z = np.asarray(z, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _random_memory_state(rng, state, k):
+    """The method state with a random memory, labels and consistent centroids and counts."""
+    n, d = state.memory.shape
+    memory = _unit_rows(rng, (n, d))
+    labels = rng.permutation(np.arange(n) % k).astype(np.int32)  # every cluster n / k members
+    centroids = np.stack([memory[labels == j].mean(0) for j in range(k)])
+    return state.replace(
+        memory=jnp.asarray(memory),
+        labels=jnp.asarray(labels),
+        centroids=jnp.asarray(centroids),
+        counts=jnp.asarray(np.bincount(labels, minlength=k).astype(np.int32)),
+    )
+
+
+def test_online_update_writes_relabels_and_counts_like_numpy(rng):
+    k, n, d, b = 6, 120, 10, 16
+    state = odc.ODCState(
+        memory=jnp.zeros((n, d)),
+        labels=jnp.zeros((n,), jnp.int32),
+        centroids=jnp.zeros((k, d)),
+        counts=jnp.zeros((k,), jnp.int32),
+        step=jnp.int32(0),
+        momentum=float(rng.uniform(0.2, 0.9)),
+        centroids_interval=2,
+        small_interval=1000,
+        min_cluster_size=5,
+    )
+    state = _random_memory_state(rng, state, k)
+    before = jax.tree.map(np.asarray, state)
+    indices = rng.choice(n, b, replace=False).astype(np.int32)
+    features = rng.normal(size=(b, d)).astype(np.float32) * 3  # normalised by the update
+    update = jax.jit(odc.online_update)
+    state, metrics = update(state, {"features": jnp.asarray(features)}, jnp.asarray(indices))
+
+    m = state.momentum
+    unit = features / np.linalg.norm(features, axis=-1, keepdims=True)
+    mixed = (1 - m) * before.memory[indices].astype(np.float64) + m * unit
+    rows = mixed / np.linalg.norm(mixed, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(state.memory)[indices], rows, rtol=1e-5, atol=1e-6)
+    others = np.setdiff1d(np.arange(n), indices)
+    np.testing.assert_array_equal(np.asarray(state.memory)[others], before.memory[others])
+    new = np.sum((rows[:, None] - before.centroids[None]) ** 2, -1).argmin(1)
+    np.testing.assert_array_equal(np.asarray(state.labels)[indices], new)
+    np.testing.assert_array_equal(np.asarray(state.labels)[others], before.labels[others])
+    np.testing.assert_array_equal(state.counts, np.bincount(np.asarray(state.labels), minlength=k))
+    np.testing.assert_allclose(metrics["change_ratio"], np.mean(new != before.labels[indices]))
+    np.testing.assert_array_equal(state.centroids, before.centroids)  # step 1: not yet
+
+    state, _ = update(state, {"features": jnp.asarray(features)}, jnp.asarray(indices))
+    labels, memory = np.asarray(state.labels), np.asarray(state.memory, np.float64)
+    for j in range(k):  # step 2: every centroid is its members' mean
+        members = memory[labels == j]
+        expected = members.mean(0) if len(members) else np.asarray(before.centroids[j])
+        np.testing.assert_allclose(state.centroids[j], expected, rtol=1e-5, atol=1e-6)
+    assert int(state.step) == 2
+
+
+def test_reweighted_loss_matches_the_weighted_mean_cross_entropy(rng):
+    k, n, b = 7, 50, 12
+    counts = rng.integers(1, 30, k)
+    labels = rng.integers(0, k, n).astype(np.int32)
+    power = float(rng.uniform(0.2, 1.0))
+    state = odc.ODCState(
+        memory=jnp.zeros((n, 3)),
+        labels=jnp.asarray(labels),
+        centroids=jnp.zeros((k, 3)),
+        counts=jnp.asarray(counts, jnp.int32),
+        step=jnp.int32(0),
+        reweight_pow=power,
+    )
+    indices = rng.choice(n, b, replace=False)
+    logits = rng.normal(size=(b, k)).astype(np.float32)
+    loss, _ = odc.loss_fn(state, {"logits": jnp.asarray(logits)}, jnp.asarray(indices))
+    weights = (1.0 / (counts + 1e-5)) ** power
+    weights /= weights.sum()
+    y = labels[indices]
+    ce = -_log_softmax64(logits)[np.arange(b), y]
+    np.testing.assert_allclose(loss, np.sum(weights[y] * ce) / np.sum(weights[y]), rtol=1e-5)
+
+
+def test_codc_backbones_all_train_on_the_memory_labels(rng):
+    run = build_run(_config("codc"))
+    state = run.initial_state
+    k = run.config.method.num_clusters
+    method_state = _random_memory_state(rng, state.method, k)
+    indices = rng.choice(run.ctx.num_examples, 16, replace=False).astype(np.int32)
+    apply = jax.jit(lambda v, x: run.ctx.model.apply(v, x, train=False))
+    outputs = apply(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        run.pipeline.eval_batch(run.train_images[indices]),
+    )
+    assert outputs["logits"].shape == (16, 2, k)
+    loss, metrics = odc.loss_fn(method_state, outputs, jnp.asarray(indices))
+    weights = np.asarray(odc.online.reweight(method_state.counts, method_state.reweight_pow))
+    y = np.asarray(method_state.labels)[indices]  # one label per example, for every backbone
+    for m in range(2):
+        ce = -_log_softmax64(outputs["logits"][:, m])[np.arange(16), y]
+        expected = np.sum(weights[y] * ce) / np.sum(weights[y])
+        np.testing.assert_allclose(metrics[f"loss_backbone{m}"], expected, rtol=1e-5)
+    np.testing.assert_allclose(loss, metrics["loss_backbone0"] + metrics["loss_backbone1"])
+    # The shared memory feature: the normalised concatenation of normalised trunk features.
+    parts = [np.asarray(outputs[f"b{i}/features"], np.float64) for i in range(2)]
+    joint = np.concatenate([p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts], 1)
+    np.testing.assert_allclose(outputs["features"], joint / np.sqrt(2), rtol=1e-5, atol=1e-6)
+
+
+def test_codc_trunk_starts_from_an_earlier_runs_checkpoint(tmp_path):
+    config = _config("codc")
+    fresh = build_run(config).initial_state
+    trunk = jax.tree.map(lambda x: np.asarray(x) + 1.0, fresh.params["trunk"]["trunks_0"])
+    stats = jax.tree.map(lambda x: np.asarray(x) + 2.0, fresh.batch_stats["trunk"]["trunks_0"])
+    manager = checkpoint.make_manager(str(tmp_path), keep=1)
+    saved = {"params": {"trunk": trunk}, "batch_stats": {"trunk": stats}}
+    manager.save(3, args=ocp.args.StandardSave(saved))
+    manager.wait_until_finished()
+
+    config.method.init_workdirs = (str(tmp_path), "")
+    loaded = build_run(config).initial_state
+    for a, b in zip(
+        jax.tree.leaves(loaded.params["trunk"]["trunks_0"]), jax.tree.leaves(trunk), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        jax.tree.leaves(loaded.batch_stats["trunk"]["trunks_0"]),
+        jax.tree.leaves(stats),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        jax.tree.leaves(loaded.params["trunk"]["trunks_1"]),
+        jax.tree.leaves(fresh.params["trunk"]["trunks_1"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    config.method.init_workdirs = ("", str(tmp_path))  # backbone 1 is narrower: 64 features
+    with pytest.raises(ValueError, match=r"init_workdirs\[1\].*architecture of backbone 1"):
+        build_run(config)
+    config.method.init_workdirs = (str(tmp_path / "none"), "")
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        build_run(config)
+
+
+def test_one_device_equals_eight_devices_for_three_steps(odc_run, rng):
+    assert jax.device_count() == 8, "tests/conftest.py should simulate 8 CPU devices"
+    batches = [rng.choice(256, 32, replace=False).astype(np.int32) for _ in range(3)]
+    config = _config(centroids_update_interval=2)
+    config.num_devices = 8
+    eight_run = build_run(config)
+    method = None
+    results = []
+    for run in (odc_run, eight_run):
+        state = jax.tree.map(lambda x: x.copy(), run.initial_state)
+        if method is None:  # a random memory where cluster 1 is empty and far from every row
+            k = run.config.method.num_clusters
+            method = jax.tree.map(np.asarray, _random_memory_state(rng, state.method, k))
+            labels = np.where(method.labels == 1, 0, method.labels).astype(np.int32)
+            centroids = method.centroids.copy()
+            centroids[1] = 100.0
+            method = method.replace(
+                labels=labels,
+                centroids=centroids,
+                counts=np.bincount(labels, minlength=k).astype(np.int32),
+            )
+        state = state.replace(method=jax.tree.map(jnp.asarray, method))
+        state = jax.device_put(state, run.state_sharding)
+        step = make_train_step(
+            run.ctx.model,
+            run.ctx.optimizers,
+            run.method,
+            run.pipeline,
+            run.mesh,
+            run.state_sharding,
+        )
+        found = []
+        for indices in batches:
+            state, metrics = step(state, run.train_images, indices)
+            found.append(int(metrics["small_clusters"]))
+        results.append((state, found))
+    (one, found_one), (eight, found_eight) = results
+    assert found_one == found_eight and found_one[0] >= 1
+    assert eight.method.memory.sharding.spec[0] == "data"  # split over the 8 devices
+    for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params), strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(eight.method.memory, one.method.memory, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(eight.method.centroids, one.method.centroids, atol=1e-5)
+    np.testing.assert_array_equal(eight.method.labels, one.method.labels)
+    np.testing.assert_array_equal(eight.method.counts, one.method.counts)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("num_clusters", 20, "need at least 2 \\* K \\* min_cluster_size = 320"),
+        ("memory_momentum", 0.0, "memory_momentum must be in"),
+        ("centroids_update_interval", 0, "centroids_update_interval must be >= 1"),
+    ],
+)
+def test_bad_method_fields_are_named(field, value, match):
+    config = _config()
+    config.method[field] = value
+    with pytest.raises(ValueError, match=match):
+        build_run(config)
