@@ -54,12 +54,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     config.augment = "crop"
     config.input.crop_scale = (0.5, 1.0)
-    config.optim.head_momentum = config.optim.momentum  # the head persists across epochs
+    config.optim.head_momentum = 0.0  # OpenSelfSup's ODC head has no momentum
     if "fmnist" in variants:
         config.data.source = "idx"
         config.model.name = "lenet5"
         config.method.num_clusters = 100
-        config.optim.update(learning_rate=0.1, momentum=0.1, head_momentum=0.1, weight_decay=1e-3)
+        config.optim.update(learning_rate=0.1, momentum=0.1, weight_decay=1e-3)
         config.batch_size = 128
         config.num_cycles = 50
         config.augment = "odc"
@@ -67,7 +67,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.eval.update(probe_layer="conv2", probe_epochs=20, probe_batch_size=256)
     if "cifar10" in variants:
         apply_cifar10(config)
-        config.optim.head_momentum = config.optim.momentum
         config.method.num_clusters = 1000
         config.augment = "odc"
     if "smoke" in variants:

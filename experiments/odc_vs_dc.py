@@ -30,12 +30,41 @@ from dcjax.training.summary import machine_line, run_row, write_table
 
 METHODS = ("deepcluster", "odc")
 SETTINGS = {
-    # variant, K, epochs, probe every, augmentation, train / test images (0 = all)
-    "fmnist": dict(variant="fmnist", k=100, epochs=8, every=2, augment="flip", n=0, m=0),
-    "cifar10": dict(
-        variant="cifar10", k=100, epochs=8, every=2, augment="crop_flip", n=10_000, m=2_000
+    # variant, K, epochs, probe every, augmentation and its crop area, train / test images
+    # (0 = all), probes (the paper's layer first, then the trunk's last linear layer)
+    "fmnist": dict(
+        variant="fmnist",
+        k=100,
+        epochs=8,
+        every=2,
+        augment="flip",
+        crop_scale=(0.08, 1.0),
+        n=0,
+        m=0,
+        probes=("conv2", "features"),
     ),
-    "smoke": dict(variant="smoke", k=4, epochs=2, every=1, augment="crop", n=0, m=0),
+    "cifar10": dict(
+        variant="cifar10",
+        k=100,
+        epochs=8,
+        every=2,
+        augment="crop_flip",
+        crop_scale=(0.08, 1.0),
+        n=10_000,
+        m=2_000,
+        probes=("relu5", "features"),
+    ),
+    "smoke": dict(
+        variant="smoke",
+        k=4,
+        epochs=2,
+        every=1,
+        augment="crop",
+        crop_scale=(0.5, 1.0),
+        n=0,
+        m=0,
+        probes=("features", "flat"),
+    ),
 }
 
 FLAGS = flags.FLAGS
@@ -60,7 +89,10 @@ def experiment_config(
     config.num_cycles = s["epochs"]
     config.eval_every_cycles = s["every"]
     config.augment = s["augment"]
+    config.input.crop_scale = s["crop_scale"]
     config.method.num_clusters = s["k"]
+    config.eval.probe_layer = s["probes"][0]
+    config.eval.extra_probe_layers = tuple(s["probes"][1:])
     if s["n"]:
         config.data.update(max_train_examples=s["n"], max_test_examples=s["m"])
     if data:
@@ -71,24 +103,29 @@ def experiment_config(
     return config
 
 
-def curve(run_dir: str) -> list[tuple[int, float, float]]:
-    """(epoch, cumulative training seconds, probe accuracy) at every probe, random init first.
+def probe_key(layer: str, first: bool) -> str:
+    """The results' key of the probe on ``layer`` (the config's first probe is unsuffixed)."""
+    return "probe_accuracy" if first else f"probe_accuracy/{layer}"
+
+
+def curve(run_dir: str, key: str = "probe_accuracy") -> list[tuple[int, float, float]]:
+    """(epoch, cumulative training seconds, accuracy ``key``) at every probe, random init first.
 
     Training seconds sum the cycles' ``time/cycle_seconds`` (feature pass, clustering, epoch and
     checkpoint; the probes excluded).
     """
     with open(os.path.join(run_dir, "results.json")) as f:
         results = json.load(f)
-    points = [(0, 0.0, results["random_init"]["probe_accuracy"])]
+    points = [(0, 0.0, results["random_init"][key])]
     seconds, epoch = 0.0, 0
     for record in read_jsonl(os.path.join(run_dir, "metrics.jsonl")):
         if "time/cycle_seconds" not in record:
             continue
         seconds, epoch = seconds + record["time/cycle_seconds"], record["step"]
-        if "eval/probe_accuracy" in record:
-            points.append((epoch, seconds, record["eval/probe_accuracy"]))
+        if f"eval/{key}" in record:
+            points.append((epoch, seconds, record[f"eval/{key}"]))
     # The loop skips the periodic probe at the last epoch: the final evaluation is that probe.
-    points.append((epoch, seconds, results["trained"]["probe_accuracy"]))
+    points.append((epoch, seconds, results["trained"][key]))
     return points
 
 
@@ -105,45 +142,56 @@ def run_experiment(setting: str, seeds: list[int], data: str, workdir: str) -> l
             config = experiment_config(method, setting, seed, data)
             run_dir = os.path.join(workdir, setting, f"{method}-seed{seed}")
             row = run_row(config, run_dir, method=method, seed=seed)
-            row["curve"] = curve(run_dir)
+            probes = SETTINGS[setting]["probes"]
+            row["curves"] = {
+                layer: curve(run_dir, probe_key(layer, i == 0)) for i, layer in enumerate(probes)
+            }
             rows.append(row)
     return rows
 
 
 def summary_table(rows: list[dict], header: list[str]) -> str:
-    """Per seed: final figures, training seconds, and ODC's time to DeepCluster's accuracy."""
+    """Per seed and probe layer: final accuracy, training seconds, and each method's training
+    seconds to DeepCluster's final accuracy on that layer."""
     lines = [*header, ""]
     lines.append(
-        "| seed | method | probe random init | probe final | kNN final | NMI | train s | "
-        "train s to DC's final probe | DC time / ODC time |"
+        "| seed | probe layer | method | random init | final | train s | "
+        "train s to DC's final | DC train s / this |"
     )
-    lines.append("|" + " --- |" * 9)
+    lines.append("|" + " --- |" * 8)
     for seed in sorted({r["seed"] for r in rows}):
         by_method = {r["method"]: r for r in rows if r["seed"] == seed}
         dc = by_method.get("deepcluster")
-        target = dc["probe_accuracy_trained"] if dc else None
-        for method, r in by_method.items():
-            total = r["curve"][-1][1]
-            reach = time_to_reach(r["curve"], target) if target is not None else None
-            ratio = (
-                "" if reach in (None, 0.0) or dc is None else f"{dc['curve'][-1][1] / reach:.2f}"
-            )
-            cells = [
-                str(seed),
-                method,
-                f"{r['probe_accuracy_random_init']:.4f}",
-                f"{r['probe_accuracy_trained']:.4f}",
-                f"{r['knn_accuracy_trained']:.4f}",
-                f"{r.get('nmi_pseudo_labels_trained', float('nan')):.3f}",
-                f"{total:.0f}",
-                "not reached" if reach is None else f"{reach:.0f}",
-                ratio,
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Probe curves (epoch: training seconds, probe accuracy):", ""]
+        for layer in next(iter(by_method.values()))["curves"]:
+            target = dc["curves"][layer][-1][2] if dc else None
+            for method, r in by_method.items():
+                points = r["curves"][layer]
+                reach = time_to_reach(points, target) if target is not None else None
+                ratio = ""
+                if dc is not None and reach:
+                    ratio = f"{dc['curves'][layer][-1][1] / reach:.2f}"
+                cells = [
+                    str(seed),
+                    layer,
+                    method,
+                    f"{points[0][2]:.4f}",
+                    f"{points[-1][2]:.4f}",
+                    f"{points[-1][1]:.0f}",
+                    "not reached" if reach is None else f"{reach:.0f}",
+                    ratio,
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| seed | method | kNN final | NMI(labels, true) |", "|" + " --- |" * 4]
     for r in rows:
-        points = ", ".join(f"{e}: {s:.0f} s {a:.4f}" for e, s, a in r["curve"])
-        lines.append(f"- {r['method']} seed {r['seed']}: {points}")
+        nmi = r.get("nmi_pseudo_labels_trained", float("nan"))
+        lines.append(
+            f"| {r['seed']} | {r['method']} | {r['knn_accuracy_trained']:.4f} | {nmi:.3f} |"
+        )
+    lines += ["", "Probe curves (epoch: training seconds, accuracy):", ""]
+    for r in rows:
+        for layer, points in r["curves"].items():
+            text = ", ".join(f"{e}: {sec:.0f} s {acc:.4f}" for e, sec, acc in points)
+            lines.append(f"- {r['method']} seed {r['seed']} `{layer}`: {text}")
     return "\n".join(lines) + "\n"
 
 
@@ -162,8 +210,8 @@ def main(argv: list[str]) -> None:
         machine_line(),
         f"Budget per run: {config.model.name}, K = {s['k']}, "
         f"{s['n'] or 'all'} train / {s['m'] or 'all'} test images, {s['epochs']} epochs, batch "
-        f"{config.batch_size}, augmentation `{s['augment']}` for both, probe on "
-        f"`{config.eval.probe_layer}` every {s['every']} epochs (not timed). "
+        f"{config.batch_size}, augmentation `{s['augment']}` for both, linear probes on "
+        f"{', '.join(f'`{p}`' for p in s['probes'])} every {s['every']} epochs (not timed). "
         f"Train s = feature pass + clustering + epochs + checkpoints.",
     ]
     write_table(FLAGS.out, f"odc_vs_dc_{setting}", summary_table(rows, header), rows)

@@ -21,8 +21,9 @@ class Evaluator:
     """Feature extraction (compiled once) plus the probes named in ``config.eval``.
 
     ``config.eval`` has ``probe_layer``, ``knn_layer``, ``probe_epochs``, ``probe_batch_size``,
-    ``probe_learning_rate`` and ``knn_k``. Without a test split the probes are scored on the train
-    split (reported as such).
+    ``probe_learning_rate``, ``knn_k`` and ``extra_probe_layers`` (more probes, reported as
+    ``probe_accuracy/<layer>``); a probe layer ``"a+b"`` probes layers a and b concatenated.
+    Without a test split the probes are scored on the train split (reported as such).
     """
 
     def __init__(self, run: Run):

@@ -54,6 +54,7 @@ class ODCState:
     centroids: jax.Array  # (K, D) float32 member means
     counts: jax.Array  # (K,) int32 members per cluster
     step: jax.Array  # () int32 online updates done
+    epoch_labels: jax.Array  # (N,) int32 the labels when the current epoch began
     # Static hyper-parameters (from the config, not checkpointed).
     momentum: float = flax.struct.field(pytree_node=False, default=0.5)
     reweight_pow: float = flax.struct.field(pytree_node=False, default=0.5)
@@ -160,6 +161,7 @@ def init_state(ctx: Context) -> ODCState:
         centroids=jnp.zeros((k, d), jnp.float32),
         counts=jnp.zeros((k,), jnp.int32),
         step=jnp.zeros((), jnp.int32),
+        epoch_labels=jnp.zeros((ctx.num_examples,), jnp.int32),
         momentum=float(method.memory_momentum),
         reweight_pow=float(method.reweight_pow),
         centroids_interval=int(method.centroids_update_interval),
@@ -243,19 +245,31 @@ def wants_features(ctx: Context, cycle: int) -> bool:
 def recluster(ctx: Context, state, features: jax.Array | None):
     """Cycle 0: memory = the normalised features, k-means labels, centroids = member means.
 
-    Later cycles change nothing (the clustering is online) and only report the labels' health.
+    Later cycles change nothing in the clustering (it is online); they report the labels'
+    health, their NMI with the labels one epoch earlier and the share that changed since.
     """
     method = ctx.config.method
     s = state.method
     if features is None:
-        return state, label_stats(ctx, None, np.asarray(s.labels), method.num_clusters)
+        labels, previous = np.asarray(s.labels), np.asarray(s.epoch_labels)
+        stats = label_stats(ctx, previous, labels, method.num_clusters)
+        stats["changed_since_previous"] = float(np.mean(labels != previous))
+        # A copy: the train step donates the state, and one buffer may not be donated twice.
+        return state.replace(method=s.replace(epoch_labels=jnp.copy(s.labels))), stats
     memory = l2_normalize(features.astype(jnp.float32).reshape(features.shape[0], -1))
     config = kmeans.KMeansConfig(num_iters=method.kmeans_iters, max_points_per_centroid=0)
     result = kmeans.fit(
         jax.random.fold_in(state.rng, 0), memory, method.num_clusters, config, mesh=ctx.mesh
     )
     centroids, counts = online.cluster_means(memory, result.assignments, result.centroids)
-    s = s.replace(memory=memory, labels=result.assignments, centroids=centroids, counts=counts)
+    labels = result.assignments
+    s = s.replace(
+        memory=memory,
+        labels=labels,
+        centroids=centroids,
+        counts=counts,
+        epoch_labels=jnp.copy(labels),
+    )
     stats = label_stats(ctx, None, np.asarray(result.assignments), method.num_clusters)
     stats["kmeans_inertia"] = float(result.inertia)
     return state.replace(method=s), stats
@@ -273,6 +287,7 @@ def state_sharding(mesh: Mesh, method_state: ODCState):
         centroids=replicated,
         counts=replicated,
         step=replicated,
+        epoch_labels=rows,
     )
 
 

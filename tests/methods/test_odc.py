@@ -60,6 +60,7 @@ def test_online_update_writes_relabels_and_counts_like_numpy(rng):
         centroids=jnp.zeros((k, d)),
         counts=jnp.zeros((k,), jnp.int32),
         step=jnp.int32(0),
+        epoch_labels=jnp.zeros((n,), jnp.int32),
         momentum=float(rng.uniform(0.2, 0.9)),
         centroids_interval=2,
         small_interval=1000,
@@ -106,6 +107,7 @@ def test_reweighted_loss_matches_the_weighted_mean_cross_entropy(rng):
         centroids=jnp.zeros((k, 3)),
         counts=jnp.asarray(counts, jnp.int32),
         step=jnp.int32(0),
+        epoch_labels=jnp.asarray(labels),
         reweight_pow=power,
     )
     indices = rng.choice(n, b, replace=False)
