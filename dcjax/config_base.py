@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.eval_batch_size = 512
     config.eval_every_cycles = 0
+    config.figures = True  # PNGs in <workdir>/figures at the end (loss, NMI, clusters, t-SNE)
     config.augment = (
         "none"  # none | flip | crop | crop_flip | odc; the clustering pass never augments
     )
@@ -76,7 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     config.input = ml_collections.ConfigDict(dict(image_size=0, crop_scale=(0.08, 1.0)))
-    config.model = ml_collections.ConfigDict(dict(name="small_cnn", sobel=False, kwargs={}))
+    # init: flax | pytorch | deepcluster (dcjax/models/init.py); the random filters matter.
+    config.model = ml_collections.ConfigDict(
+        dict(name="small_cnn", sobel=False, kwargs={}, init="flax")
+    )
     config.optim = ml_collections.ConfigDict(
         dict(learning_rate=0.05, momentum=0.9, head_momentum=0.0, weight_decay=1e-5)
     )
@@ -105,6 +109,7 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
     config.eval_batch_size = 64
     config.eval.probe_epochs = 2
     config.eval.knn_k = 5
+    config.figures = False  # the figures have their own test
 
 
 def apply_cifar10(config: ml_collections.ConfigDict) -> None:

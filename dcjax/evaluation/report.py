@@ -34,6 +34,12 @@ class Evaluator:
         self._layers = tuple(dict.fromkeys([*names, cfg.knn_layer]))
         self._feature_fn = make_feature_fn(run.ctx.model, run.pipeline, self._layers, run.mesh)
 
+    def features(self, state: TrainState, layer: str) -> np.ndarray:
+        """(N, ...) features of ``layer`` (one the evaluator extracts) on the training images."""
+        batch = self._run.config.eval_batch_size
+        feats = extract_features(self._feature_fn, state, self._run.train_images, batch)
+        return np.asarray(feats[layer])
+
     def __call__(self, state: TrainState) -> dict[str, float]:
         """{"probe_accuracy", "knn_accuracy"} on the test split, plus "nmi_pseudo_labels"."""
         run, cfg = self._run, self._run.config.eval

@@ -30,7 +30,14 @@ from dcjax.training.step import extract_features, make_feature_fn, make_train_st
 __all__ = ["run", "check_workdir_config", "recluster_phase", "train_phase"]
 
 # Fields a resumed run may change without invalidating its checkpoints.
-_RESUMABLE_FIELDS = ("num_cycles", "eval", "eval_every_cycles", "checkpoint", "num_devices")
+_RESUMABLE_FIELDS = (
+    "num_cycles",
+    "eval",
+    "eval_every_cycles",
+    "checkpoint",
+    "num_devices",
+    "figures",
+)
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -163,6 +170,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
         writer.write_scalars(cycle + 1, scalars)
         writer.flush()
     results = {"random_init": evaluator(built.initial_state), "trained": evaluator(state)}
+    if config.get("figures", True):
+        from dcjax.evaluation.run_figures import write_run_figures  # matplotlib only when asked
+
+        paths = write_run_figures(built, evaluator, built.initial_state, state, workdir)
+        logging.info("Figures: %s", ", ".join(paths))
+        print("Figures:\n" + "\n".join(f"  {p}" for p in paths))
     writer.write_scalars(int(state.cycle), {f"final/{k}": v for k, v in results["trained"].items()})
     writer.close()
     with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -13,10 +13,11 @@ from jax.sharding import Mesh
 from dcjax.data import sources
 from dcjax.data.pipeline import Pipeline, make_pipeline
 from dcjax.methods import Context, Method, get_method
+from dcjax.models.init import apply_init_scheme
 from dcjax.training.mesh import make_mesh, replicated
 from dcjax.training.state import TrainState, make_optimizers
 
-__all__ = ["Run", "build_run"]
+__all__ = ["Run", "build_run", "init_variables"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,13 @@ def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh, num_examples: in
         )
 
 
+def init_variables(model, key: jax.Array, dummy: jax.Array, scheme: str = "flax") -> dict:
+    """The model's variables from ``key``, with ``config.model.init``'s scheme on the params."""
+    variables = jax.jit(lambda k: model.init(k, dummy, train=False))(key)
+    params = apply_init_scheme(jax.random.fold_in(key, 1), variables["params"], scheme)
+    return {**variables, "params": params}
+
+
 def build_run(config: ml_collections.ConfigDict) -> Run:
     """Loads the data, places it on the devices and initialises model, optimizers and state."""
     mesh = make_mesh(config.get("num_devices", 0))
@@ -73,7 +81,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     key_params, key_state = jax.random.split(jax.random.PRNGKey(config.seed))
     channels = dataset.train_images.shape[-1]
     dummy = jnp.zeros((1, *pipeline.out_size, channels), jnp.float32)
-    variables = jax.jit(lambda k: model.init(k, dummy, train=False))(key_params)
+    variables = init_variables(model, key_params, dummy, config.model.get("init", "flax"))
     if method.init_variables is not None:
         variables = method.init_variables(config, variables)
     outputs = jax.eval_shape(lambda v: model.apply(v, dummy, train=False), variables)
