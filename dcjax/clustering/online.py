@@ -8,6 +8,9 @@ every few steps.
 Small clusters (fewer than ``min_size`` members) are handled at most ``max_small`` at a time:
 their members move to the nearest normal centroid, then each freed id takes one half of the
 then-largest cluster, split by 2-means. Clusters beyond ``max_small`` wait for the next check.
+A split gathers the cluster's members into a buffer of ``gather_size`` rows (8x the mean
+cluster size by default), so it costs O(N) index work, not O(N D) arithmetic, unless the
+cluster is larger than that.
 """
 
 from __future__ import annotations
@@ -115,6 +118,27 @@ def _two_means(points: jax.Array, valid: jax.Array, num_iters: int) -> tuple[jax
     return jax.lax.fori_loop(0, num_iters, body, (first, second))
 
 
+def _split_rows(points: jax.Array, valid: jax.Array, *, min_size: int, num_iters: int) -> jax.Array:
+    """(P,) bool: the valid rows of (P, D) ``points`` that leave.
+
+    2-means is fitted on the valid points and every valid point goes to the nearer centre; if a
+    side would keep fewer than ``min_size`` points, the points are halved along the two centres'
+    axis instead.
+    """
+    a, b = _two_means(points, valid, num_iters)
+    to_b = valid & (jnp.sum(jnp.square(points - b), -1) < jnp.sum(jnp.square(points - a), -1))
+    size, moved = jnp.sum(valid), jnp.sum(to_b)
+
+    def halve(_):
+        p = points.shape[0]
+        projection = jnp.where(valid, points @ (b - a), -jnp.inf)
+        rank = jnp.zeros((p,), jnp.int32).at[jnp.argsort(-projection)].set(jnp.arange(p))
+        return valid & (rank < size // 2)
+
+    unbalanced = jnp.minimum(moved, size - moved) < min_size
+    return jax.lax.cond(unbalanced, halve, lambda _: to_b, None)
+
+
 def split_cluster(
     key: jax.Array,
     memory: jax.Array,
@@ -124,38 +148,32 @@ def split_cluster(
     *,
     min_size: int,
     num_iters: int = 20,
-    fit_points: int = 4096,
+    gather_size: int = 1024,
 ) -> OnlineClusters:
-    """Moves one part of cluster ``source`` into the (empty) id ``target``.
+    """Moves part of cluster ``source`` into the (empty) id ``target``.
 
-    2-means (``num_iters`` iterations) is fitted on up to ``fit_points`` random members, then
-    every member goes to the nearer of the two centres. If a side would have fewer than
-    ``min_size`` members, the split falls back to halving the members along the two centres'
-    axis (OpenSelfSup falls back to a random halving), so both parts keep at least
-    ``floor(size / 2)`` members. Both centroids and counts are recomputed.
+    Up to ``gather_size`` members (all of them when the cluster is that small, else a random
+    subset) are gathered into a fixed-size buffer and split by 2-means (``num_iters``
+    iterations); the leaving side takes the id. If a side would keep fewer than ``min_size``,
+    the gathered members are halved along the two centres' axis instead (OpenSelfSup halves at
+    random). Cost: O(N) index work plus O(``gather_size`` D) arithmetic, whatever N. Both
+    centroids are recomputed as member means, and the counts updated.
     """
     n = memory.shape[0]
     mask = clusters.labels == source
-    size = clusters.counts[source]
     score = jnp.where(mask, jax.random.uniform(key, (n,)), -1.0)
-    _, rows = jax.lax.top_k(score, min(fit_points, n))
-    a, b = _two_means(memory[rows], score[rows] >= 0, num_iters)
-    closer_b = jnp.sum(jnp.square(memory - b), -1) < jnp.sum(jnp.square(memory - a), -1)
-    to_b = mask & closer_b
-    moved = jnp.sum(to_b)
-
-    def halve(_):
-        projection = jnp.where(mask, memory @ (b - a), -jnp.inf)
-        rank = jnp.zeros((n,), jnp.int32).at[jnp.argsort(-projection)].set(jnp.arange(n))
-        return mask & (rank < size // 2)
-
-    unbalanced = jnp.minimum(moved, size - moved) < min_size
-    to_b = jax.lax.cond(unbalanced, halve, lambda _: to_b, None)
+    member_score, rows = jax.lax.top_k(score, min(gather_size, n))
+    valid = member_score >= 0
+    points = memory[rows]
+    to_b = _split_rows(points, valid, min_size=min_size, num_iters=num_iters)
+    labels = clusters.labels.at[rows].set(jnp.where(to_b, target, clusters.labels[rows]))
     moved = jnp.sum(to_b).astype(jnp.int32)
-    labels = jnp.where(to_b, target, clusters.labels)
-    centroids = clusters.centroids.at[source].set(_masked_mean(memory, mask & ~to_b))
-    centroids = centroids.at[target].set(_masked_mean(memory, to_b))
     counts = clusters.counts.at[source].add(-moved).at[target].set(moved)
+    # The staying mean: the old sum minus the leavers' (members outside the buffer included).
+    total = clusters.centroids[source] * clusters.counts[source]
+    leave = _masked_mean(points, to_b)
+    stay = (total - leave * moved) / jnp.maximum(counts[source], 1)
+    centroids = clusters.centroids.at[source].set(stay).at[target].set(leave)
     return OnlineClusters(labels, centroids, counts)
 
 
@@ -167,7 +185,7 @@ def handle_small_clusters(
     min_size: int,
     max_small: int,
     split_iters: int = 20,
-    fit_points: int = 4096,
+    gather_size: int | None = None,
 ) -> tuple[OnlineClusters, jax.Array]:
     """Dissolves up to ``max_small`` clusters under ``min_size`` members and refills their ids.
 
@@ -186,6 +204,8 @@ def handle_small_clusters(
       if it exceeds ``max_small`` the rest are handled by later calls.
     """
     k, n = clusters.centroids.shape[0], memory.shape[0]
+    if gather_size is None:  # 8x the mean cluster size: splits of ordinary clusters stay O(N)
+        gather_size = max(256, 8 * -(-n // k))
     small = clusters.counts < min_size
     found = jnp.sum(small).astype(jnp.int32)
     slots = jnp.nonzero(small, size=max_small, fill_value=k)[0]
@@ -198,20 +218,16 @@ def handle_small_clusters(
     clusters = OnlineClusters(labels, clusters.centroids, counts)
 
     def refill(i, clusters):
-        slot = slots[i]
+        return split_cluster(
+            jax.random.fold_in(key, i),
+            memory,
+            clusters,
+            jnp.argmax(clusters.counts),
+            slots[i],
+            min_size=min_size,
+            num_iters=split_iters,
+            gather_size=gather_size,
+        )
 
-        def split(clusters):
-            return split_cluster(
-                jax.random.fold_in(key, i),
-                memory,
-                clusters,
-                jnp.argmax(clusters.counts),
-                slot,
-                min_size=min_size,
-                num_iters=split_iters,
-                fit_points=fit_points,
-            )
-
-        return jax.lax.cond(slot < k, split, lambda c: c, clusters)
-
-    return jax.lax.fori_loop(0, max_small, refill, clusters), found
+    # The valid slots come first; a traced trip count (a while loop) skips the padding.
+    return jax.lax.fori_loop(0, jnp.minimum(found, max_small), refill, clusters), found

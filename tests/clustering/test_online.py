@@ -9,7 +9,8 @@ from dcjax.clustering import online
 
 _write = jax.jit(online.momentum_write, static_argnames="momentum")
 _handle = jax.jit(
-    online.handle_small_clusters, static_argnames=("min_size", "max_small", "split_iters")
+    online.handle_small_clusters,
+    static_argnames=("min_size", "max_small", "split_iters", "gather_size"),
 )
 
 
@@ -89,8 +90,11 @@ def _adversarial_labels(kind: str, rng, n: int, k: int) -> np.ndarray:
     return rng.permutation(np.repeat(np.arange(k), sizes))
 
 
-@pytest.mark.parametrize("kind", ["one_giant", "many_empty", "heavy_tailed"])
-def test_small_clusters_are_all_refilled_above_the_threshold(kind, rng):
+@pytest.mark.parametrize(
+    "kind, gather_size",
+    [("one_giant", 64), ("one_giant", None), ("many_empty", None), ("heavy_tailed", None)],
+)
+def test_small_clusters_are_all_refilled_above_the_threshold(kind, gather_size, rng):
     n, d, k, min_size = 400, 8, 10, 20  # n = 2 k min_size, the least the method accepts
     memory = _unit_rows(rng, (n, d))
     labels = _adversarial_labels(kind, rng, n, k)
@@ -103,6 +107,7 @@ def test_small_clusters_are_all_refilled_above_the_threshold(kind, rng):
         min_size=min_size,
         max_small=k,
         split_iters=10,
+        gather_size=gather_size,
     )
     labels_after, counts = np.asarray(after.labels), np.asarray(after.counts)
     assert int(found) == small.sum()
@@ -145,6 +150,20 @@ def test_clusters_beyond_max_small_wait_for_the_next_checks(rng):
     assert np.asarray(clusters.counts).min() >= min_size
 
 
+def _split(memory, clusters, **kwargs):
+    return online.split_cluster(
+        jax.random.PRNGKey(0), jnp.asarray(memory), clusters, jnp.int32(0), jnp.int32(1), **kwargs
+    )
+
+
+def _check_centroids_and_counts(split, memory, k):
+    labels = np.asarray(split.labels)
+    np.testing.assert_array_equal(split.counts, np.bincount(labels, minlength=k))
+    for j in range(k):
+        members = memory[labels == j].astype(np.float64)
+        np.testing.assert_allclose(split.centroids[j], members.mean(0), rtol=1e-4, atol=1e-5)
+
+
 def test_split_separates_two_blobs_and_halves_when_a_side_is_too_small(rng):
     d, half = 4, 50
     centre = _unit_rows(rng, (1, d))[0] * 3
@@ -152,32 +171,23 @@ def test_split_separates_two_blobs_and_halves_when_a_side_is_too_small(rng):
     blob_b = rng.normal(size=(half, d)) * 0.05 - centre
     memory = np.concatenate([blob_a, blob_b, rng.normal(size=(20, d))]).astype(np.float32)
     labels = np.concatenate([np.zeros(2 * half, int), np.full(20, 2)])  # id 1 is empty
-    clusters = _clusters(memory, labels, 3)
-    split = online.split_cluster(
-        jax.random.PRNGKey(0),
-        jnp.asarray(memory),
-        clusters,
-        jnp.int32(0),
-        jnp.int32(1),
-        min_size=10,
-    )
+    split = _split(memory, _clusters(memory, labels, 3), min_size=10)
     got = np.asarray(split.labels)
     assert len(set(got[:half])) == 1 and len(set(got[half : 2 * half])) == 1
     assert got[0] != got[half] and set(got[: 2 * half]) == {0, 1}
     np.testing.assert_array_equal(got[2 * half :], 2)
+    _check_centroids_and_counts(split, memory, 3)
+    # A cluster larger than the buffer: 40 random members are split, the others stay.
+    split = _split(memory, _clusters(memory, labels, 3), min_size=3, gather_size=40)
+    moved = np.flatnonzero(np.asarray(split.labels) == 1)
+    assert 3 <= len(moved) <= 40 and (moved < half).all() != (moved >= half).all()
+    assert (moved < 2 * half).all()
+    _check_centroids_and_counts(split, memory, 3)
     # One far outlier: 2-means would split it off alone (1 < min_size); the fallback halves.
     outlier = memory.copy()
     outlier[0] = -50 * centre
     labels = np.concatenate([np.zeros(half, int), np.full(half, 2), np.full(20, 2)])
-    clusters = _clusters(outlier, labels, 3)
-    split = online.split_cluster(
-        jax.random.PRNGKey(0),
-        jnp.asarray(outlier),
-        clusters,
-        jnp.int32(0),
-        jnp.int32(1),
-        min_size=10,
-    )
+    split = _split(outlier, _clusters(outlier, labels, 3), min_size=10)
     sizes = np.bincount(np.asarray(split.labels)[:half], minlength=2)
     np.testing.assert_array_equal(sorted(sizes[:2]), [half // 2, half - half // 2])
-    np.testing.assert_array_equal(split.counts, np.bincount(np.asarray(split.labels), minlength=3))
+    _check_centroids_and_counts(split, outlier, 3)
