@@ -22,6 +22,7 @@ import json
 import os
 
 import ml_collections
+import numpy as np
 from absl import app, flags
 
 from dcjax.config_base import load_config
@@ -46,7 +47,7 @@ SETTINGS = {
     "cifar10": dict(
         variant="cifar10",
         k=100,
-        epochs=8,
+        epochs=6,
         every=2,
         augment="crop_flip",
         crop_scale=(0.08, 1.0),
@@ -77,6 +78,7 @@ def _define_flags() -> None:
     flags.DEFINE_list("seeds", ["0"], "Seeds; every method runs every seed.")
     flags.DEFINE_string("workdir", "runs/odc_vs_dc", "Where the runs go.")
     flags.DEFINE_string("out", "experiments/results", "Where the table goes.")
+    flags.DEFINE_bool("table_only", False, "Rebuild the table from finished runs; no training.")
 
 
 def experiment_config(
@@ -129,19 +131,37 @@ def curve(run_dir: str, key: str = "probe_accuracy") -> list[tuple[int, float, f
     return points
 
 
+def epoch_seconds(run_dir: str) -> list[float]:
+    """Every epoch's ``time/cycle_seconds`` (the first includes compilation)."""
+    records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    return [r["time/cycle_seconds"] for r in records if "time/cycle_seconds" in r]
+
+
 def time_to_reach(points: list[tuple[int, float, float]], target: float) -> float | None:
     """Training seconds at the first probe with accuracy >= ``target``, or None."""
     return next((sec for _, sec, acc in points if acc >= target), None)
 
 
-def run_experiment(setting: str, seeds: list[int], data: str, workdir: str) -> list[dict]:
-    """Runs (or resumes) every method x seed; one row (figures + probe curve) per run."""
+def run_experiment(
+    setting: str, seeds: list[int], data: str, workdir: str, table_only: bool = False
+) -> list[dict]:
+    """Runs (or resumes) every method x seed; one row (figures + probe curve) per run.
+
+    ``table_only``: no training, the rows come from finished runs' results.json.
+    """
     rows = []
     for seed in seeds:
         for method in METHODS:
             config = experiment_config(method, setting, seed, data)
             run_dir = os.path.join(workdir, setting, f"{method}-seed{seed}")
-            row = run_row(config, run_dir, method=method, seed=seed)
+            if table_only:
+                with open(os.path.join(run_dir, "results.json")) as f:
+                    results = json.load(f)
+                flat = {f"{k}_{p}": v for p, figs in results.items() for k, v in figs.items()}
+                row = {"method": method, "seed": seed, **flat}
+            else:
+                row = run_row(config, run_dir, method=method, seed=seed)
+            row["epoch_seconds"] = epoch_seconds(run_dir)
             probes = SETTINGS[setting]["probes"]
             row["curves"] = {
                 layer: curve(run_dir, probe_key(layer, i == 0)) for i, layer in enumerate(probes)
@@ -152,40 +172,52 @@ def run_experiment(setting: str, seeds: list[int], data: str, workdir: str) -> l
 
 def summary_table(rows: list[dict], header: list[str]) -> str:
     """Per seed and probe layer: final accuracy, training seconds, and each method's training
-    seconds to DeepCluster's final accuracy on that layer."""
+    seconds to DeepCluster's final and to its best probed accuracy on that layer (when DC ends
+    below random init, its final is reached at 0 s and only the best says something)."""
     lines = [*header, ""]
     lines.append(
-        "| seed | probe layer | method | random init | final | train s | "
-        "train s to DC's final | DC train s / this |"
+        "| seed | probe layer | method | random init | final | best | train s | "
+        "train s to DC's final | train s to DC's best | DC's s to its best / this |"
     )
-    lines.append("|" + " --- |" * 8)
+    lines.append("|" + " --- |" * 10)
     for seed in sorted({r["seed"] for r in rows}):
         by_method = {r["method"]: r for r in rows if r["seed"] == seed}
         dc = by_method.get("deepcluster")
         for layer in next(iter(by_method.values()))["curves"]:
-            target = dc["curves"][layer][-1][2] if dc else None
+            final = dc["curves"][layer][-1][2] if dc else None
+            best = max(a for _, _, a in dc["curves"][layer][1:]) if dc else None
+            dc_best_s = time_to_reach(dc["curves"][layer][1:], best) if dc else None
             for method, r in by_method.items():
                 points = r["curves"][layer]
-                reach = time_to_reach(points, target) if target is not None else None
-                ratio = ""
-                if dc is not None and reach:
-                    ratio = f"{dc['curves'][layer][-1][1] / reach:.2f}"
+                to_final = time_to_reach(points, final) if dc else None
+                to_best = time_to_reach(points, best) if dc else None
+                ratio = f"{dc_best_s / to_best:.2f}" if dc and to_best else ""
                 cells = [
                     str(seed),
                     layer,
                     method,
                     f"{points[0][2]:.4f}",
                     f"{points[-1][2]:.4f}",
+                    f"{max(a for _, _, a in points[1:]):.4f}",
                     f"{points[-1][1]:.0f}",
-                    "not reached" if reach is None else f"{reach:.0f}",
+                    "not reached" if to_final is None else f"{to_final:.0f}",
+                    "not reached" if to_best is None else f"{to_best:.0f}",
                     ratio,
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| seed | method | kNN final | NMI(labels, true) |", "|" + " --- |" * 4]
+    lines += [
+        "",
+        "| seed | method | kNN final | NMI(labels, true) | median epoch s | epoch s (first incl. "
+        "compile) |",
+        "|" + " --- |" * 6,
+    ]
     for r in rows:
         nmi = r.get("nmi_pseudo_labels_trained", float("nan"))
+        epochs = r.get("epoch_seconds", [])
+        median = f"{np.median(epochs):.1f}" if epochs else ""
         lines.append(
-            f"| {r['seed']} | {r['method']} | {r['knn_accuracy_trained']:.4f} | {nmi:.3f} |"
+            f"| {r['seed']} | {r['method']} | {r['knn_accuracy_trained']:.4f} | {nmi:.3f} | "
+            f"{median} | {', '.join(f'{e:.0f}' for e in epochs)} |"
         )
     lines += ["", "Probe curves (epoch: training seconds, accuracy):", ""]
     for r in rows:
@@ -199,20 +231,25 @@ def main(argv: list[str]) -> None:
     del argv
     setting, seeds = FLAGS.setting, [int(s) for s in FLAGS.seeds]
     data = os.path.expanduser(FLAGS.data)
-    rows = run_experiment(setting, seeds, data, FLAGS.workdir)
+    rows = run_experiment(setting, seeds, data, FLAGS.workdir, FLAGS.table_only)
     s = SETTINGS[setting]
     config = experiment_config("odc", setting, seeds[0], data)
     header = [
         f"# ODC vs DeepCluster, probe accuracy against training time (setting `{setting}`)",
         "",
         f"Command: `python experiments/odc_vs_dc.py --setting={setting} "
-        f"--seeds={','.join(map(str, seeds))}`" + (" --data=<CIFAR-10 folder>" if data else ""),
+        f"--seeds={','.join(map(str, seeds))}"
+        + (" --data=<CIFAR-10 folder>" if data else "")
+        + "`",
         machine_line(),
         f"Budget per run: {config.model.name}, K = {s['k']}, "
         f"{s['n'] or 'all'} train / {s['m'] or 'all'} test images, {s['epochs']} epochs, batch "
         f"{config.batch_size}, augmentation `{s['augment']}` for both, linear probes on "
         f"{', '.join(f'`{p}`' for p in s['probes'])} every {s['every']} epochs (not timed). "
         f"Train s = feature pass + clustering + epochs + checkpoints.",
+        "Load average (1, 5, 15 min) when the table was written: "
+        + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        + " (2 cores; other jobs on the machine lengthen epochs, see the per-epoch seconds).",
     ]
     write_table(FLAGS.out, f"odc_vs_dc_{setting}", summary_table(rows, header), rows)
 

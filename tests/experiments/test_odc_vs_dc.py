@@ -67,5 +67,10 @@ def test_table_reports_time_to_deepclusters_final_accuracy():
         row("odc", [(0, 0.0, 0.5), (2, 20.0, 0.63), (4, 40.0, 0.65)]),
     ]
     table = EXPERIMENT.summary_table(rows, ["# title"])
-    assert "| 0 | conv2 | deepcluster | 0.5000 | 0.6200 | 80 | 80 | 1.00 |" in table
-    assert "| 0 | conv2 | odc | 0.5000 | 0.6500 | 40 | 20 | 4.00 |" in table
+    assert "| 0 | conv2 | deepcluster | 0.5000 | 0.6200 | 0.6200 | 80 | 80 | 80 | 1.00 |" in table
+    assert "| 0 | conv2 | odc | 0.5000 | 0.6500 | 0.6500 | 40 | 20 | 20 | 4.00 |" in table
+    # DC peaking early and ending below random init: its final is "reached" at 0 s.
+    rows[0]["curves"]["conv2"] = [(0, 0.0, 0.5), (2, 40.0, 0.6), (4, 80.0, 0.45)]
+    table = EXPERIMENT.summary_table(rows, ["# title"])
+    assert "| 0 | conv2 | deepcluster | 0.5000 | 0.4500 | 0.6000 | 80 | 0 | 40 | 1.00 |" in table
+    assert "| 0 | conv2 | odc | 0.5000 | 0.6500 | 0.6500 | 40 | 0 | 20 | 2.00 |" in table
