@@ -57,6 +57,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from bench_common import cpu_model as _cpu_model  # noqa: E402
+from bench_common import git_commit as _git_commit  # noqa: E402
+from bench_common import proc_status_bytes as _proc_status_bytes  # noqa: E402
+from bench_common import reset_peak_rss as _reset_peak_rss  # noqa: E402
 
 from dcjax.clustering import kmeans, pca
 
@@ -178,36 +182,12 @@ def _matmul_peak_gflops(repeats: int) -> dict:
 # Machine.
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version(module_name: str) -> str | None:
     try:
         module = __import__(module_name)
     except ImportError:
         return None
     return getattr(module, "__version__", "unknown")
-
-
-def _git_commit() -> str | None:
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=_BENCH_DIR, capture_output=True, text=True)
-
-    try:
-        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain")
-    except OSError:
-        return None
-    if head.returncode:
-        return None
-    return head.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
 
 
 def _thread_pools() -> list[dict]:
@@ -594,27 +574,6 @@ def _pot_sinkhorn(
 
 # ------------------------------------------------------------------------------------------
 # kmeans_imagenet: a fresh process, so its memory high-water mark is its own.
-
-
-def _proc_status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _memory_child(spec: str) -> None:

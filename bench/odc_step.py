@@ -69,6 +69,10 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags
+from bench_common import cpu_model as _cpu_model  # noqa: E402
+from bench_common import git_commit as _git_commit  # noqa: E402
+from bench_common import proc_status_bytes as _proc_status_bytes  # noqa: E402
+from bench_common import reset_peak_rss as _reset_peak_rss  # noqa: E402
 
 _SCALES = {"60k": (60_000, 1_000), "1.28m": (1_281_167, 10_000)}
 _QUICK_SCALE = {"quick": (8_192, 100)}
@@ -119,27 +123,6 @@ _CHILDREN = ("supervised", "odc", "pair", "peer")
 
 def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _proc_status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _ru_maxrss_bytes() -> int:
@@ -964,37 +947,11 @@ def _child(spec: str) -> None:
 # The parent: one subprocess per (scale, method), then the report.
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _git_commit() -> str | None:
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["git", *args], cwd=os.path.dirname(__file__) or ".", capture_output=True, text=True
-        )
-
-    try:
-        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain")
-    except OSError:
-        return None
-    if head.returncode:
-        return None
-    return head.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
 
 
 def _run_child(method: str, scale: str, settings: dict) -> dict:
