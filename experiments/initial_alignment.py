@@ -5,11 +5,11 @@
   python experiments/initial_alignment.py --setting=cifar10 --data=~/.cache/cifar10-jpg
 
 IA settings sample IA(theta, K) over seeds 1..S (the deep dive's seeds start at 1) for every K
-and both init schemes (``flax``, ``pytorch``), with DeepCluster's pre-processing of the
-setting's config. ``fmnist_sweeps`` trains DeepCluster (``configs/deepcluster.py:fmnist`` with
-fewer cycles) once per halting point and once per K, and reports the linear probe of each; the
-K runs also report their IA median (seed 1..S) for the IA-against-accuracy comparison.
-Tables go to ``<out>/initial_alignment_<setting>.{md,json}``.
+and every init scheme (``flax``, ``pytorch`` and ``deepcluster``, the deep dive's own), with
+DeepCluster's pre-processing of the setting's config. ``fmnist_sweeps`` trains DeepCluster
+(``configs/deepcluster.py:fmnist`` with fewer cycles) once per halting point and once per K, and
+reports the linear probe of each; the K runs also report their IA median (seeds 1..S), for
+IA against accuracy. Tables go to ``<out>/initial_alignment_<setting>.{md,json}``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ IA_SETTINGS = {
     "cifar10": ("cifar10", (10, 100, 1000), {1000: "0.065-0.085"}),
     "smoke": ("smoke", (3, 6), {}),
 }
-INITS = ("flax", "pytorch")
+INITS = ("flax", "pytorch", "deepcluster")  # the last is the deep-dive authors' init
 SWEEP_CYCLES = 3
 
 FLAGS = flags.FLAGS
@@ -45,6 +45,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("seed_batch", 4, "Networks per feature pass.")
     flags.DEFINE_string("workdir", "runs/initial_alignment", "Sweep runs go here.")
     flags.DEFINE_string("out", "experiments/results", "Where the tables go.")
+    flags.DEFINE_list("inits", list(INITS), "Init schemes to sample.")
 
 
 def ia_config(setting: str, init: str, data: str = "") -> ml_collections.ConfigDict:
@@ -56,12 +57,14 @@ def ia_config(setting: str, init: str, data: str = "") -> ml_collections.ConfigD
     return config
 
 
-def ia_rows(setting: str, num_seeds: int, seed_batch: int, data: str = "") -> list[dict]:
+def ia_rows(
+    setting: str, num_seeds: int, seed_batch: int, data: str = "", inits=INITS
+) -> list[dict]:
     """One row per (init scheme, K): the IA samples and their min / median / max."""
     _, ks, paper = IA_SETTINGS[setting]
     seeds = list(range(1, num_seeds + 1))
     rows = []
-    for init in INITS:
+    for init in inits:
         config = ia_config(setting, init, data)
         setup = alignment.alignment_setup(config)
         samples = alignment.initial_alignment(
@@ -153,7 +156,8 @@ def main(argv: list[str]) -> None:
         ]
         write_table(FLAGS.out, f"initial_alignment_{setting}", sweep_table(rows, header), rows)
         return
-    rows = ia_rows(setting, FLAGS.num_seeds, FLAGS.seed_batch, os.path.expanduser(FLAGS.data))
+    data = os.path.expanduser(FLAGS.data)
+    rows = ia_rows(setting, FLAGS.num_seeds, FLAGS.seed_batch, data, tuple(FLAGS.inits))
     config = ia_config(setting, "flax", FLAGS.data)
     header = [
         f"# Initial Alignment, `{setting}`",
