@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from dcjax.clustering import kmeans, online
 from dcjax.clustering.pca import l2_normalize
@@ -42,7 +42,7 @@ from dcjax.methods.base import Context, Method, label_stats, shuffled_sample
 from dcjax.models.collaborative import CollaborativeNetwork, MultiTrunk
 from dcjax.models.network import Network, build_trunk
 from dcjax.training import checkpoint
-from dcjax.training.mesh import DATA_AXIS
+from dcjax.training.mesh import data_sharded, replicated
 
 __all__ = ["ODCState", "METHOD", "CODC_METHOD", "check_sizes"]
 
@@ -277,16 +277,15 @@ def recluster(ctx: Context, state, features: jax.Array | None):
 
 def state_sharding(mesh: Mesh, method_state: ODCState):
     """The (N, D) memory and (N,) labels split over the data axis when N divides evenly."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    split = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    whole, split = replicated(mesh), data_sharded(mesh)
     n = method_state.labels.shape[0]
-    rows = split if n % mesh.devices.size == 0 else replicated
+    rows = split if n % mesh.devices.size == 0 else whole
     return method_state.replace(
         memory=rows,
         labels=rows,
-        centroids=replicated,
-        counts=replicated,
-        step=replicated,
+        centroids=whole,
+        counts=whole,
+        step=whole,
         epoch_labels=rows,
     )
 
