@@ -1,6 +1,8 @@
 """Command line: ``python -m dcjax.main --config configs/<method>.py[:variants] [--workdir=DIR]``.
 
-Parses flags and hands over to ``dcjax.training.loop.run``; nothing else lives here.
+Parses flags, joins a multi-process run when launched as one (``--coordinator``,
+``--num_processes``, ``--process_id``, or a SLURM / TPU pod environment; see
+``dcjax.distributed``) and hands over to ``dcjax.training.loop.run``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, logs, results); default runs/<method>-<data>."
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", "", "Multi-process launch: host:port of process 0 (same on every process)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 0, "Multi-process launch: how many processes (one per host)."
+)
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process launch: this process, 0..N-1.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -39,12 +48,17 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _quiet_checkpoint_logs()
-    from dcjax.training import loop  # imported late so --help answers without loading JAX
+    # Imported late so --help answers without loading JAX.
+    from dcjax import distributed
+    from dcjax.training import loop
     from dcjax.training.summary import print_results
 
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(config)
-    print_results(loop.run(config, workdir), workdir)
+    results = loop.run(config, workdir)
+    if distributed.is_main():
+        print_results(results, workdir)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ IA against accuracy. Tables go to ``<out>/initial_alignment_<setting>.{md,json}`
 
 from __future__ import annotations
 
+import json
 import os
 
 import ml_collections
@@ -86,6 +87,16 @@ def ia_rows(
     return rows
 
 
+def _with_earlier_inits(json_path: str, rows: list[dict]) -> list[dict]:
+    """Rows of init schemes sampled by an earlier run (``--inits`` subsets), then these rows."""
+    if not os.path.exists(json_path):
+        return rows
+    with open(json_path) as f:
+        earlier = json.load(f)
+    sampled = {r["init"] for r in rows}
+    return [r for r in earlier if r.get("init") not in sampled] + rows
+
+
 def ia_table(rows: list[dict], header: list[str]) -> str:
     lines = [*header, "", "| init | K | PCA | seeds | min | median | max | seed paper |"]
     lines.append("|" + " --- |" * 8)
@@ -137,10 +148,11 @@ def sweep_table(rows: list[dict], header: list[str]) -> str:
 def main(argv: list[str]) -> None:
     del argv
     setting = FLAGS.setting
-    command = f"Command: `python experiments/initial_alignment.py --setting={setting}"
-    command += f" --num_seeds={FLAGS.num_seeds}`" + (
+    command = f"python experiments/initial_alignment.py --setting={setting}"
+    command += f" --num_seeds={FLAGS.num_seeds}" + (
         " --data=<CIFAR-10 folder>" if FLAGS.data else ""
     )
+    command = f"Command: `{command}` (`--inits=<scheme>` samples a subset of init schemes)"
     if setting.endswith("_sweeps"):
         variant = setting.removesuffix("_sweeps")
         rows = sweep_rows(variant, FLAGS.workdir, FLAGS.num_seeds, FLAGS.seed_batch)
@@ -158,6 +170,7 @@ def main(argv: list[str]) -> None:
         return
     data = os.path.expanduser(FLAGS.data)
     rows = ia_rows(setting, FLAGS.num_seeds, FLAGS.seed_batch, data, tuple(FLAGS.inits))
+    rows = _with_earlier_inits(os.path.join(FLAGS.out, f"initial_alignment_{setting}.json"), rows)
     config = ia_config(setting, "flax", FLAGS.data)
     header = [
         f"# Initial Alignment, `{setting}`",

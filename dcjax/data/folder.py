@@ -6,7 +6,8 @@ Hidden files and folders (leading '.') are skipped.
 
 Decoding runs in a thread pool (PIL releases the GIL while decoding). The result lands in
 `cache_dir/folder-<key>/`, the key hashing the absolute root and every file's path, size and
-mtime, so an edited folder misses the cache and an unchanged one never decodes again.
+mtime, so an edited folder misses the cache and an unchanged one never decodes again. Cached
+images are memory-mapped (read-only), so each host of a multi-host run reads only its rows.
 """
 
 from __future__ import annotations
@@ -165,7 +166,16 @@ def _read_cache(entry: str) -> dict[str, np.ndarray] | None:
     try:
         with open(meta_path) as f:
             keys = json.load(f)["arrays"]
-        return {k: np.load(os.path.join(entry, f"{k}.npy"), allow_pickle=False) for k in keys}
+        # Images are memory-mapped: a process of a multi-host run reads only the rows it places
+        # on its own devices (dcjax.data.bank), not the whole split.
+        return {
+            k: np.load(
+                os.path.join(entry, f"{k}.npy"),
+                mmap_mode="r" if k.endswith("_images") else None,
+                allow_pickle=False,
+            )
+            for k in keys
+        }
     except (OSError, ValueError, KeyError):
         # An unreadable cache is only lost time: decode again and overwrite it.
         shutil.rmtree(entry, ignore_errors=True)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from dcjax.distributed import to_host
 from dcjax.evaluation import scores
 from dcjax.evaluation.knn import knn_accuracy
 from dcjax.evaluation.linear_probe import linear_probe
@@ -38,7 +39,7 @@ class Evaluator:
         """(N, ...) features of ``layer`` (one the evaluator extracts) on the training images."""
         batch = self._run.config.eval_batch_size
         feats = extract_features(self._feature_fn, state, self._run.train_images, batch)
-        return np.asarray(feats[layer])
+        return to_host(feats[layer])
 
     def __call__(self, state: TrainState) -> dict[str, float]:
         """{"probe_accuracy", "knn_accuracy"} on the test split, plus "nmi_pseudo_labels"."""
@@ -52,8 +53,9 @@ class Evaluator:
         test_images = run.test_images if has_test else run.train_images
         test_labels = data.test_labels if has_test else data.train_labels
         batch = run.config.eval_batch_size
-        train = extract_features(self._feature_fn, state, run.train_images, batch)
-        test = extract_features(self._feature_fn, state, test_images, batch)
+        # On the host: the probes run on each process alike, whatever the features' sharding.
+        train = _to_host(extract_features(self._feature_fn, state, run.train_images, batch))
+        test = _to_host(extract_features(self._feature_fn, state, test_images, batch))
         num_classes = int(max(data.train_labels.max(), test_labels.max()) + 1)
         results = {}
         for i, layer in enumerate(self._probes):
@@ -86,9 +88,13 @@ class Evaluator:
             ),
         )
         if int(state.cycle) > 0 and hasattr(state.method, "pseudo_labels"):
-            labels = np.asarray(state.method.pseudo_labels)
+            labels = to_host(state.method.pseudo_labels)
             results["nmi_pseudo_labels"] = scores.nmi(data.train_labels, labels)
         return results
+
+
+def _to_host(features: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+    return {name: to_host(value) for name, value in features.items()}
 
 
 def _layer(features: dict[str, jax.Array], probe: str) -> jax.Array:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
+from dcjax.distributed import is_main, to_host
 from dcjax.evaluation import figures
 from dcjax.evaluation.report import Evaluator
 from dcjax.training.metrics import read_jsonl
@@ -19,19 +18,31 @@ def write_run_figures(
     run: Run, evaluator: Evaluator, initial: TrainState, state: TrainState, workdir: str
 ) -> list[str]:
     """Loss and NMI per cycle, cluster sizes, a gallery of the largest clusters and a t-SNE of
-    the ``eval.knn_layer`` features at random init and trained; returns the PNG paths.
+    the ``eval.knn_layer`` features at random init and trained; returns the PNG paths (none on
+    processes other than 0).
 
     Figures that need pseudo-labels or true labels are skipped when the run has none.
     """
+    # Every process takes part in gathering labels and features; process 0 draws.
+    labels = getattr(state.method, "pseudo_labels", None)
+    labels = None if labels is None else to_host(labels)
+    true_labels = run.dataset.train_labels
+    panels = {}
+    if true_labels is not None:
+        layer = run.config.eval.knn_layer
+        panels = {
+            "random init": evaluator.features(initial, layer),
+            "trained": evaluator.features(state, layer),
+        }
+    if not is_main():
+        return []
     out = os.path.join(workdir, "figures")
     records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     paths = [
         figures.loss_per_cycle(records, os.path.join(out, "loss.png")),
         figures.nmi_per_cycle(records, os.path.join(out, "nmi.png")),
     ]
-    labels = getattr(state.method, "pseudo_labels", None)
     if labels is not None:
-        labels = np.asarray(labels)
         k = int(run.config.method.get("num_clusters", labels.max() + 1))
         paths.append(figures.cluster_sizes(labels, k, os.path.join(out, "cluster_sizes.png")))
         paths.append(
@@ -39,12 +50,6 @@ def write_run_figures(
                 run.dataset.train_images, labels, os.path.join(out, "clusters.png")
             )
         )
-    true_labels = run.dataset.train_labels
-    if true_labels is not None:
-        layer = run.config.eval.knn_layer
-        panels = {
-            "random init": evaluator.features(initial, layer),
-            "trained": evaluator.features(state, layer),
-        }
+    if panels:
         paths.append(figures.tsne_embedding(panels, true_labels, os.path.join(out, "tsne.png")))
     return paths

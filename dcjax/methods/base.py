@@ -20,6 +20,7 @@ import optax
 from jax.sharding import Mesh
 
 from dcjax.data import sampler
+from dcjax.distributed import to_host
 from dcjax.evaluation import scores
 
 __all__ = [
@@ -121,7 +122,7 @@ def label_stats(
     """
     stats: dict[str, float] = {}
     if previous is not None:
-        stats["nmi_previous"] = scores.nmi(np.asarray(previous), labels)
+        stats["nmi_previous"] = scores.nmi(to_host(previous), labels)
     if ctx.true_labels is not None:
         stats["nmi_true"] = scores.nmi(ctx.true_labels, labels)
     stats.update(scores.cluster_stats(labels, k))

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 from dcjax.clustering import kmeans, pca
 from dcjax.data import sampler
+from dcjax.distributed import to_host
 from dcjax.methods.base import (
     Context,
     Method,
@@ -35,6 +36,7 @@ from dcjax.methods.base import (
     pseudo_label_loss,
 )
 from dcjax.models.network import ClassifierHead, Network, build_trunk
+from dcjax.training.mesh import example_sharded, replicated
 
 __all__ = ["DeepClusterState", "METHOD"]
 
@@ -113,7 +115,7 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
             mesh=ctx.mesh,
         )
         previous = method_state.pseudo_labels if cycle > 0 else None
-        labels = np.asarray(result.assignments)
+        labels = to_host(result.assignments)
         stats.update(label_stats(ctx, previous, labels, config.num_clusters))
         stats["kmeans_inertia"] = float(result.inertia)
         stats["kmeans_empty_splits"] = float(result.n_empty_splits)
@@ -128,8 +130,14 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
 
 def sample(ctx: Context, state, rng: np.random.Generator) -> np.ndarray:
     """N indices drawn uniformly over the non-empty clusters (DeepCluster's sampler)."""
-    labels = np.asarray(state.method.pseudo_labels)
+    labels = to_host(state.method.pseudo_labels)
     return sampler.uniform_over_labels(rng, labels, ctx.samples_per_epoch)
+
+
+def state_sharding(mesh: Mesh, method_state: DeepClusterState) -> DeepClusterState:
+    """Pseudo-labels split over the data axis (when N divides evenly), centroids replicated."""
+    n = method_state.pseudo_labels.shape[0]
+    return method_state.replace(pseudo_labels=example_sharded(mesh, n), centroids=replicated(mesh))
 
 
 METHOD = Method(
@@ -141,4 +149,5 @@ METHOD = Method(
     wants_features=wants_features,
     recluster=recluster,
     sample=sample,
+    state_sharding=state_sharding,
 )

@@ -36,13 +36,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from dcjax.clustering import kmeans
 from dcjax.clustering.pca import l2_normalize
+from dcjax.distributed import to_host
 from dcjax.methods.base import Context, Method, label_stats, shuffled_sample
 from dcjax.methods.distillation import hint_loss, kl_to_teacher
 from dcjax.models.network import build_trunk
 from dcjax.models.prototypes import BRANCH_KEYS, EmbeddingTrunk, PrototypeNetwork
+from dcjax.training.mesh import example_sharded
 
 __all__ = ["DCv2State", "METHOD", "KD_METHOD", "kmeans_config", "set_prototypes"]
 
@@ -229,12 +232,22 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
         labels.append(assignments)
         if j == 0:
             previous = state.method.labels[0] if cycle > 0 else None
-            stats = label_stats(ctx, previous, np.asarray(assignments), k)
+            stats = label_stats(ctx, previous, to_host(assignments), k)
             stats["kmeans_inertia"] = float(result.inertia)
     head["prototypes"] = prototypes
     method_state = state.method.replace(memory=memory, labels=jnp.stack(labels))
     params = {**state.params, "head": head}
     return state.replace(params=params, method=method_state), stats
+
+
+def state_sharding(mesh: Mesh, method_state: DCv2State) -> DCv2State:
+    """The (C, N, D) memory and (S, N) labels split over the data axis along N (when N divides
+    evenly)."""
+    n = method_state.labels.shape[1]
+    return method_state.replace(
+        memory=example_sharded(mesh, n, axis=1, ndim=3),
+        labels=example_sharded(mesh, n, axis=1, ndim=2),
+    )
 
 
 def _method(name: str) -> Method:
@@ -247,6 +260,7 @@ def _method(name: str) -> Method:
         wants_features=wants_features,
         recluster=recluster,
         sample=shuffled_sample,
+        state_sharding=state_sharding,
     )
 
 

@@ -38,11 +38,12 @@ from jax.sharding import Mesh
 
 from dcjax.clustering import kmeans, online
 from dcjax.clustering.pca import l2_normalize
+from dcjax.distributed import to_host
 from dcjax.methods.base import Context, Method, label_stats, shuffled_sample
 from dcjax.models.collaborative import CollaborativeNetwork, MultiTrunk
 from dcjax.models.network import Network, build_trunk
 from dcjax.training import checkpoint
-from dcjax.training.mesh import data_sharded, replicated
+from dcjax.training.mesh import example_sharded, replicated
 
 __all__ = ["ODCState", "METHOD", "CODC_METHOD", "check_sizes"]
 
@@ -251,7 +252,7 @@ def recluster(ctx: Context, state, features: jax.Array | None):
     method = ctx.config.method
     s = state.method
     if features is None:
-        labels, previous = np.asarray(s.labels), np.asarray(s.epoch_labels)
+        labels, previous = to_host(s.labels), to_host(s.epoch_labels)
         stats = label_stats(ctx, previous, labels, method.num_clusters)
         stats["changed_since_previous"] = float(np.mean(labels != previous))
         # A copy: the train step donates the state, and one buffer may not be donated twice.
@@ -270,23 +271,22 @@ def recluster(ctx: Context, state, features: jax.Array | None):
         counts=counts,
         epoch_labels=jnp.copy(labels),
     )
-    stats = label_stats(ctx, None, np.asarray(result.assignments), method.num_clusters)
+    stats = label_stats(ctx, None, to_host(result.assignments), method.num_clusters)
     stats["kmeans_inertia"] = float(result.inertia)
     return state.replace(method=s), stats
 
 
 def state_sharding(mesh: Mesh, method_state: ODCState):
     """The (N, D) memory and (N,) labels split over the data axis when N divides evenly."""
-    whole, split = replicated(mesh), data_sharded(mesh)
+    whole = replicated(mesh)
     n = method_state.labels.shape[0]
-    rows = split if n % mesh.devices.size == 0 else whole
     return method_state.replace(
-        memory=rows,
-        labels=rows,
+        memory=example_sharded(mesh, n, ndim=2),
+        labels=example_sharded(mesh, n),
         centroids=whole,
         counts=whole,
         step=whole,
-        epoch_labels=rows,
+        epoch_labels=example_sharded(mesh, n),
     )
 
 

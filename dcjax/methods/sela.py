@@ -33,8 +33,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from dcjax.clustering import sinkhorn
+from dcjax.distributed import to_host
 from dcjax.methods.base import (
     Context,
     Method,
@@ -45,6 +47,7 @@ from dcjax.methods.base import (
 )
 from dcjax.models.network import Network, build_trunk, head_logits
 from dcjax.training import label_export
+from dcjax.training.mesh import example_sharded
 
 __all__ = ["SeLaState", "METHOD", "label_step_cycles", "random_equal_labels"]
 
@@ -175,11 +178,17 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
         iterations.append(int(out.num_iters))
         converged.append(bool(out.converged))
     new_labels = jnp.stack(labels)
-    first = np.asarray(new_labels[0])
+    first = to_host(new_labels)[0]
     stats = label_stats(ctx, state.method.labels[0], first, method.num_clusters)
     stats["sinkhorn_iters"] = float(np.mean(iterations))
     stats["sinkhorn_converged"] = float(np.mean(converged))
     return state.replace(method=state.method.replace(labels=new_labels)), stats
+
+
+def state_sharding(mesh: Mesh, method_state: SeLaState) -> SeLaState:
+    """The (H, N) labels split over the data axis along N (when N divides evenly)."""
+    n = method_state.labels.shape[1]
+    return method_state.replace(labels=example_sharded(mesh, n, axis=1, ndim=2))
 
 
 METHOD = Method(
@@ -191,4 +200,5 @@ METHOD = Method(
     wants_features=wants_features,
     recluster=recluster,
     sample=shuffled_sample,
+    state_sharding=state_sharding,
 )

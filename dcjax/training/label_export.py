@@ -14,6 +14,8 @@ import re
 
 import numpy as np
 
+from dcjax.distributed import is_main, to_host
+
 __all__ = ["export_labels", "load_labels", "labels_dir"]
 
 _NAME = re.compile(r"cycle_(\d+)\.npz$")
@@ -25,15 +27,18 @@ def labels_dir(workdir: str) -> str:
 
 def export_labels(workdir: str, state, keep: int) -> str | None:
     """Writes the labels of ``state.method`` (``labels`` (H, N), else ``pseudo_labels`` (N,))
-    for ``state.cycle`` atomically; returns the path, or None if the method keeps no labels."""
+    for ``state.cycle`` atomically; returns the path, or None if the method keeps no labels or
+    this is not process 0 (every process must call it: the labels may be sharded over hosts)."""
     method = state.method
     labels = getattr(method, "labels", None)
     if labels is None:
         labels = getattr(method, "pseudo_labels", None)
     if labels is None:
         return None
-    labels = np.asarray(labels, np.int32).reshape(-1, np.shape(labels)[-1])
+    labels = to_host(labels).astype(np.int32).reshape(-1, np.shape(labels)[-1])
     directory = labels_dir(workdir)
+    if not is_main():  # every process gathers the labels above; process 0 writes them
+        return None
     os.makedirs(directory, exist_ok=True)
     cycle = int(state.cycle)
     path = os.path.join(directory, f"cycle_{cycle}.npz")

@@ -17,12 +17,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import periodic_actions
-from jax.sharding import NamedSharding, PartitionSpec
 
+from dcjax import distributed
 from dcjax.data import sampler
 from dcjax.evaluation.report import Evaluator
 from dcjax.training import checkpoint, label_export, metrics
-from dcjax.training.mesh import DATA_AXIS
+from dcjax.training.mesh import replicated
 from dcjax.training.setup import Run, build_run
 from dcjax.training.state import TrainState
 from dcjax.training.step import extract_features, make_feature_fn, make_train_step
@@ -49,9 +49,12 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
     """
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
+    saved = None
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
+    distributed.sync("workdir config read")  # before process 0 rewrites it below
+    if saved is not None:
         changed = sorted(
             key
             for key in set(saved) | set(current)
@@ -62,9 +65,11 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
                 f"--workdir={workdir} holds a run with a different config (fields {changed}); "
                 "use a new --workdir or the same config"
             )
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(current, f, indent=2)
+    if distributed.is_main():
+        os.makedirs(workdir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(current, f, indent=2)
+    distributed.sync("workdir config written")
 
 
 def _epoch_rng(state: TrainState, epoch: int) -> np.random.Generator:
@@ -93,13 +98,13 @@ def train_phase(
       FloatingPointError: a metric is NaN or infinite (the run stops instead of saving NaNs).
     """
     config = run.config
-    batch_sharding = NamedSharding(run.mesh, PartitionSpec(None, DATA_AXIS))
     totals: dict[str, jax.Array] = {}
     num_steps = 0
     first_step = int(state.step)  # counted on the host: reading state.step would sync every step
     for epoch in range(config.epochs_per_cycle):
         indices = run.method.sample(run.ctx, state, _epoch_rng(state, epoch))
-        batches = jax.device_put(sampler.steps_batches(indices, config.batch_size), batch_sharding)
+        batches = sampler.steps_batches(indices, config.batch_size)
+        batches = jax.device_put(batches, replicated(run.mesh))
         for i in range(batches.shape[0]):
             state, step_metrics = train_step(state, run.train_images, batches[i])
             totals = {k: totals.get(k, 0.0) + v for k, v in step_metrics.items()}
@@ -174,10 +179,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
         from dcjax.evaluation.run_figures import write_run_figures  # matplotlib only when asked
 
         paths = write_run_figures(built, evaluator, built.initial_state, state, workdir)
-        logging.info("Figures: %s", ", ".join(paths))
-        print("Figures:\n" + "\n".join(f"  {p}" for p in paths))
+        if paths:
+            logging.info("Figures: %s", ", ".join(paths))
+            print("Figures:\n" + "\n".join(f"  {p}" for p in paths))
     writer.write_scalars(int(state.cycle), {f"final/{k}": v for k, v in results["trained"].items()})
     writer.close()
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if distributed.is_main():
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    distributed.sync("results written")
     return results

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["DATA_AXIS", "make_mesh", "replicated", "data_sharded"]
+__all__ = ["DATA_AXIS", "make_mesh", "replicated", "data_sharded", "example_sharded"]
 
 DATA_AXIS = "data"
 
@@ -31,3 +31,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def data_sharded(mesh: Mesh) -> NamedSharding:
     """The leading axis is split over the ``data`` axis (batches, per-example features)."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def example_sharded(mesh: Mesh, num_examples: int, axis: int = 0, ndim: int = 1) -> NamedSharding:
+    """Per-example state (labels, memories): axis ``axis`` (length N) split over the data axis.
+
+    jax.Array shards must be equal, so when the device count does not divide N the array is
+    replicated instead (every device holds all N rows).
+    """
+    if num_examples % mesh.devices.size:
+        return replicated(mesh)
+    spec = [None] * ndim
+    spec[axis] = DATA_AXIS
+    return NamedSharding(mesh, PartitionSpec(*spec))

@@ -13,6 +13,8 @@ import numpy as np
 from clu import metric_writers
 from clu.metric_writers import interface
 
+from dcjax.distributed import is_main
+
 __all__ = ["JsonlWriter", "TensorboardXWriter", "create_writer", "read_jsonl"]
 
 
@@ -107,7 +109,12 @@ class TensorboardXWriter(interface.MetricWriter):
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
-    """Console + TensorBoard (``workdir/tensorboard``) + ``workdir/metrics.jsonl``."""
+    """Console + TensorBoard (``workdir/tensorboard``) + ``workdir/metrics.jsonl``.
+
+    Processes other than 0 of a multi-process run only log to the console.
+    """
+    if not is_main():
+        return metric_writers.MultiWriter([metric_writers.LoggingWriter()])
     os.makedirs(workdir, exist_ok=True)
     return metric_writers.MultiWriter(
         [

@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dcjax.data import sources
+from dcjax.data.bank import ImageBank, place_bank
 from dcjax.data.pipeline import Pipeline, make_pipeline
 from dcjax.methods import Context, Method, get_method
 from dcjax.models.init import apply_init_scheme
@@ -30,8 +31,8 @@ class Run:
     pipeline: Pipeline
     method: Method
     ctx: Context
-    train_images: jax.Array  # (N, H, W, C) uint8, replicated on every device
-    test_images: jax.Array | None  # (M, H, W, C) uint8, replicated, or None
+    train_images: ImageBank  # (N, H, W, C) uint8, rows sharded over the data axis
+    test_images: ImageBank | None  # (M, H, W, C) uint8, sharded likewise, or None
     initial_state: TrainState  # the network at random initialisation, replicated
 
     @property
@@ -107,7 +108,6 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
         rng=key_state,
         method=method.init_state(ctx),
     )
-    place = replicated(mesh)
     test_images = dataset.test_images
     built = Run(
         config=config,
@@ -116,8 +116,8 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
         pipeline=pipeline,
         method=method,
         ctx=ctx,
-        train_images=jax.device_put(dataset.train_images, place),
-        test_images=None if test_images is None else jax.device_put(test_images, place),
+        train_images=place_bank(dataset.train_images, mesh),
+        test_images=None if test_images is None else place_bank(test_images, mesh),
         initial_state=state,
     )
     return dataclasses.replace(built, initial_state=jax.device_put(state, built.state_sharding))

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from dcjax.data.bank import ImageBank
 from dcjax.data.pipeline import Pipeline
 from dcjax.methods.base import Method
 from dcjax.training.mesh import data_sharded, replicated
@@ -18,7 +19,7 @@ from dcjax.training.state import TrainState
 
 __all__ = ["make_train_step", "make_feature_fn", "extract_features"]
 
-TrainStep = Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+TrainStep = Callable[[TrainState, ImageBank, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
 
 
 def make_train_step(
@@ -31,14 +32,16 @@ def make_train_step(
 ) -> TrainStep:
     """Builds ``train_step(state, images, indices) -> (state, metrics)``.
 
-    ``images`` is the (N, H, W, C) uint8 bank, replicated; ``indices`` (B,) int32 are sharded over
-    the mesh's data axis, so the gathered batch is too. Parameters stay replicated; XLA turns the
-    batch means (loss, batch norm) into cross-device reductions. The state is donated.
+    ``images`` is the `ImageBank` of the training split (rows sharded over the data axis);
+    ``indices`` (B,) int32 are replicated (every process holds the same host array); the
+    gathered batch is sharded over the data axis.
+    Parameters stay replicated; XLA turns the batch means (loss, batch norm) into cross-device
+    reductions. The state is donated.
     """
 
-    def train_step(state: TrainState, images: jax.Array, indices: jax.Array):
+    def train_step(state: TrainState, images: ImageBank, indices: jax.Array):
         aug_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-        x = pipeline.train_batch(aug_key, images[indices])
+        x = pipeline.train_batch(aug_key, images.gather(indices))
 
         def loss_of(params):
             outputs, mutated = model.apply(
@@ -72,7 +75,7 @@ def make_train_step(
 
     return jax.jit(
         train_step,
-        in_shardings=(state_sharding, replicated(mesh), data_sharded(mesh)),
+        in_shardings=(state_sharding, data_sharded(mesh), replicated(mesh)),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=0,
     )
@@ -81,13 +84,13 @@ def make_train_step(
 def make_feature_fn(model: nn.Module, pipeline: Pipeline, layers: Sequence[str], mesh: Mesh):
     """Builds ``features(params, batch_stats, images, indices) -> {layer: (B, ...)}``.
 
-    Eval mode (batch-norm running statistics, no dropout) and no augmentation; the batch and its
-    outputs are sharded over the data axis.
+    Eval mode (batch-norm running statistics, no dropout) and no augmentation; the indices are
+    replicated, the gathered batch and the outputs sharded over the data axis.
     """
     layers = tuple(layers)
 
     def features(params, batch_stats, images, indices):
-        x = pipeline.eval_batch(images[indices])
+        x = pipeline.eval_batch(images.gather(indices))
         outputs = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
         missing = [name for name in layers if name not in outputs]
         if missing:
@@ -98,19 +101,19 @@ def make_feature_fn(model: nn.Module, pipeline: Pipeline, layers: Sequence[str],
 
     return jax.jit(
         features,
-        in_shardings=(replicated(mesh), replicated(mesh), replicated(mesh), data_sharded(mesh)),
+        in_shardings=(replicated(mesh), replicated(mesh), data_sharded(mesh), replicated(mesh)),
         out_shardings=data_sharded(mesh),
     )
 
 
 def extract_features(
-    feature_fn, state: TrainState, images: jax.Array, batch_size: int
+    feature_fn, state: TrainState, images: ImageBank, batch_size: int
 ) -> dict[str, jax.Array]:
-    """Runs ``feature_fn`` over all N images in fixed-size batches: {layer: (N, ...)}.
+    """Runs ``feature_fn`` over all N images of the bank in fixed-size batches: {layer: (N, ...)}.
 
     The last batch is padded by wrapping around, so every call has the same shape (one compile).
     """
-    n = images.shape[0]
+    n = len(images)
     num_batches = -(-n // batch_size)
     order = np.arange(num_batches * batch_size, dtype=np.int32) % n
     chunks = [

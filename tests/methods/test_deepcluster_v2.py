@@ -64,7 +64,7 @@ def test_memory_is_written_at_the_batch_indices_inside_the_step(kd_run, kd_step,
     indices = rng.choice(run.ctx.num_examples, run.config.batch_size, replace=False)
     indices = indices.astype(np.int32)
     # What the step sees: the same (unaugmented) batch through the train-mode network.
-    x = run.pipeline.train_batch(jax.random.key(0), run.train_images[indices])
+    x = run.pipeline.train_batch(jax.random.key(0), run.dataset.train_images[indices])
     outputs, _ = run.ctx.model.apply(
         {"params": state.params, "batch_stats": state.batch_stats},
         x,
@@ -213,7 +213,7 @@ def test_distillation_terms_leave_the_teacher_classifier_untouched(kd_run, rng):
         labels=jnp.asarray(labels, jnp.int32), distill_alpha=1.0, hint_weight=1.0
     )
     indices = jnp.arange(8)
-    x = run.pipeline.eval_batch(run.train_images[indices])
+    x = run.pipeline.eval_batch(run.dataset.train_images[indices])
 
     def distill_only(params):
         outputs, _ = run.ctx.model.apply(

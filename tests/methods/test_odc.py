@@ -129,7 +129,7 @@ def test_codc_backbones_all_train_on_the_memory_labels(rng):
     apply = jax.jit(lambda v, x: run.ctx.model.apply(v, x, train=False))
     outputs = apply(
         {"params": state.params, "batch_stats": state.batch_stats},
-        run.pipeline.eval_batch(run.train_images[indices]),
+        run.pipeline.eval_batch(run.dataset.train_images[indices]),
     )
     assert outputs["logits"].shape == (16, 2, k)
     loss, metrics = odc.loss_fn(method_state, outputs, jnp.asarray(indices))

@@ -85,10 +85,10 @@ def test_extract_features_pads_and_matches_direct_apply():
     run = _smoke(1)
     fn = make_feature_fn(run.ctx.model, run.pipeline, ["features", "conv2"], run.mesh)
     out = extract_features(fn, run.initial_state, run.train_images, batch_size=48)
-    n = run.train_images.shape[0]
+    n = len(run.train_images)
     assert out["features"].shape == (n, 128) and out["conv2"].shape[0] == n
     variables = {"params": run.initial_state.params, "batch_stats": run.initial_state.batch_stats}
-    x = run.pipeline.eval_batch(run.train_images[-5:])
+    x = run.pipeline.eval_batch(run.dataset.train_images[-5:])
     direct = run.ctx.model.apply(variables, x, train=False)["features"]
     np.testing.assert_allclose(out["features"][-5:], direct, rtol=1e-5, atol=1e-5)
 
