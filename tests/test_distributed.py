@@ -6,6 +6,8 @@ import pytest
 from dcjax import distributed
 from dcjax.data.bank import place_bank
 from dcjax.training.mesh import make_mesh
+from dcjax.training.setup import build_run
+from tests.helpers import load_config
 
 
 @pytest.mark.parametrize(
@@ -53,3 +55,17 @@ def test_to_host_returns_the_whole_sharded_array(rng):
     images = rng.integers(0, 256, (19, 2, 2, 1), dtype=np.uint8)
     bank = place_bank(images, make_mesh(8))
     np.testing.assert_array_equal(distributed.to_host(bank.images)[:19], images)
+
+
+@pytest.mark.parametrize(
+    "method, field, spec",
+    [
+        ("deepcluster", "pseudo_labels", ("data",)),
+        ("deepcluster_v2", "memory", (None, "data", None)),  # SeLa's labels: the same helper
+    ],  # ODC's memory: tests/methods/test_odc.py
+)
+def test_per_example_state_is_split_over_the_devices(method, field, spec):
+    run = build_run(load_config(method, "smoke"))  # 256 examples over 8 devices
+    array = getattr(run.initial_state.method, field)
+    assert tuple(array.sharding.spec) == spec
+    assert array.addressable_shards[0].data.nbytes * 8 == array.nbytes
