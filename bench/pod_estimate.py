@@ -185,8 +185,10 @@ def main(argv: list[str]) -> None:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Assumptions (published figures): utilisation {UTILISATION:.0%} of peak for the network, "
-        "60% for k-means; "
+        f"Assumptions (published figures): utilisation {UTILISATION:.0%} of peak for the network "
+        "(optimistic for ResNet-50 on GPUs, whose batch-norm and elementwise work is memory-bound: "
+        "compute time scales as 1 / utilisation), 60% for k-means; no overlap of communication "
+        "with compute; "
         + "; ".join(
             f"{name}: peak {t['peak'] / 1e12:.0f} TFLOP/s, {t['hbm'] / 1e9:.0f} GB per chip, "
             f"links {t['intra'] / 1e9:.0f} GB/s within a host, {t['inter'] / 1e9:.0f} GB/s across"
