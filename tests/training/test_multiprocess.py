@@ -94,8 +94,9 @@ def _assert_same_run(two: str, one: str) -> None:
     step_one, state_one, labels_one = _restore(one)
     assert step_two == step_one
     np.testing.assert_array_equal(labels_two, labels_one)
-    params_two, params_one = jax.tree.leaves(state_two["params"]), jax.tree.leaves(
-        state_one["params"]
+    params_two, params_one = (
+        jax.tree.leaves(state_two["params"]),
+        jax.tree.leaves(state_one["params"]),
     )
     assert len(params_two) == len(params_one)
     for a, b in zip(params_two, params_one, strict=True):
