@@ -540,12 +540,14 @@ def test_bfloat16_matmul_rarely_changes_assignments(rng):
     chosen = _sq_dists64(x, centroids)[np.arange(n), np.asarray(low)]
     np.testing.assert_allclose(low_sq, chosen, rtol=1e-5, atol=1e-6)
 
-    # A whole fit started at the blob means of well-separated blobs (centres 5 noise-stds apart
-    # per axis) ends, in both precisions, at the blobs' partition: no point is near a tie. (From
-    # a random start two float32 and bfloat16 fits may take different near-tie decisions and
-    # reach different local optima: 25% of seeds at separation 2, so that is not tested.)
+    # A whole fit started at the blob means of well-separated blobs ends, in both precisions, at
+    # the blobs' partition. The centres lie on orthogonal axes 10 * sqrt(2) apart, so a point
+    # would need noise over 7 stds along the line between two centres to cross their midplane.
+    # (With random std-5 centres, float64 Lloyd's from the blob means left the partition for 0.6%
+    # of 2000 seeds.) From a random start, float32 and bfloat16 fits may take different near-tie
+    # decisions and reach different local optima (25% of seeds at separation 2): not tested.
     n, k = 301, 6
-    x = _blobs(rng, n, k, 8, spread=5.0)
+    x = (10.0 * np.eye(k, 8)[np.arange(n) % k] + rng.normal(size=(n, 8))).astype(np.float32)
     truth = np.arange(n) % k
     init = np.stack([x[truth == j].mean(0) for j in range(k)])
     reference = kmeans.fit(jax.random.key(0), x, k, init_centroids=init)

@@ -2,6 +2,8 @@
 every loss term against NumPy float64, the teacher's gradients, the frozen prototypes and
 1 device against 8 for one step."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,12 +67,8 @@ def test_memory_is_written_at_the_batch_indices_inside_the_step(kd_run, kd_step,
     indices = indices.astype(np.int32)
     # What the step sees: the same (unaugmented) batch through the train-mode network.
     x = run.pipeline.train_batch(jax.random.key(0), run.dataset.train_images[indices])
-    outputs, _ = run.ctx.model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats},
-        x,
-        train=True,
-        mutable=["batch_stats"],
-    )
+    apply = jax.jit(functools.partial(run.ctx.model.apply, train=True, mutable=["batch_stats"]))
+    outputs, _ = apply({"params": state.params, "batch_stats": state.batch_stats}, x)
     new, _ = kd_step(state, run.train_images, indices)
     memory = np.asarray(new.method.memory)
     np.testing.assert_allclose(
@@ -225,7 +223,7 @@ def test_distillation_terms_leave_the_teacher_classifier_untouched(kd_run, rng):
         _, metrics = dcv2.loss_fn(method_state, outputs, indices)
         return metrics["loss_kl"] + metrics["loss_hints"]
 
-    grads = jax.grad(distill_only)(state.params)
+    grads = jax.jit(jax.grad(distill_only))(state.params)
     np.testing.assert_array_equal(grads["head"]["prototypes"][0], 0.0)
     for leaf in jax.tree.leaves(grads["trunk"]["projection_0"]):
         np.testing.assert_array_equal(leaf, 0.0)

@@ -1,10 +1,6 @@
-"""The loop end to end: smoke configs, resume, kill-and-resume, workdir checks, outputs."""
+"""The loop end to end: smoke configs, evaluation, stop-and-resume, workdir checks, outputs."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -13,11 +9,10 @@ import pytest
 
 from dcjax.data.idx import DEFAULT_IDX_DIR
 from dcjax.evaluate import evaluate_workdir
-from dcjax.training import loop
+from dcjax.training import checkpoint, loop
 from dcjax.training.metrics import read_jsonl
 from tests.helpers import (
     CIFAR_SKIP_REASON,
-    REPO,
     cifar_zip,
     config_files,
     extract_cifar_subset,
@@ -37,8 +32,21 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+class _Stop(Exception):
+    """Stands for the run being killed."""
+
+
+_save = checkpoint.save
+
+
+def _save_then_stop(manager, state):
+    _save(manager, state)
+    manager.wait_until_finished()
+    raise _Stop
+
+
 @pytest.mark.parametrize("name", config_files())
-def test_smoke_variant_trains_resumes_and_writes_outputs(name, tmp_path):
+def test_smoke_variant_trains_resumes_and_writes_outputs(name, tmp_path, monkeypatch):
     config = load_config(name, "smoke")
     workdir = str(tmp_path / "run")
     results = loop.run(config, workdir)
@@ -57,14 +65,22 @@ def test_smoke_variant_trains_resumes_and_writes_outputs(name, tmp_path):
     for key in ("probe_accuracy", "knn_accuracy", "nmi_pseudo_labels"):
         np.testing.assert_allclose(again["trained"][key], results["trained"][key], atol=1e-6)
 
-    # One more cycle in the same workdir resumes from the saved state instead of restarting.
-    before = _restore_raw(workdir, config.num_cycles)
-    config.unlock()
-    config.num_cycles += 1
-    loop.run(config, workdir)
-    after = _restore_raw(workdir, config.num_cycles)
-    assert int(after["cycle"]) == config.num_cycles
-    assert int(after["step"]) > int(before["step"])
+    # A run stopped right after its first checkpoint resumes from it and ends where the
+    # uninterrupted run ended, bit for bit: CPU XLA is deterministic and every random draw
+    # derives from the saved state's key. (The 2-process test kills its processes outright.)
+    # The KD variant's state is DC-v2's with more parameters: left out to keep the suite short.
+    if name == "deepcluster_v2_kd":
+        return
+    stopped = str(tmp_path / "stopped")
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save", _save_then_stop)
+        with pytest.raises(_Stop):
+            loop.run(config, stopped)
+    assert int(_restore_raw(stopped, 1)["cycle"]) == 1
+    loop.run(config, stopped)
+    _assert_trees_equal(
+        _restore_raw(stopped, config.num_cycles), _restore_raw(workdir, config.num_cycles)
+    )
 
 
 @pytest.mark.slow
@@ -85,6 +101,9 @@ def test_cifar10_smoke_on_real_cifar10_subset(name, tmp_path):
     config = load_config(name, "cifar10,smoke")
     config.data.path = str(tmp_path / "cifar")
     config.data.cache_dir = str(tmp_path / "cache")
+    # One device: the 8 simulated CPU devices would each run the replicated 1024 x 1024 PCA eigh
+    # on the same 2 cores (15 s against 0.2 s); the 8-device path has the digits smoke runs.
+    config.num_devices = 1
     results = loop.run(config, str(tmp_path / "run"))
     assert results["trained"]["probe_accuracy"] > 0.1  # 10 classes; chance is 0.1
 
@@ -100,42 +119,3 @@ def test_changed_config_in_same_workdir_is_refused(tmp_path):
     config.method.num_clusters = 7
     with pytest.raises(ValueError, match=r"different config \(fields \['method'\]\)"):
         loop.check_workdir_config(config, str(tmp_path))
-
-
-def _main(workdir: str, cycles: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "dcjax.main",
-        "--config",
-        os.path.join(REPO, "configs", "deepcluster.py:smoke"),
-        f"--config.num_cycles={cycles}",
-        f"--workdir={workdir}",
-    ]
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_parameters(tmp_path):
-    cycles = 4
-    env = {**os.environ, "PYTHONPATH": REPO}
-    straight = str(tmp_path / "straight")
-    subprocess.run(_main(straight, cycles), check=True, env=env, cwd=REPO, capture_output=True)
-
-    killed = str(tmp_path / "killed")
-    proc = subprocess.Popen(
-        _main(killed, cycles), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    second = os.path.join(killed, "checkpoints", "2")
-    deadline = time.time() + 300
-    while not os.path.exists(second) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # into cycle 3: its recluster or its epoch
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(killed, "checkpoints", str(cycles)))
-
-    subprocess.run(_main(killed, cycles), check=True, env=env, cwd=REPO, capture_output=True)
-    # CPU XLA is deterministic and every random draw derives from the saved state's key,
-    # so the resumed run reproduces the uninterrupted one bit for bit.
-    _assert_trees_equal(_restore_raw(killed, cycles), _restore_raw(straight, cycles))

@@ -42,7 +42,7 @@ def _launch(method: str, workdir: str) -> list[subprocess.Popen]:
         **os.environ,
         "PYTHONPATH": REPO,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
     }
     coordinator = f"127.0.0.1:{_free_port()}"
     return [
