@@ -26,7 +26,7 @@ from dcjax.data import sources
 from dcjax.data.pipeline import Pipeline, make_pipeline
 from dcjax.evaluation import scores
 from dcjax.methods import deepcluster
-from dcjax.models.init import apply_init_scheme, jit_init
+from dcjax.models.init import apply_init_scheme
 
 __all__ = ["AlignmentSetup", "alignment_setup", "initial_alignment", "network_keys"]
 
@@ -90,7 +90,7 @@ def _feature_fns(setup: AlignmentSetup, layer: str):
 
         return jax.vmap(one)(variables)
 
-    return jit_init(jax.vmap(init)), jax.jit(features)
+    return jax.jit(jax.vmap(init)), jax.jit(features)
 
 
 def _all_features(setup: AlignmentSetup, fns, keys: jax.Array, batch_size: int) -> jax.Array:

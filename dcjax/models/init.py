@@ -15,30 +15,13 @@ Batch-norm scales and biases (no ``kernel`` beside them) keep 1 and 0 under ever
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["INIT_SCHEMES", "apply_init_scheme", "jit_init"]
+__all__ = ["INIT_SCHEMES", "apply_init_scheme"]
 
 INIT_SCHEMES = ("flax", "pytorch", "deepcluster")
-
-
-def jit_init(fn: Callable) -> Callable:
-    """``fn`` (a model's initialisation) jitted for the one call it gets.
-
-    XLA's CPU backend spends most of a ResNet's init compile optimising the hundreds of unrolled
-    threefry and erf_inv draws (26 s for the smoke DC-v2 + KD trunk, 213 arrays, 34k numbers); at
-    LLVM optimisation level 0 it takes 7 s, and the draws agree with the optimised build to one
-    float32 ulp. Other backends compile as usual.
-    """
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-
-    def call(*args):
-        return jax.jit(fn).lower(*args).compile(compiler_options=options)(*args)
-
-    return call
 
 
 def _layer(key: jax.Array, layer: dict, scheme: str) -> dict:

@@ -14,7 +14,7 @@ from dcjax.data import sources
 from dcjax.data.bank import ImageBank, place_bank
 from dcjax.data.pipeline import Pipeline, make_pipeline
 from dcjax.methods import Context, Method, get_method
-from dcjax.models.init import apply_init_scheme, jit_init
+from dcjax.models.init import apply_init_scheme
 from dcjax.training.mesh import make_mesh, replicated
 from dcjax.training.state import TrainState, make_optimizers
 
@@ -62,7 +62,7 @@ def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh, num_examples: in
 
 def init_variables(model, key: jax.Array, dummy: jax.Array, scheme: str = "flax") -> dict:
     """The model's variables from ``key``, with ``config.model.init``'s scheme on the params."""
-    variables = jit_init(lambda k: model.init(k, dummy, train=False))(key)
+    variables = jax.jit(lambda k: model.init(k, dummy, train=False))(key)
     params = apply_init_scheme(jax.random.fold_in(key, 1), variables["params"], scheme)
     return {**variables, "params": params}
 
