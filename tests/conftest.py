@@ -6,17 +6,9 @@ XLA reads its flags once, at backend start, so they are set here before anything
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The suite compiles far more than it runs, and on XLA:CPU much of a compile is LLVM optimising
-# the generated code. Tests check results, not speed: at LLVM level 0 tests/methods/
-# test_deepcluster_v2.py took 74 s instead of 111 s. The HLO passes (fusion, layout, sharding)
-# are those of the default level.
-_TEST_XLA_FLAGS = {
-    "xla_force_host_platform_device_count": "8",
-    "xla_backend_optimization_level": "0",
-}
-for _flag, _value in _TEST_XLA_FLAGS.items():
-    if _flag not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{_flag}={_value}".strip()
+from tests.xla_flags import xla_flags  # noqa: E402  (imports no jax)
+
+os.environ["XLA_FLAGS"] = xla_flags(8, os.environ.get("XLA_FLAGS", ""))
 
 import shutil  # noqa: E402
 import tempfile  # noqa: E402

@@ -20,6 +20,7 @@ import pytest
 
 from dcjax.training import loop
 from tests.helpers import REPO, load_config
+from tests.xla_flags import xla_flags
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ def _launch(method: str, workdir: str) -> list[subprocess.Popen]:
         **os.environ,
         "PYTHONPATH": REPO,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+        "XLA_FLAGS": xla_flags(4),
     }
     coordinator = f"127.0.0.1:{_free_port()}"
     return [
