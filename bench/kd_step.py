@@ -8,8 +8,9 @@ bottleneck branches (``dcjax.models.resnet``), a projection head (Linear-BN-ReLU
 128) per classifier, L2-normalised embeddings, 60 prototypes per classifier, the loss
 CE + (1 - alpha) sum CE_i + alpha KL + lambda hints, backward, and an SGD update with momentum
 and weight decay. dcjax: ``make_train_step`` of a ``configs/deepcluster_v2_kd.py:cifar10`` run
-(jitted, state donated, memory write included). PyTorch: an eager re-implementation below
-(``torch==2.13.0`` CPU, ``pip install -e '.[bench]'``), ``torch.set_num_threads`` = cores.
+(jitted, state donated, memory write included). PyTorch: the eager re-implementation in
+``bench/torch_peers.py`` (``KDNet``, ``kd_loss``; ``torch==2.13.0`` CPU,
+``pip install -e '.[bench]'``), ``torch.set_num_threads`` = cores.
 
 Timing: each side runs ``--warmup`` steps first (dcjax's compile is reported apart), then the
 best of ``--repeats`` rounds of ``--steps`` steps. Ratio = dcjax images/s / PyTorch images/s:
@@ -97,90 +98,16 @@ def _write_npz(images: np.ndarray) -> str:
 def torch_rate(width: int, batch: int, images: np.ndarray) -> float:
     """images/s of the same step in eager PyTorch on the CPU."""
     import torch
-    import torch.nn.functional as F
-    from torch import nn
+    from torch_peers import KDNet, kd_loss, sgd
 
     torch.set_num_threads(os.cpu_count() or 1)
-
-    def conv_bn(cin, cout, k, s):
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, k, s, (k - 1) // 2, bias=False), nn.BatchNorm2d(cout)
-        )
-
-    class Basic(nn.Module):
-        def __init__(self, cin, cout, s):
-            super().__init__()
-            self.a, self.b = conv_bn(cin, cout, 3, s), conv_bn(cout, cout, 3, 1)
-            self.short = conv_bn(cin, cout, 1, s) if s != 1 or cin != cout else nn.Identity()
-
-        def forward(self, x):
-            return F.relu(self.b(F.relu(self.a(x))) + self.short(x))
-
-    class Bottleneck(nn.Module):
-        def __init__(self, cin, cout, s):
-            super().__init__()
-            inner = max(1, cout // 4)
-            self.a, self.b = conv_bn(cin, inner, 1, 1), conv_bn(inner, inner, 3, s)
-            self.c, self.short = conv_bn(inner, cout, 1, 1), conv_bn(cin, cout, 1, s)
-
-        def forward(self, x):
-            h = self.c(F.relu(self.b(F.relu(self.a(x)))))
-            return F.relu(h + self.short(x))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            ch = [width * 2**i for i in range(4)]
-            self.stem = conv_bn(3, width, 3, 1)
-            blocks, cin = [], width
-            for i, c in enumerate(ch):
-                blocks.append(nn.Sequential(Basic(cin, c, 1 if i == 0 else 2), Basic(c, c, 1)))
-                cin = c
-            self.stages = nn.ModuleList(blocks)
-            self.branches = nn.ModuleList(
-                nn.Sequential(*[Bottleneck(ch[j - 1], ch[j], 2) for j in range(i, 4)])
-                for i in range(1, 4)
-            )
-            self.proj = nn.ModuleList(
-                nn.Sequential(
-                    nn.Linear(ch[3], HIDDEN_DIM),
-                    nn.BatchNorm1d(HIDDEN_DIM),
-                    nn.ReLU(),
-                    nn.Linear(HIDDEN_DIM, FEAT_DIM),
-                )
-                for _ in range(4)
-            )
-            self.prototypes = nn.ModuleList(
-                nn.Linear(FEAT_DIM, NUM_PROTOTYPES, bias=False) for _ in range(4)
-            )
-
-        def forward(self, x):
-            h, maps = F.relu(self.stem(x)), []
-            for stage in self.stages:
-                h = stage(h)
-                maps.append(h)
-            branch_maps = [b(m) for b, m in zip(self.branches, maps[:3], strict=True)]
-            pooled = [m.mean((2, 3)) for m in (maps[3], *branch_maps)]
-            emb = [F.normalize(p(z), dim=1) for p, z in zip(self.proj, pooled, strict=True)]
-            scores = [w(e) for w, e in zip(self.prototypes, emb, strict=True)]
-            return scores, maps[3], branch_maps
-
-    net = Net()
-    opt = torch.optim.SGD(net.parameters(), lr=0.06, momentum=0.9, weight_decay=1e-6)
+    net = KDNet(width, NUM_PROTOTYPES, FEAT_DIM, HIDDEN_DIM)
+    opt = sgd(net, lr=0.06, momentum=0.9, head_momentum=0.9, weight_decay=1e-6)
     x = torch.from_numpy(images[:batch].transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
     labels = torch.from_numpy(np.arange(batch) % NUM_PROTOTYPES)
 
     def step():
-        scores, deep_map, branch_maps = net(x)
-        logits = [s / TEMPERATURE for s in scores]
-        teacher = F.softmax(logits[0].detach(), dim=1)
-        loss = F.cross_entropy(logits[0], labels)
-        for z, m in zip(logits[1:], branch_maps, strict=True):
-            loss = loss + (1 - ALPHA) * F.cross_entropy(z, labels)
-            kl = F.kl_div(F.log_softmax(z, 1), teacher, reduction="batchmean")
-            loss = loss + ALPHA * kl
-            hint = (m - deep_map.detach()).pow(2).flatten(1).sum(1).mean()
-            loss = loss + HINT * hint
+        loss = kd_loss(net(x), labels, TEMPERATURE, ALPHA, HINT)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

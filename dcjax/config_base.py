@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.num_cycles = 25
     config.epochs_per_cycle = 1
     config.batch_size = 64
+    # Train steps per jitted call (a lax.scan on the device, one host sync); 0 = a whole epoch.
+    config.steps_per_call = 0
     config.eval_batch_size = 512
     config.eval_every_cycles = 0
     config.figures = True  # PNGs in <workdir>/figures at the end (loss, NMI, clusters, t-SNE)

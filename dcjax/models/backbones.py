@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dcjax.models import ops
+
 __all__ = ["SmallCNN", "LeNet5", "MiniAlexNet"]
 
 Features = dict[str, jax.Array]
@@ -19,13 +21,20 @@ Features = dict[str, jax.Array]
 
 def _conv_bn_relu(x, features, kernel, *, train, stride=1, padding="VALID", name):
     """Conv -> BN -> ReLU, returning (conv output, ReLU output)."""
-    conv = nn.Conv(features, (kernel, kernel), strides=stride, padding=padding, name=name)(x)
+    conv = nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=stride,
+        padding=padding,
+        conv_general_dilated=ops.conv,
+        name=name,
+    )(x)
     bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn_{name}")
     return conv, nn.relu(bn(conv))
 
 
 def _max_pool(x, window, stride):
-    return nn.max_pool(x, (window, window), strides=(stride, stride))
+    return ops.max_pool(x, window, stride)
 
 
 class SmallCNN(nn.Module):

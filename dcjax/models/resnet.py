@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dcjax.models import ops
 from dcjax.models.backbones import Features
 
 __all__ = ["ResNet", "ResNet18", "ResNet50"]
@@ -47,6 +48,7 @@ def _conv(channels: int, kernel: int, stride: int, name: str) -> nn.Conv:
         padding=((pad, pad), (pad, pad)),
         use_bias=False,
         kernel_init=_conv_init,
+        conv_general_dilated=ops.conv,
         name=name,
     )
 

@@ -25,7 +25,7 @@ from dcjax.training import checkpoint, label_export, metrics
 from dcjax.training.mesh import replicated
 from dcjax.training.setup import Run, build_run
 from dcjax.training.state import TrainState
-from dcjax.training.step import extract_features, make_feature_fn, make_train_step
+from dcjax.training.step import extract_features, make_feature_fn, make_train_steps
 
 __all__ = ["run", "check_workdir_config", "recluster_phase", "train_phase"]
 
@@ -37,6 +37,7 @@ _RESUMABLE_FIELDS = (
     "checkpoint",
     "num_devices",
     "figures",
+    "steps_per_call",
 )
 
 
@@ -89,34 +90,47 @@ def recluster_phase(run: Run, state: TrainState, feature_fn) -> tuple[TrainState
     return jax.device_put(state, run.state_sharding), stats
 
 
+def _blocks(batches: np.ndarray, steps_per_call: int) -> list[np.ndarray]:
+    """An epoch's (S, B) batches cut into calls of ``steps_per_call`` steps (0: one call)."""
+    size = steps_per_call or len(batches)
+    return [batches[i : i + size] for i in range(0, len(batches), max(size, 1))]
+
+
 def train_phase(
-    run: Run, state: TrainState, train_step, progress=None
+    run: Run, state: TrainState, train_steps, progress=None
 ) -> tuple[TrainState, dict[str, float]]:
     """``epochs_per_cycle`` epochs of the method's sampler; returns the mean step metrics.
 
+    ``train_steps`` is ``make_train_steps``'s function: each call runs ``config.steps_per_call``
+    steps (0 = the whole epoch) on the device and returns every step's metrics, which are
+    fetched once per call, checked and summed on the host.
+
     Raises:
-      FloatingPointError: a metric is NaN or infinite (the run stops instead of saving NaNs).
+      FloatingPointError: a step's metric is NaN or infinite (the run stops before it saves).
     """
     config = run.config
-    totals: dict[str, jax.Array] = {}
+    totals: dict[str, float] = {}
     num_steps = 0
-    first_step = int(state.step)  # counted on the host: reading state.step would sync every step
+    first_step = int(state.step)  # counted on the host: reading state.step would sync
     for epoch in range(config.epochs_per_cycle):
         indices = run.method.sample(run.ctx, state, _epoch_rng(state, epoch))
         batches = sampler.steps_batches(indices, config.batch_size)
-        batches = jax.device_put(batches, replicated(run.mesh))
-        for i in range(batches.shape[0]):
-            state, step_metrics = train_step(state, run.train_images, batches[i])
-            totals = {k: totals.get(k, 0.0) + v for k, v in step_metrics.items()}
-            num_steps += 1
+        for block in _blocks(batches, config.get("steps_per_call", 0)):
+            block = jax.device_put(block, replicated(run.mesh))
+            state, block_metrics = train_steps(state, run.train_images, block)
+            block_metrics = jax.device_get(block_metrics)  # the call's one host sync
+            for name, values in block_metrics.items():
+                bad = np.flatnonzero(~np.isfinite(values))
+                if bad.size:
+                    raise FloatingPointError(
+                        f"non-finite train/{name} at cycle {int(state.cycle)}, step "
+                        f"{first_step + num_steps + int(bad[0])}: {values[bad[0]]}"
+                    )
+                totals[name] = totals.get(name, 0.0) + float(np.sum(values, dtype=np.float64))
+            num_steps += len(block)
             if progress is not None:
                 progress(first_step + num_steps)
-    means = {f"train/{k}": float(v) / num_steps for k, v in totals.items()}
-    if not all(np.isfinite(v) for v in means.values()):
-        raise FloatingPointError(
-            f"non-finite training metrics at cycle {int(state.cycle)}: {means}"
-        )
-    return state, means
+    return state, {f"train/{k}": v / num_steps for k, v in totals.items()}
 
 
 def _steps_per_cycle(run: Run) -> int:
@@ -140,7 +154,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
         state = jax.tree.map(lambda x: x.copy(), built.initial_state)  # for the random-init probe
     if int(state.cycle) > 0:
         logging.info("Resumed from %s at cycle %d", workdir, int(state.cycle))
-    train_step = make_train_step(
+    train_steps = make_train_steps(
         built.ctx.model,
         built.ctx.optimizers,
         built.method,
@@ -159,7 +173,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
         start = time.perf_counter()
         state, cluster_stats = recluster_phase(built, state, feature_fn)
         recluster_seconds = time.perf_counter() - start
-        state, train_stats = train_phase(built, state, train_step, progress)
+        state, train_stats = train_phase(built, state, train_steps, progress)
         state = state.replace(cycle=state.cycle + 1)
         checkpoint.save(manager, state)
         label_export.export_labels(workdir, state, config.checkpoint.keep)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -17,27 +17,18 @@ from dcjax.methods.base import Method
 from dcjax.training.mesh import data_sharded, replicated
 from dcjax.training.state import TrainState
 
-__all__ = ["make_train_step", "make_feature_fn", "extract_features"]
+__all__ = ["make_train_step", "make_train_steps", "make_feature_fn", "extract_features"]
 
 TrainStep = Callable[[TrainState, ImageBank, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
 
 
-def make_train_step(
+def _step_fn(
     model: nn.Module,
     optimizers: dict[str, optax.GradientTransformation],
     method: Method,
     pipeline: Pipeline,
-    mesh: Mesh,
-    state_sharding,
 ) -> TrainStep:
-    """Builds ``train_step(state, images, indices) -> (state, metrics)``.
-
-    ``images`` is the `ImageBank` of the training split (rows sharded over the data axis);
-    ``indices`` (B,) int32 are replicated (every process holds the same host array); the
-    gathered batch is sharded over the data axis.
-    Parameters stay replicated; XLA turns the batch means (loss, batch norm) into cross-device
-    reductions. The state is donated.
-    """
+    """The un-jitted ``train_step(state, images, indices) -> (state, metrics)``."""
 
     def train_step(state: TrainState, images: ImageBank, indices: jax.Array):
         aug_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
@@ -73,8 +64,55 @@ def make_train_step(
         )
         return new_state, {"loss": loss, **metrics, **online_metrics}
 
+    return train_step
+
+
+def make_train_step(
+    model: nn.Module,
+    optimizers: dict[str, optax.GradientTransformation],
+    method: Method,
+    pipeline: Pipeline,
+    mesh: Mesh,
+    state_sharding,
+) -> TrainStep:
+    """Builds ``train_step(state, images, indices) -> (state, metrics)``, one step per call.
+
+    ``images`` is the `ImageBank` of the training split (rows sharded over the data axis);
+    ``indices`` (B,) int32 are replicated (every process holds the same host array); the
+    gathered batch is sharded over the data axis.
+    Parameters stay replicated; XLA turns the batch means (loss, batch norm) into cross-device
+    reductions. The state is donated.
+    """
     return jax.jit(
-        train_step,
+        _step_fn(model, optimizers, method, pipeline),
+        in_shardings=(state_sharding, data_sharded(mesh), replicated(mesh)),
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def make_train_steps(
+    model: nn.Module,
+    optimizers: dict[str, optax.GradientTransformation],
+    method: Method,
+    pipeline: Pipeline,
+    mesh: Mesh,
+    state_sharding,
+) -> TrainStep:
+    """Builds ``train_steps(state, images, indices) -> (state, metrics)``, S steps per call.
+
+    The same step as ``make_train_step`` run by a ``lax.scan`` over the rows of ``indices``
+    (S, B) int32 (replicated): one dispatch and one host sync for S steps, the state carried
+    on the device and donated. ``metrics`` holds each step's scalars stacked, (S,) per name,
+    so the caller can check every step for non-finite values. Each distinct S compiles once.
+    """
+    step = _step_fn(model, optimizers, method, pipeline)
+
+    def train_steps(state: TrainState, images: ImageBank, indices: jax.Array):
+        return jax.lax.scan(lambda carry, row: step(carry, images, row), state, indices)
+
+    return jax.jit(
+        train_steps,
         in_shardings=(state_sharding, data_sharded(mesh), replicated(mesh)),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=0,
@@ -109,17 +147,21 @@ def make_feature_fn(model: nn.Module, pipeline: Pipeline, layers: Sequence[str],
 def extract_features(
     feature_fn, state: TrainState, images: ImageBank, batch_size: int
 ) -> dict[str, jax.Array]:
-    """Runs ``feature_fn`` over all N images of the bank in fixed-size batches: {layer: (N, ...)}.
+    """Runs ``feature_fn`` over all N images of the bank: {layer: (N, ...)} on the devices.
 
-    The last batch is padded by wrapping around, so every call has the same shape (one compile).
+    One jitted call: a ``lax.map`` over the (ceil(N / B), B) batches of indices, so the
+    features feed clustering with no host round trip and no per-batch dispatch. The last batch
+    is padded by wrapping around, so every batch has the same shape.
     """
     n = len(images)
     num_batches = -(-n // batch_size)
     order = np.arange(num_batches * batch_size, dtype=np.int32) % n
-    chunks = [
-        feature_fn(
-            state.params, state.batch_stats, images, order[i * batch_size : (i + 1) * batch_size]
-        )
-        for i in range(num_batches)
-    ]
-    return {name: jnp.concatenate([c[name] for c in chunks])[:n] for name in chunks[0]}
+    order = order.reshape(num_batches, batch_size)
+    out = _mapped_features(feature_fn, state.params, state.batch_stats, images, order)
+    return {name: value[:n] for name, value in out.items()}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mapped_features(feature_fn, params, batch_stats, images, order):
+    out = jax.lax.map(lambda indices: feature_fn(params, batch_stats, images, indices), order)
+    return {name: value.reshape(-1, *value.shape[2:]) for name, value in out.items()}

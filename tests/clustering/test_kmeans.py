@@ -132,6 +132,23 @@ def test_assign_matches_brute_force(rng, chunk_size):
     np.testing.assert_allclose(sq_dist, d64[np.arange(N), np.asarray(labels)], atol=1e-4)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_assign_ties_go_to_the_lowest_index(rng, chunk_size):
+    """Exact ties (duplicated centroids) resolve as np.argmin: to the first nearest index."""
+    distinct = rng.normal(size=(K, D)).astype(np.float32)
+    order = rng.permutation(2 * K)
+    centroids = np.concatenate([distinct, distinct])[order]  # each centroid twice
+    x = rng.normal(size=(N, D)).astype(np.float32)
+    labels, _ = kmeans.assign(x, centroids, chunk_size=chunk_size)
+    labels = np.asarray(labels)
+    first_copy = {}
+    for position, source in enumerate(order):
+        first_copy.setdefault(source % K, position)
+    # The nearest distinct centroid, then the earlier of its two copies.
+    nearest = np.argmin(_sq_dists64(x, distinct), axis=1)
+    np.testing.assert_array_equal(labels, [first_copy[j] for j in nearest])
+
+
 def test_assign_chunked_jit_and_eager_agree(rng):
     x = rng.normal(size=(N, D)).astype(np.float32)
     centroids = rng.normal(size=(K, D)).astype(np.float32)
@@ -355,10 +372,11 @@ def test_assign_rejects_bad_input(rng):
 
 
 def test_default_chunk_size_follows_memory_budget():
-    budget = kmeans._DISTANCE_BUDGET_BYTES
-    assert kmeans._resolve_chunk_size(None, 10**7, 10_000) == budget // (4 * 10_000)
+    budget, floor = kmeans._DISTANCE_BUDGET_BYTES, kmeans._MIN_CHUNK_ROWS
+    assert kmeans._resolve_chunk_size(None, 10**7, 10) == budget // (4 * 10)
     assert kmeans._resolve_chunk_size(None, N, K) == N  # clamped to n
-    assert kmeans._resolve_chunk_size(None, 10**7, budget) == 1  # never below one row
+    assert kmeans._resolve_chunk_size(None, 10**7, budget) == floor  # never below the floor
+    assert kmeans._resolve_chunk_size(None, 10, budget) == 10  # nor above n
     assert kmeans._resolve_chunk_size(7, N, K) == 7
 
 

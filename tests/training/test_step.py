@@ -6,7 +6,12 @@ import pytest
 
 from dcjax.training.loop import recluster_phase, train_phase
 from dcjax.training.setup import build_run
-from dcjax.training.step import extract_features, make_feature_fn, make_train_step
+from dcjax.training.step import (
+    extract_features,
+    make_feature_fn,
+    make_train_step,
+    make_train_steps,
+)
 from tests.helpers import load_config
 
 
@@ -18,13 +23,13 @@ def _smoke(num_devices: int):
 
 def _steps(run, num_cycles=1):
     state = jax.tree.map(lambda x: x.copy(), run.initial_state)
-    train_step = make_train_step(
+    train_steps = make_train_steps(
         run.ctx.model, run.ctx.optimizers, run.method, run.pipeline, run.mesh, run.state_sharding
     )
     feature_fn = make_feature_fn(run.ctx.model, run.pipeline, ["features"], run.mesh)
     for _ in range(num_cycles):
         state, _ = recluster_phase(run, state, feature_fn)
-        state, metrics = train_phase(run, state, train_step)
+        state, metrics = train_phase(run, state, train_steps)
         state = state.replace(cycle=state.cycle + 1)
     return state, metrics
 
@@ -99,3 +104,55 @@ def test_batch_size_must_divide_over_devices():
     config.batch_size = 36
     with pytest.raises(ValueError, match="config.batch_size=36"):
         build_run(config)
+
+
+def _fresh(run):
+    return jax.tree.map(lambda x: x.copy(), run.initial_state)
+
+
+def test_scanned_steps_equal_single_steps(rng):
+    run = _smoke(1)
+    args = (run.ctx.model, run.ctx.optimizers, run.method, run.pipeline, run.mesh)
+    single = make_train_step(*args, run.state_sharding)
+    scanned = make_train_steps(*args, run.state_sharding)
+    block = rng.integers(0, len(run.train_images), (5, run.config.batch_size)).astype(np.int32)
+    one_by_one, losses = _fresh(run), []
+    for row in block:
+        one_by_one, metrics = single(one_by_one, run.train_images, row)
+        losses.append(float(metrics["loss"]))
+    fused, fused_metrics = scanned(_fresh(run), run.train_images, block)
+    assert fused_metrics["loss"].shape == (5,)
+    # The same step body; XLA may only reorder float32 sums (measured: bit-identical).
+    _assert_close(fused.params, one_by_one.params, rtol=1e-6, atol=1e-7)
+    _assert_close(fused.opt_state, one_by_one.opt_state, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(fused_metrics["loss"], losses, rtol=1e-6)
+    assert int(fused.step) == int(one_by_one.step) == 5
+
+
+def test_train_phase_blocks_do_not_change_the_epoch():
+    """8 steps per epoch in calls of 3 + 3 + 2 steps, or in one call, or 1 by 1."""
+    results = []
+    for steps_per_call in (0, 3, 1):
+        run = _smoke(1)
+        run.config.steps_per_call = steps_per_call
+        state, metrics = _steps(run)
+        results.append((state, metrics))
+    (whole, whole_metrics), *others = results
+    for state, metrics in others:
+        _assert_close(state.params, whole.params, rtol=1e-6, atol=1e-7)
+        assert metrics.keys() == whole_metrics.keys()
+        for name, value in metrics.items():
+            np.testing.assert_allclose(value, whole_metrics[name], rtol=1e-5, err_msg=name)
+        assert int(state.step) == int(whole.step) == 8
+
+
+def test_train_phase_stops_at_a_non_finite_step():
+    run = _smoke(1)
+    train_steps = make_train_steps(
+        run.ctx.model, run.ctx.optimizers, run.method, run.pipeline, run.mesh, run.state_sharding
+    )
+    state = _fresh(run)
+    head = jax.tree.map(lambda x: x * np.nan, state.params["head"])
+    state = state.replace(params={**state.params, "head": head})
+    with pytest.raises(FloatingPointError, match=r"non-finite train/loss at cycle 0, step 0"):
+        train_phase(run, state, train_steps)

@@ -1,0 +1,215 @@
+"""Layer operations in the forms that are fastest on XLA:CPU, with the results of the plain ones.
+
+The gradient of ``reduce_window`` max-pooling (``nn.max_pool``) lowers to ``select_and_scatter``,
+which costs several times its bytes on XLA:CPU: on the 2-core development CPU a 2x2 / stride-2
+pool of (128, 28, 28, 6) took 3.7 ms forward + gradient through ``nn.max_pool`` and 1.6 ms as
+reshape + max, and LeNet-5's whole train step went from 20.7 to 17.0 ms (``bench/README.md``,
+"Profiling the train step"). On GPU/TPU both forms are memory-bound elementwise work.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["conv", "max_pool"]
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, k, strides=(1, 1), pads="VALID", precision=None, rhs_dilation=None):
+    return lax.conv_general_dilated(
+        x, k, strides, pads, rhs_dilation=rhs_dilation, dimension_numbers=_NHWC, precision=precision
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_explicit_grads(x, k, strides, pads, precision):
+    return _conv(x, k, strides, pads, precision)
+
+
+def _conv_fwd(x, k, strides, pads, precision):
+    return _conv(x, k, strides, pads, precision), (x, k)
+
+
+def _conv_bwd(strides, pads, precision, residuals, g):
+    x, k = residuals
+    kh, kw, _, _ = k.shape
+    (pt, pb), (pl, pr) = pads
+    zero = jnp.zeros((), x.dtype)
+    xp = lax.pad(x, zero, [(0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)])
+    hp, wp = xp.shape[1:3]
+    oh, ow = g.shape[1:3]
+    sh, sw = strides
+    # Kernel gradient as a plain NHWC convolution: the input's channels act as its batch and
+    # the batch as its channels; g, stride-dilated, is the window.
+    dk = _conv(
+        jnp.transpose(xp, (3, 1, 2, 0)),  # (C, Hp, Wp, B)
+        jnp.transpose(g, (1, 2, 0, 3)),  # (OH, OW, B, O)
+        precision=precision,
+        rhs_dilation=strides,
+    )  # (C, >= KH, >= KW, O)
+    dk = jnp.transpose(dk[:, :kh, :kw], (1, 2, 0, 3))
+    # Input gradient: the stride-dilated g, padded to full size, correlated with the flipped
+    # kernel (output and input channels swapped).
+    gd = lax.pad(
+        g,
+        zero,
+        [
+            (0, 0, 0),
+            (kh - 1, hp - sh * (oh - 1) - 1, sh - 1),
+            (kw - 1, wp - sw * (ow - 1) - 1, sw - 1),
+            (0, 0, 0),
+        ],
+    )
+    dxp = _conv(gd, jnp.transpose(k[::-1, ::-1], (0, 1, 3, 2)), precision=precision)
+    return dxp[:, pt : hp - pb, pl : wp - pr], dk
+
+
+_conv_explicit_grads.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    precision=None,
+    **kwargs,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` whose gradients are written as plain NHWC convolutions.
+
+    For ``flax.linen.Conv(conv_general_dilated=conv)``. The forward pass is unchanged. JAX's
+    own transpose rules express the kernel and input gradients as convolutions with permuted
+    dimension labels; inside a ``lax.scan`` body XLA:CPU leaves those in a generic slow path
+    (LeNet-5's two kernel gradients took 28 ms of a 54 ms step, against 7 ms outside a loop).
+    Here the same gradients are computed from explicit transposes, pads and kernel flips into
+    NHWC / HWIO convolutions, which run at full speed in and out of loops. Results equal the
+    native gradients up to float32 summation order. Dilated, grouped or non-NHWC convolutions
+    go to ``lax.conv_general_dilated`` unchanged.
+
+    Args:
+      lhs: (B, H, W, C) input.
+      rhs: (KH, KW, C, O) kernel.
+      window_strides: (sh, sw).
+      padding: ``"VALID"``, ``"SAME"`` or ((top, bottom), (left, right)).
+
+    Returns:
+      (B, OH, OW, O).
+    """
+    plain = (
+        tuple(dimension_numbers or ())
+        in (_NHWC, tuple(lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)))
+        and feature_group_count == 1
+        and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and not kwargs
+        and lhs.ndim == 4
+    )
+    if not plain:
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            precision=precision,
+            **kwargs,
+        )
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv_explicit_grads(lhs, rhs, strides, pads, precision)
+
+
+def _window_views(x: jax.Array, window: int, stride: int, out_hw: tuple[int, int]) -> list:
+    """The window*window strided (B, OH, OW, C) views of ``x``, in row-major window order."""
+    oh, ow = out_hw
+    return [
+        x[:, i : i + stride * (oh - 1) + 1 : stride, j : j + stride * (ow - 1) + 1 : stride]
+        for i in range(window)
+        for j in range(window)
+    ]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _valid_max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+    b, h, w, c = x.shape
+    oh, ow = (h - window) // stride + 1, (w - window) // stride + 1
+    if stride == window:
+        x = x[:, : oh * window, : ow * window]
+        return x.reshape(b, oh, window, ow, window, c).max(axis=(2, 4))
+    return functools.reduce(jnp.maximum, _window_views(x, window, stride, (oh, ow)))
+
+
+def _valid_max_pool_fwd(x, window, stride):
+    y = _valid_max_pool(x, window, stride)
+    return y, (x, y)
+
+
+def _valid_max_pool_bwd(window, stride, residuals, g):
+    x, y = residuals
+    b, h, w, c = x.shape
+    oh, ow = y.shape[1:3]
+    zero = jnp.zeros((), g.dtype)
+    # As select_and_scatter: each window's gradient goes to the first position, in row-major
+    # order, that holds its maximum, so ties resolve exactly as nn.max_pool's.
+    if stride == window:
+        x6 = x[:, : oh * window, : ow * window].reshape(b, oh, window, ow, window, c)
+        rank = (jnp.arange(window)[:, None] * window + jnp.arange(window)).astype(jnp.int32)
+        rank = rank[None, None, :, None, :, None]  # (1, 1, win, 1, win, 1)
+        ties = x6 == y[:, :, None, :, None]
+        winner = jnp.min(jnp.where(ties, rank, window * window), axis=(2, 4), keepdims=True)
+        dx6 = jnp.where(rank == winner, g[:, :, None, :, None], zero)
+        dx = dx6.reshape(b, oh * window, ow * window, c)
+        return (jnp.pad(dx, ((0, 0), (0, h - oh * window), (0, w - ow * window), (0, 0))),)
+    dx = jnp.zeros_like(x)
+    taken = jnp.zeros(y.shape, bool)
+    for tap, view in enumerate(_window_views(x, window, stride, (oh, ow))):
+        first = (view == y) & ~taken
+        taken = taken | first
+        i, j = divmod(tap, window)
+        place = [
+            (0, 0, 0),
+            (i, h - i - stride * (oh - 1) - 1, stride - 1),
+            (j, w - j - stride * (ow - 1) - 1, stride - 1),
+            (0, 0, 0),
+        ]
+        dx = dx + jax.lax.pad(jnp.where(first, g, zero), zero, place)
+    return (dx,)
+
+
+_valid_max_pool.defvjp(_valid_max_pool_fwd, _valid_max_pool_bwd)
+
+
+def max_pool(
+    x: jax.Array, window: int, stride: int, padding: str | Sequence[tuple[int, int]] = "VALID"
+) -> jax.Array:
+    """Max over ``window`` x ``window`` windows of (B, H, W, C) ``x`` at ``stride``.
+
+    The same values and gradients as ``nn.max_pool(x, (window, window), (stride, stride),
+    padding)``, ties included (a window's gradient goes to the first position in row-major order
+    that holds its maximum). Without padding the forward pass is a reshape + max
+    (non-overlapping windows) or a max over the window's strided views (overlapping ones), and
+    the gradient elementwise selects and pads, instead of ``reduce_window`` and
+    ``select_and_scatter``.
+
+    Returns:
+      (B, (H - window) // stride + 1, (W - window) // stride + 1, C), ``x``'s dtype.
+    """
+    if padding != "VALID":
+        return nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
+    return _valid_max_pool(x, int(window), int(stride))

@@ -1,0 +1,125 @@
+"""Tests for dcjax.models.ops: the rewritten convolution gradients and max-pooling."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from dcjax.models import ops
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+_CONV_CASES = [
+    # (input shape, kernel shape, strides, padding)
+    ((3, 13, 11, 3), (3, 3, 3, 4), (1, 1), "SAME"),
+    ((2, 32, 32, 2), (8, 8, 2, 5), (3, 3), "VALID"),  # mini-AlexNet's conv1 (Sobel input)
+    ((3, 9, 10, 2), (3, 2, 2, 3), (2, 1), ((1, 2), (0, 1))),
+    ((4, 32, 32, 1), (5, 5, 1, 6), (1, 1), "VALID"),  # LeNet-5's conv1
+    ((2, 8, 7, 5), (1, 1, 5, 7), (2, 2), "VALID"),  # a ResNet shortcut
+]
+
+
+def _native(x, k, strides, padding):
+    return lax.conv_general_dilated(
+        x, k, strides, padding, dimension_numbers=_NHWC, precision=lax.Precision.HIGHEST
+    )
+
+
+def _ours(x, k, strides, padding):
+    return ops.conv(
+        x, k, strides, padding, dimension_numbers=_NHWC, precision=lax.Precision.HIGHEST
+    )
+
+
+@pytest.mark.parametrize("x_shape,k_shape,strides,padding", _CONV_CASES)
+def test_conv_and_its_gradients_match_native(rng, x_shape, k_shape, strides, padding):
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    k = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
+    y_ref, vjp_ref = jax.vjp(lambda x, k: _native(x, k, strides, padding), x, k)
+    y, vjp = jax.vjp(lambda x, k: _ours(x, k, strides, padding), x, k)
+    np.testing.assert_array_equal(y, y_ref)  # the forward pass is the native one
+    g = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
+    for got, want, name in zip(vjp(g), vjp_ref(g), ("input", "kernel"), strict=True):
+        assert got.shape == want.shape, name
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(got, want, atol=1e-5 * scale, err_msg=name)
+
+
+def test_conv_gradients_inside_scan_match(rng):
+    """The reason for the rewrite: the same gradients inside a lax.scan body."""
+    x = jnp.asarray(rng.normal(size=(4, 14, 14, 6)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(5, 5, 6, 16)), jnp.float32)
+
+    def grads(conv):
+        def body(k, _):
+            dk = jax.grad(lambda k: jnp.sum(jnp.tanh(conv(x, k, (1, 1), "VALID"))))(k)
+            return k - 0.01 * dk, dk
+
+        return jax.jit(lambda k: jax.lax.scan(body, k, None, length=3))(k)
+
+    (k_ours, dk_ours), (k_ref, dk_ref) = grads(_ours), grads(_native)
+    np.testing.assert_allclose(dk_ours, dk_ref, atol=1e-4 * float(jnp.max(jnp.abs(dk_ref))))
+    np.testing.assert_allclose(k_ours, k_ref, atol=1e-5)
+
+
+def test_conv_passes_other_layouts_through(rng):
+    x = jnp.asarray(rng.normal(size=(2, 3, 9, 9)), jnp.float32)  # NCHW
+    k = jnp.asarray(rng.normal(size=(4, 3, 3, 3)), jnp.float32)  # OIHW
+    args = ((1, 1), "SAME")
+    kwargs = dict(dimension_numbers=("NCHW", "OIHW", "NCHW"), rhs_dilation=(2, 2))
+    np.testing.assert_array_equal(
+        ops.conv(x, k, *args, **kwargs), lax.conv_general_dilated(x, k, *args, **kwargs)
+    )
+
+
+def test_flax_conv_with_ops_conv_has_the_same_params_and_output(rng):
+    x = jnp.asarray(rng.normal(size=(2, 10, 10, 3)), jnp.float32)
+    plain = nn.Conv(4, (3, 3), strides=2, padding="SAME")
+    ours = nn.Conv(4, (3, 3), strides=2, padding="SAME", conv_general_dilated=ops.conv)
+    params = plain.init(jax.random.key(0), x)
+    assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(params)
+    np.testing.assert_allclose(ours.apply(params, x), plain.apply(params, x), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape,window,stride",
+    [
+        ((3, 28, 28, 6), 2, 2),  # LeNet-5
+        ((2, 9, 9, 5), 2, 1),  # mini-AlexNet
+        ((2, 11, 7, 3), 3, 2),  # odd sizes, overlapping windows, dropped edges
+        ((2, 7, 9, 4), 2, 2),  # odd sizes, non-overlapping windows, dropped edges
+    ],
+)
+def test_max_pool_and_its_gradient_match_flax(rng, shape, window, stride):
+    # Continuous random values: no ties, where the two gradients may share differently.
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    ref_fn = lambda x: nn.max_pool(x, (window, window), strides=(stride, stride))  # noqa: E731
+    ours_fn = lambda x: ops.max_pool(x, window, stride)  # noqa: E731
+    y_ref, vjp_ref = jax.vjp(ref_fn, x)
+    y, vjp = jax.vjp(ours_fn, x)
+    np.testing.assert_array_equal(y, y_ref)
+    g = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
+    np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("window,stride", [(2, 2), (2, 1), (3, 2)])
+def test_max_pool_gradient_at_ties_matches_flax(rng, window, stride):
+    """Ties (few distinct values, constant regions after a ReLU) go where nn.max_pool sends them."""
+    x = jnp.asarray(rng.integers(-2, 3, size=(3, 9, 8, 4)), jnp.float32)
+    g_shape = nn.max_pool(x, (window, window), (stride, stride)).shape
+    g = jnp.asarray(rng.normal(size=g_shape), jnp.float32)
+    # A tie sent elsewhere moves a whole |g| ~ 1; overlapping windows only sum in another order.
+    for pre in (nn.relu, lambda x: x):
+        ref = jax.vjp(lambda x, f=pre: nn.max_pool(f(x), (window, window), (stride, stride)), x)
+        ours = jax.vjp(lambda x, f=pre: ops.max_pool(f(x), window, stride), x)
+        np.testing.assert_allclose(ours[1](g)[0], ref[1](g)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_with_padding_is_flax(rng):
+    x = jnp.asarray(rng.normal(size=(2, 9, 9, 3)), jnp.float32)
+    pad = ((1, 1), (1, 1))
+    np.testing.assert_array_equal(
+        ops.max_pool(x, 3, 2, pad), nn.max_pool(x, (3, 3), (2, 2), padding=pad)
+    )
