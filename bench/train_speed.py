@@ -54,9 +54,10 @@ compiles), then ``--repeats`` rounds alternating dcjax and PyTorch; per part the
 the whole cycle the best round's sum. The line under the table gives ``dcjax's whole cycle /
 PyTorch's bare training epoch``.
 
-PyTorch runs at ``torch.set_num_threads(os.cpu_count())`` with ``OMP_WAIT_POLICY=PASSIVE``
-(``--omp_wait_policy``, set before torch loads): with the default spinning barriers and another
-job on one of two cores, PyTorch's mini-AlexNet step took 1.2 s at 2 threads, 0.07 s at 1.
+PyTorch runs at ``torch.set_num_threads(os.cpu_count())``. ``--omp_wait_policy=PASSIVE`` (set
+before torch loads) stops its OpenMP threads spinning at barriers: slower on an idle machine, but
+with another job on one of two cores the spinning made PyTorch's mini-AlexNet step 1.2 s at 2
+threads against 0.07 s at 1.
 
 On a GPU (``jax.default_backend() == "gpu"`` and ``torch.cuda.is_available()``) PyTorch runs on
 CUDA (timed with ``torch.cuda.synchronize``); k-means in scikit-learn stays on the CPU.
@@ -117,9 +118,9 @@ _FMNIST_DIR = flags.DEFINE_string(
 )
 _OMP_WAIT = flags.DEFINE_string(
     "omp_wait_policy",
-    "PASSIVE",
+    "",
     "OMP_WAIT_POLICY for PyTorch's (and scikit-learn's) OpenMP threads, set before torch loads; "
-    "'' = the library default (threads spin at barriers).",
+    "'' = the library default (threads spin briefly at barriers: fastest on an idle machine).",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the data, the index blocks and the models.")
 _OUT = flags.DEFINE_string(

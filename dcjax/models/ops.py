@@ -1,10 +1,20 @@
-"""Layer operations in the forms that are fastest on XLA:CPU, with the results of the plain ones.
+"""Convolution and max-pooling in the forms that are fast on XLA:CPU, with the plain results.
 
-The gradient of ``reduce_window`` max-pooling (``nn.max_pool``) lowers to ``select_and_scatter``,
-which costs several times its bytes on XLA:CPU: on the 2-core development CPU a 2x2 / stride-2
-pool of (128, 28, 28, 6) took 3.7 ms forward + gradient through ``nn.max_pool`` and 1.6 ms as
-reshape + max, and LeNet-5's whole train step went from 20.7 to 17.0 ms (``bench/README.md``,
-"Profiling the train step"). On GPU/TPU both forms are memory-bound elementwise work.
+Measured on the 2-core development CPU (``bench/README.md``, "Profiling the train step"):
+
+- ``conv``: JAX's transpose rules write a convolution's gradients as convolutions with permuted
+  dimension labels. Outside loops XLA:CPU rewrites those into plain layouts, but inside a
+  ``lax.scan`` body (the fused epoch) it ran them in a generic slow path: LeNet-5's scanned
+  step took 54 ms instead of 17 ms. ``conv`` computes the same gradients from explicit
+  transposes, pads and kernel flips into NHWC / HWIO convolutions, fast in and out of loops.
+  Its forward pass is the native one, except for a single input channel (LeNet-5's conv1, the
+  digits CNN's), which runs as shifted multiply-adds: 2.3 ms against 19.7 ms at batch 512.
+- ``max_pool``: the gradient of ``reduce_window`` (``nn.max_pool``) lowers to
+  ``select_and_scatter``: 3.7 ms forward + gradient for a 2x2 / stride-2 pool of
+  (128, 28, 28, 6), against 1.6 ms as reshape + max with an elementwise gradient.
+
+Both give ``nn.Conv`` / ``nn.max_pool``'s results (to float32 summation order) and are used by
+every backbone; on GPU/TPU they are the same dense work.
 """
 
 from __future__ import annotations
@@ -20,6 +30,9 @@ from jax import lax
 __all__ = ["conv", "max_pool"]
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+# Backends whose one-input-channel convolutions run as shifted multiply-adds (``_forward``); on
+# GPU/TPU the native convolution handles them well (not measured here).
+_ONE_CHANNEL_BACKENDS = ("cpu",)
 
 
 def _conv(x, k, strides=(1, 1), pads="VALID", precision=None, rhs_dilation=None):
@@ -28,13 +41,45 @@ def _conv(x, k, strides=(1, 1), pads="VALID", precision=None, rhs_dilation=None)
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_explicit_grads(x, k, strides, pads, precision):
+def _one_channel_conv(x, k, strides, pads):
+    """A (B, H, W, 1) input's convolution as a sum of KH*KW shifted, scaled copies.
+
+    One elementwise fusion of KH*KW multiply-adds per output, where XLA:CPU's convolution of a
+    single input channel is 8x slower (LeNet-5's conv1 at batch 512: 2.3 ms against 19.7 ms).
+    """
+    kh, kw, _, _ = k.shape
+    (pt, pb), (pl, pr) = pads
+    sh, sw = strides
+    x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)])
+    b, h, w, _ = x.shape
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            view = lax.slice(
+                x,
+                (0, i, j, 0),
+                (b, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, 1),
+                (1, sh, sw, 1),
+            )
+            term = view * k[i, j, 0]  # (B, OH, OW, 1) * (O,)
+            out = term if out is None else out + term
+    return out
+
+
+def _forward(x, k, strides, pads, precision):
+    if x.shape[-1] == 1 and jax.default_backend() in _ONE_CHANNEL_BACKENDS:
+        return _one_channel_conv(x, k, strides, pads)
     return _conv(x, k, strides, pads, precision)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_explicit_grads(x, k, strides, pads, precision):
+    return _forward(x, k, strides, pads, precision)
+
+
 def _conv_fwd(x, k, strides, pads, precision):
-    return _conv(x, k, strides, pads, precision), (x, k)
+    return _forward(x, k, strides, pads, precision), (x, k)
 
 
 def _conv_bwd(strides, pads, precision, residuals, g):
