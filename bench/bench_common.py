@@ -6,7 +6,7 @@ import os
 import platform
 import subprocess
 
-__all__ = ["cpu_model", "git_commit", "proc_status_bytes", "reset_peak_rss"]
+__all__ = ["cpu_model", "git_commit", "load_averages", "proc_status_bytes", "reset_peak_rss"]
 
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,6 +36,14 @@ def git_commit() -> str | None:
     if head.returncode:
         return None
     return head.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
+
+
+def load_averages(machine: dict) -> tuple[str, str]:
+    """A report's ``load_average_at_start`` and ``_at_end`` as "1.00, 0.90, 0.80" strings."""
+    return tuple(
+        ", ".join(f"{v:.2f}" for v in machine[f"load_average_at_{when}"])
+        for when in ("start", "end")
+    )
 
 
 def proc_status_bytes(field: str) -> int | None:

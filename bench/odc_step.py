@@ -71,6 +71,7 @@ import numpy as np
 from absl import app, flags
 from bench_common import cpu_model as _cpu_model  # noqa: E402
 from bench_common import git_commit as _git_commit  # noqa: E402
+from bench_common import load_averages  # noqa: E402
 from bench_common import proc_status_bytes as _proc_status_bytes  # noqa: E402
 from bench_common import reset_peak_rss as _reset_peak_rss  # noqa: E402
 
@@ -1062,8 +1063,7 @@ def _mb(num_bytes: int | None) -> str:
 
 def _markdown(report: dict) -> str:
     m, st = report["machine"], report["settings"]
-    load = ", ".join(f"{v:.2f}" for v in m["load_average_at_start"])
-    load_end = ", ".join(f"{v:.2f}" for v in m["load_average_at_end"])
+    load, load_end = load_averages(m)
     lines = [
         f"ODC step overhead: `small_cnn` (feature_dim {FEATURE_DIM}) + ReLU-Linear(K) head, "
         f"(28, 28, 1) uint8 bank, batch {st['batch_size']}, SGD; {m['cpu_model']}, "

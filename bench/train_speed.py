@@ -88,7 +88,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
-from bench_common import cpu_model, git_commit
+from bench_common import cpu_model, git_commit, load_averages
 
 if TYPE_CHECKING:  # torch and dcjax (scikit-learn) load OpenMP: the code imports them in the
     import torch  # functions, after main() has set --omp_wait_policy's OMP_WAIT_POLICY.
@@ -696,8 +696,7 @@ def default_out(quick: bool) -> str:
 def markdown(report: dict) -> str:
     """The results as two Markdown tables (train steps, cycle) under a header line."""
     m, st = report["machine"], report["settings"]
-    load = ", ".join(f"{v:.2f}" for v in m["load_average_at_start"])
-    load_end = ", ".join(f"{v:.2f}" for v in m["load_average_at_end"])
+    load, load_end = load_averages(m)
     lines = [
         f"dcjax vs eager PyTorch ({m['torch_device']}), {m['cpu_model']}, {m['cpu_count']} "
         f"cores, JAX {m['versions']['jax']} ({m['backend']}), PyTorch {m['versions']['torch']}, "

@@ -83,12 +83,7 @@ def make_train_step(
     Parameters stay replicated; XLA turns the batch means (loss, batch norm) into cross-device
     reductions. The state is donated.
     """
-    return jax.jit(
-        _step_fn(model, optimizers, method, pipeline),
-        in_shardings=(state_sharding, data_sharded(mesh), replicated(mesh)),
-        out_shardings=(state_sharding, replicated(mesh)),
-        donate_argnums=0,
-    )
+    return _jit_steps(_step_fn(model, optimizers, method, pipeline), mesh, state_sharding)
 
 
 def make_train_steps(
@@ -111,8 +106,13 @@ def make_train_steps(
     def train_steps(state: TrainState, images: ImageBank, indices: jax.Array):
         return jax.lax.scan(lambda carry, row: step(carry, images, row), state, indices)
 
+    return _jit_steps(train_steps, mesh, state_sharding)
+
+
+def _jit_steps(fn: TrainStep, mesh: Mesh, state_sharding) -> TrainStep:
+    """``fn(state, images, indices)`` jitted: state donated, indices and metrics replicated."""
     return jax.jit(
-        train_steps,
+        fn,
         in_shardings=(state_sharding, data_sharded(mesh), replicated(mesh)),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=0,
