@@ -54,6 +54,15 @@ def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh, num_examples: in
             raise ValueError(
                 f"config.{field}={size} must be a positive multiple of the {num_devices} devices"
             )
+    steps_per_call = config.get("steps_per_call", 0)
+    if (
+        isinstance(steps_per_call, bool)
+        or not isinstance(steps_per_call, int)
+        or steps_per_call < 0
+    ):
+        raise ValueError(
+            f"config.steps_per_call={steps_per_call!r} must be an int >= 0 (0 = a whole epoch)"
+        )
     if config.batch_size > num_examples:
         raise ValueError(
             f"config.batch_size={config.batch_size} exceeds the {num_examples} training examples"

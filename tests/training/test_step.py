@@ -156,3 +156,10 @@ def test_train_phase_stops_at_a_non_finite_step():
     state = state.replace(params={**state.params, "head": head})
     with pytest.raises(FloatingPointError, match=r"non-finite train/loss at cycle 0, step 0"):
         train_phase(run, state, train_steps)
+
+
+def test_steps_per_call_must_be_a_count():
+    config = load_config("deepcluster", "smoke")
+    config.steps_per_call = -1  # ml_collections itself rejects a float or a string here
+    with pytest.raises(ValueError, match="config.steps_per_call="):
+        build_run(config)
