@@ -41,6 +41,22 @@ def _conv(x, k, strides=(1, 1), pads="VALID", precision=None, rhs_dilation=None)
     )
 
 
+def _pad_hw(x: jax.Array, pads) -> jax.Array:
+    """(B, H, W, C) ``x`` zero-padded by ``pads`` = ((top, bottom), (left, right))."""
+    (pt, pb), (pl, pr) = pads
+    return lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)])
+
+
+def _window_views(x: jax.Array, window_hw, strides, out_hw) -> list[jax.Array]:
+    """The KH*KW strided (B, OH, OW, C) views of ``x`` that window tap (i, j) reads, row-major."""
+    (kh, kw), (sh, sw), (oh, ow) = window_hw, strides, out_hw
+    return [
+        x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
 def _one_channel_conv(x, k, strides, pads):
     """A (B, H, W, 1) input's convolution as a sum of KH*KW shifted, scaled copies.
 
@@ -48,23 +64,14 @@ def _one_channel_conv(x, k, strides, pads):
     single input channel is 8x slower (LeNet-5's conv1 at batch 512: 2.3 ms against 19.7 ms).
     """
     kh, kw, _, _ = k.shape
-    (pt, pb), (pl, pr) = pads
     sh, sw = strides
-    x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)])
-    b, h, w, _ = x.shape
-    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            view = lax.slice(
-                x,
-                (0, i, j, 0),
-                (b, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, 1),
-                (1, sh, sw, 1),
-            )
-            term = view * k[i, j, 0]  # (B, OH, OW, 1) * (O,)
-            out = term if out is None else out + term
-    return out
+    x = _pad_hw(x, pads)
+    oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    views = _window_views(x, (kh, kw), strides, (oh, ow))
+    # (B, OH, OW, 1) * (O,) per tap.
+    return functools.reduce(
+        jnp.add, (view * k[tap // kw, tap % kw, 0] for tap, view in enumerate(views))
+    )
 
 
 def _forward(x, k, strides, pads, precision):
@@ -87,7 +94,7 @@ def _conv_bwd(strides, pads, precision, residuals, g):
     kh, kw, _, _ = k.shape
     (pt, pb), (pl, pr) = pads
     zero = jnp.zeros((), x.dtype)
-    xp = lax.pad(x, zero, [(0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)])
+    xp = _pad_hw(x, pads)
     hp, wp = xp.shape[1:3]
     oh, ow = g.shape[1:3]
     sh, sw = strides
@@ -133,7 +140,8 @@ def conv(
 ) -> jax.Array:
     """``lax.conv_general_dilated`` whose gradients are written as plain NHWC convolutions.
 
-    For ``flax.linen.Conv(conv_general_dilated=conv)``. The forward pass is unchanged. JAX's
+    For ``flax.linen.Conv(conv_general_dilated=conv)``. The forward pass is the native one (on
+    CPU a single input channel runs as shifted multiply-adds, ``_one_channel_conv``). JAX's
     own transpose rules express the kernel and input gradients as convolutions with permuted
     dimension labels; inside a ``lax.scan`` body XLA:CPU leaves those in a generic slow path
     (LeNet-5's two kernel gradients took 28 ms of a 54 ms step, against 7 ms outside a loop).
@@ -180,16 +188,6 @@ def conv(
     return _conv_explicit_grads(lhs, rhs, strides, pads, precision)
 
 
-def _window_views(x: jax.Array, window: int, stride: int, out_hw: tuple[int, int]) -> list:
-    """The window*window strided (B, OH, OW, C) views of ``x``, in row-major window order."""
-    oh, ow = out_hw
-    return [
-        x[:, i : i + stride * (oh - 1) + 1 : stride, j : j + stride * (ow - 1) + 1 : stride]
-        for i in range(window)
-        for j in range(window)
-    ]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _valid_max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     b, h, w, c = x.shape
@@ -197,7 +195,8 @@ def _valid_max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     if stride == window:
         x = x[:, : oh * window, : ow * window]
         return x.reshape(b, oh, window, ow, window, c).max(axis=(2, 4))
-    return functools.reduce(jnp.maximum, _window_views(x, window, stride, (oh, ow)))
+    views = _window_views(x, (window, window), (stride, stride), (oh, ow))
+    return functools.reduce(jnp.maximum, views)
 
 
 def _valid_max_pool_fwd(x, window, stride):
@@ -223,7 +222,7 @@ def _valid_max_pool_bwd(window, stride, residuals, g):
         return (jnp.pad(dx, ((0, 0), (0, h - oh * window), (0, w - ow * window), (0, 0))),)
     dx = jnp.zeros_like(x)
     taken = jnp.zeros(y.shape, bool)
-    for tap, view in enumerate(_window_views(x, window, stride, (oh, ow))):
+    for tap, view in enumerate(_window_views(x, (window, window), (stride, stride), (oh, ow))):
         first = (view == y) & ~taken
         taken = taken | first
         i, j = divmod(tap, window)

@@ -21,8 +21,13 @@ def _smoke(num_devices: int):
     return build_run(config)
 
 
+def _fresh(run):
+    """A copy of the run's initial state (the steps donate their input)."""
+    return jax.tree.map(lambda x: x.copy(), run.initial_state)
+
+
 def _steps(run, num_cycles=1):
-    state = jax.tree.map(lambda x: x.copy(), run.initial_state)
+    state = _fresh(run)
     train_steps = make_train_steps(
         run.ctx.model, run.ctx.optimizers, run.method, run.pipeline, run.mesh, run.state_sharding
     )
@@ -61,10 +66,10 @@ def test_jit_equals_eager():
         run.ctx.model, run.ctx.optimizers, run.method, run.pipeline, run.mesh, run.state_sharding
     )
     indices = np.arange(run.config.batch_size, dtype=np.int32)
-    state = jax.tree.map(lambda x: x.copy(), run.initial_state)
+    state = _fresh(run)
     jitted, jit_metrics = train_step(state, run.train_images, indices)
     with jax.disable_jit():
-        state = jax.tree.map(lambda x: x.copy(), run.initial_state)
+        state = _fresh(run)
         eager, eager_metrics = train_step(state, run.train_images, indices)
     # XLA fuses and reorders the batch sums under jit, and op-by-op convolutions take other CPU
     # kernels; after one step of lr 0.05 weights differ by up to ~1.5e-5 (measured), while a
@@ -104,10 +109,6 @@ def test_batch_size_must_divide_over_devices():
     config.batch_size = 36
     with pytest.raises(ValueError, match="config.batch_size=36"):
         build_run(config)
-
-
-def _fresh(run):
-    return jax.tree.map(lambda x: x.copy(), run.initial_state)
 
 
 def test_scanned_steps_equal_single_steps(rng):
