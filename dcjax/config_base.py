@@ -78,7 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
             class_fractions=(),  # per-class share of the train split kept (imbalanced data)
         )
     )
-    config.input = ml_collections.ConfigDict(dict(image_size=0, crop_scale=(0.08, 1.0)))
+    # eval_resize: the clustering / probe view is Resize(eval_resize) + CenterCrop(image_size)
+    # (0 = resize to image_size); mean / std: normalisation constants (() = the train images').
+    config.input = ml_collections.ConfigDict(
+        dict(image_size=0, crop_scale=(0.08, 1.0), eval_resize=0, mean=(), std=())
+    )
     # init: flax | pytorch | deepcluster (dcjax/models/init.py); the random filters matter.
     config.model = ml_collections.ConfigDict(
         dict(name="small_cnn", sobel=False, kwargs={}, init="flax")
@@ -96,6 +100,20 @@ def base_config() -> ml_collections.ConfigDict:
             probe_learning_rate=1e-3,
             # More probes, reported as probe_accuracy/<layer>; "a+b" probes a and b concatenated.
             extra_probe_layers=(),
+            # "deepdive" adds the deep-dive authors' probe (dcjax/evaluation/deepdive_probe.py)
+            # on probe_layer beside ours: SGD, batch 256, 20 epochs, flipped train views.
+            protocol="dcjax",
+            deepdive=ml_collections.ConfigDict(
+                dict(
+                    epochs=20,
+                    batch_size=256,
+                    test_batch_size=128,
+                    learning_rate=0.01,
+                    momentum=0.9,
+                    weight_decay=1e-4,
+                    flip=True,
+                )
+            ),
         )
     )
     config.checkpoint = ml_collections.ConfigDict(dict(keep=2))

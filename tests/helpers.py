@@ -52,9 +52,11 @@ def extract_cifar_subset(root: str, per_class: int, num_classes: int = 10) -> li
 def load_experiment(name: str):
     """``experiments/<name>.py`` as a module (its flags are defined only when run as a script)."""
     import importlib.util
+    import sys
 
     path = os.path.join(REPO, "experiments", f"{name}.py")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module

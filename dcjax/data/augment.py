@@ -27,6 +27,7 @@ __all__ = [
     "adjust_saturation",
     "augment_batch",
     "center_resize",
+    "resize_center_crop",
     "color_jitter",
     "normalize",
     "random_flip",
@@ -210,6 +211,42 @@ def center_resize(image: jax.Array, out_size: tuple[int, int]) -> jax.Array:
         return image
     zero = jnp.zeros((), jnp.float32)
     return _resample_box(image, out_size, zero, zero, image.shape[0], image.shape[1])
+
+
+def resize_center_crop(image: jax.Array, resize: int, out_size: tuple[int, int]) -> jax.Array:
+    """torchvision's ``Resize(resize)`` then ``CenterCrop(out_size)``, as one bilinear resample.
+
+    The shorter side is scaled to ``resize`` (the longer one to ``int(resize * long / short)``),
+    then the central ``out_size`` box is kept, its offset rounded as ``CenterCrop`` rounds it.
+    Sampling positions are those of the two-step PIL pipeline, so only the uint8 rounding PIL
+    does between the steps differs. The deep-dive authors' clustering view is
+    ``resize_center_crop(image, 44, (32, 32))`` on 28x28 Fashion-MNIST (the central ~20 pixels).
+
+    Args:
+      image: `(H, W, C)` float image.
+      resize: the shorter side after resizing, `>= max(out_size)`.
+      out_size: static `(out_h, out_w)`.
+
+    Returns:
+      `(out_h, out_w, C)` array with the dtype of `image`.
+
+    Raises:
+      ValueError: if `image` is not 3-D, `out_size` is invalid or larger than the resized image.
+    """
+    _check_image(image)
+    out_h, out_w = _check_size(out_size)
+    height, width = image.shape[0], image.shape[1]
+    short = min(height, width)
+    resized_h = resize if height == short else int(resize * height / short)
+    resized_w = resize if width == short else int(resize * width / short)
+    if out_h > resized_h or out_w > resized_w:
+        raise ValueError(
+            f"the crop {out_size} does not fit in the image resized to ({resized_h}, {resized_w})"
+        )
+    scale_h, scale_w = resized_h / height, resized_w / width
+    top = round((resized_h - out_h) / 2) / scale_h  # in source pixels, as CenterCrop rounds
+    left = round((resized_w - out_w) / 2) / scale_w
+    return _resample_box(image, (out_h, out_w), top, left, out_h / scale_h, out_w / scale_w)
 
 
 def rotate(image: jax.Array, degrees: jax.Array | float) -> jax.Array:

@@ -33,6 +33,9 @@ class Pipeline:
         ``flip``, ``crop``, ``crop_flip``, ``odc``); evaluation and the clustering pass never
         augment.
       crop_scale: area range of the random resized crop.
+      eval_resize: the deterministic view (clustering pass, probes) resizes the shorter side to
+        this and centre-crops ``out_size`` (torchvision's Resize then CenterCrop, the deep-dive
+        authors' 44 -> 32); 0 resizes the whole image to ``out_size``.
     """
 
     mean: tuple[float, ...]
@@ -40,6 +43,7 @@ class Pipeline:
     out_size: tuple[int, int]
     augment: str = "none"
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    eval_resize: int = 0
 
     def _normalize(self, images: jax.Array) -> jax.Array:
         return augment.normalize(images, jnp.asarray(self.mean), jnp.asarray(self.std))
@@ -61,11 +65,17 @@ class Pipeline:
     def eval_batch(self, images: jax.Array) -> jax.Array:
         """(B, H, W, C) uint8 -> (B, out_h, out_w, C) float32, deterministic.
 
-        Resizes ``images / 255`` and normalises afterwards, in the same order as ``train_batch``.
+        Resizes ``images / 255`` (and centre-crops it when ``eval_resize`` is set), then
+        normalises, in the same order as ``train_batch``.
         """
-        views = augment.augment_batch(
-            jax.random.key(0), _to_unit(images), mode="none", out_size=self.out_size
-        )
+        if self.eval_resize:
+            views = jax.vmap(
+                lambda x: augment.resize_center_crop(x, self.eval_resize, self.out_size)
+            )(_to_unit(images))
+        else:
+            views = augment.augment_batch(
+                jax.random.key(0), _to_unit(images), mode="none", out_size=self.out_size
+            )
         return self._normalize(views)
 
 
@@ -79,18 +89,43 @@ def make_pipeline(config: ml_collections.ConfigDict, train_images: np.ndarray) -
 
     Args:
       config: the run config; uses ``config.input.image_size`` (0 = keep the data's size),
-        ``config.augment`` and ``config.input.crop_scale``.
+        ``config.augment``, ``config.input.crop_scale``, ``config.input.eval_resize`` and
+        ``config.input.mean`` / ``std`` (per-channel constants; empty = the training images').
       train_images: (N, H, W, C) uint8.
+
+    Raises:
+      ValueError: naming the ``config.input`` field that does not fit the images.
     """
+    inputs = config.input
+    channels = train_images.shape[-1]
     mean, std = _channel_stats(train_images)
-    size = int(config.input.image_size) or train_images.shape[1]
+    mean = _given_or(inputs, "mean", mean, channels)
+    std = _given_or(inputs, "std", std, channels)
+    size = int(inputs.image_size) or train_images.shape[1]
+    eval_resize = int(inputs.get("eval_resize", 0))
+    if eval_resize and eval_resize < size:
+        raise ValueError(
+            f"config.input.eval_resize={eval_resize} must be 0 or >= image_size ({size})"
+        )
     return Pipeline(
-        mean=tuple(float(v) for v in mean),
-        std=tuple(float(v) for v in std),
+        mean=mean,
+        std=std,
         out_size=(size, size),
         augment=config.augment,
-        crop_scale=tuple(config.input.crop_scale),
+        crop_scale=tuple(inputs.crop_scale),
+        eval_resize=eval_resize,
     )
+
+
+def _given_or(inputs, name: str, measured, channels: int) -> tuple[float, ...]:
+    """``config.input.<name>`` when set (checked: one value per channel, std > 0), else measured."""
+    given = tuple(float(v) for v in inputs.get(name, ()))
+    if not given:
+        return tuple(float(v) for v in measured)
+    if len(given) != channels or (name == "std" and min(given) <= 0):
+        rule = ", all > 0" if name == "std" else ""
+        raise ValueError(f"config.input.{name}={given} needs {channels} values{rule}")
+    return given
 
 
 def _channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ most of the data does not dominate the next epoch's gradient. The official quota
 `int(N / K') + 1` per label; draws are without replacement only when the label has more members
 than the quota, empty labels are skipped (commit 483391c), and the concatenation is shuffled and
 truncated to N. Because `K' * (N // K' + 1) > N` the official padding branch never fires, so it
-is absent here.
+is absent here. The deep-dive authors' sampler keeps all `K' * q` draws (`truncate=False`).
 """
 
 from __future__ import annotations
@@ -55,23 +55,28 @@ def shuffled(seed: Seed, num_examples: int, num_samples: int) -> np.ndarray:
     return np.concatenate(passes)[:num_samples].astype(np.int32)
 
 
-def uniform_over_labels(seed: Seed, labels: np.ndarray, num_samples: int) -> np.ndarray:
+def uniform_over_labels(
+    seed: Seed, labels: np.ndarray, num_samples: int, *, truncate: bool = True
+) -> np.ndarray:
     """Draws indices so that every non-empty label is (almost) equally represented.
 
     With `K'` non-empty labels and quota `q = num_samples // K' + 1`, each non-empty label
     contributes `q` of its members: without replacement if it has more than `q` members, with
     replacement otherwise. The `K' * q` draws are shuffled and truncated to `num_samples`, so each
     label ends up with between `q - (K' * q - num_samples)` and `q` samples, and with
-    `num_samples / K'` in expectation.
+    `num_samples / K'` in expectation; with `truncate=False` all `K' * q` draws are kept (the
+    deep-dive authors' sampler: exactly `q` per label, `num_samples + 1` to `num_samples + K'`
+    indices).
 
     Args:
       seed: an integer seed or a `np.random.Generator` (advanced in place).
       labels: `(n,)` integer array, the label of every example; label values need not be
         contiguous (ids absent from `labels` are the empty labels and are never drawn).
-      num_samples: number of indices to return, `>= 1`.
+      num_samples: number of indices to return, `>= 1` (sets the quota when not truncating).
+      truncate: cut the shuffled draws to `num_samples` (DeepCluster's official sampler).
 
     Returns:
-      `(num_samples,)` int32 array of indices into `labels`.
+      `(num_samples,)` int32 array of indices into `labels` (`(K' * q,)` when not truncating).
 
     Raises:
       ValueError: if `num_samples < 1`, or `labels` is empty, not 1-D or not of integer dtype.
@@ -106,7 +111,8 @@ def uniform_over_labels(seed: Seed, labels: np.ndarray, num_samples: int) -> np.
     draws_small = order[(small_starts[:, None] + offsets).ravel()]
 
     draws = np.concatenate([draws_big, draws_small])
-    return rng.permutation(draws)[:num_samples].astype(np.int32)
+    draws = rng.permutation(draws)
+    return (draws[:num_samples] if truncate else draws).astype(np.int32)
 
 
 def steps_batches(indices: np.ndarray, batch_size: int) -> np.ndarray:

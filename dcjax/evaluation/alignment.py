@@ -145,7 +145,7 @@ def initial_alignment(
             raise ValueError(f"num_clusters={k} must be in [1, {len(setup.images)}]")
     if seed_batch < 1:
         raise ValueError(f"seed_batch={seed_batch} must be >= 1")
-    config = kmeans.KMeansConfig(num_iters=method.kmeans_iters, max_points_per_centroid=0)
+    config = deepcluster.kmeans_config(setup.config)
     batch = setup.config.eval_batch_size
     fns = _feature_fns(setup, layer)
     values = np.zeros((len(ks), len(seeds)))

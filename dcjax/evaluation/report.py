@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from dcjax.data.bank import place_bank
 from dcjax.distributed import to_host
-from dcjax.evaluation import scores
+from dcjax.evaluation import deepdive_probe, scores
 from dcjax.evaluation.knn import knn_accuracy
 from dcjax.evaluation.linear_probe import linear_probe
 from dcjax.training.setup import Run
@@ -25,6 +26,9 @@ class Evaluator:
     ``probe_learning_rate``, ``knn_k`` and ``extra_probe_layers`` (more probes, reported as
     ``probe_accuracy/<layer>``); a probe layer ``"a+b"`` probes layers a and b concatenated.
     Without a test split the probes are scored on the train split (reported as such).
+    ``eval.protocol = "deepdive"`` adds the deep-dive authors' probe on ``probe_layer``
+    (``deepdive_probe_accuracy``: its last epoch; ``deepdive_probe_median5``: the median of its
+    last 5), with ``eval.deepdive``'s hyper-parameters.
     """
 
     def __init__(self, run: Run):
@@ -34,6 +38,13 @@ class Evaluator:
         names = [part for probe in self._probes for part in probe.split("+")]
         self._layers = tuple(dict.fromkeys([*names, cfg.knn_layer]))
         self._feature_fn = make_feature_fn(run.ctx.model, run.pipeline, self._layers, run.mesh)
+        protocol = cfg.get("protocol", "dcjax")
+        if protocol not in ("dcjax", "deepdive"):
+            raise ValueError(f"config.eval.protocol={protocol!r} must be 'dcjax' or 'deepdive'")
+        self._deepdive = None
+        if protocol == "deepdive":
+            self._deepdive = deepdive_probe.DeepdiveProbeConfig(**cfg.deepdive.to_dict())
+        self._mirrored = None  # the mirrored training images, placed on first use
 
     def features(self, state: TrainState, layer: str) -> np.ndarray:
         """(N, ...) features of ``layer`` (one the evaluator extracts) on the training images."""
@@ -87,10 +98,41 @@ class Evaluator:
                 )
             ),
         )
+        if self._deepdive is not None:
+            results.update(self._deepdive_figures(state, train, test, test_labels, num_classes))
         if int(state.cycle) > 0 and hasattr(state.method, "pseudo_labels"):
             labels = to_host(state.method.pseudo_labels)
             results["nmi_pseudo_labels"] = scores.nmi(data.train_labels, labels)
         return results
+
+    def _deepdive_figures(self, state, train, test, test_labels, num_classes) -> dict[str, float]:
+        """The authors' probe on ``probe_layer``; mirrored views from the mirrored images.
+
+        The view of a mirrored image is the mirrored view (resizing and the centred crop are
+        left-right symmetric), so the flipped features come from one more feature pass.
+        """
+        run, layer = self._run, self._run.config.eval.probe_layer
+        views = [_layer(train, layer)]
+        if self._deepdive.flip:
+            if self._mirrored is None:
+                mirrored = np.ascontiguousarray(run.dataset.train_images[:, :, ::-1])
+                self._mirrored = place_bank(mirrored, run.mesh)
+            batch = run.config.eval_batch_size
+            flipped = extract_features(self._feature_fn, state, self._mirrored, batch)
+            views.append(_layer(_to_host(flipped), layer))
+        result = deepdive_probe.deepdive_probe(
+            np.stack([to_host(v) for v in views]),
+            run.dataset.train_labels,
+            to_host(_layer(test, layer)),
+            test_labels,
+            num_classes=num_classes,
+            config=self._deepdive,
+            seed=run.config.seed,
+        )
+        return {
+            "deepdive_probe_accuracy": result.last,
+            "deepdive_probe_median5": result.median_last5,
+        }
 
 
 def _to_host(features: dict[str, jax.Array]) -> dict[str, np.ndarray]:

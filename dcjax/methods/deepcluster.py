@@ -2,10 +2,12 @@
 
 Each cycle: a feature pass over the whole training set (eval mode, no augmentation) -> PCA to
 ``pca_dim`` with whitening (skipped when 0) -> row L2 normalisation -> k-means with K clusters
-(Lloyd, ``kmeans_iters`` iterations, k random points as init with a new seed each cycle, empty
-clusters re-filled by faiss-style splitting) -> pseudo-labels -> a freshly initialised classifier
-head (N(0, 0.01), its own SGD without momentum, as the official code) -> ``epochs_per_cycle``
-epochs of cross-entropy on batches drawn uniformly over the non-empty clusters.
+(Lloyd, ``kmeans_iters`` iterations, k random points as init (``kmeans_init``) with a new seed
+each cycle, empty clusters re-filled by faiss-style splitting) -> pseudo-labels -> a freshly
+initialised classifier head (N(0, 0.01), its own SGD without momentum as the official code, or
+``optim.head_momentum``) -> ``epochs_per_cycle`` epochs of cross-entropy on batches drawn
+uniformly over the non-empty clusters (``truncate_epoch=False``: the deep-dive authors' longer
+epoch).
 
 ``halt_clustering_after=h > 0`` (the deep-dive paper's halting): cycles 0..h-1 cluster, later
 cycles keep the last pseudo-labels and skip the feature pass; the head is still re-initialised
@@ -94,9 +96,14 @@ def kmeans_config(config: ml_collections.ConfigDict) -> kmeans.KMeansConfig:
     """The official run's faiss settings: random init, one run, no subsampling, float32.
 
     The official code sets ``max_points_per_centroid=10_000_000``, which never subsamples at
-    DeepCluster's sizes; 0 turns subsampling off outright.
+    DeepCluster's sizes; 0 turns subsampling off outright. ``method.kmeans_init="kmeans++"`` is
+    the deep-dive authors' scikit-learn ``KMeans(n_init=1)`` start.
     """
-    return kmeans.KMeansConfig(num_iters=config.method.kmeans_iters, max_points_per_centroid=0)
+    return kmeans.KMeansConfig(
+        num_iters=config.method.kmeans_iters,
+        max_points_per_centroid=0,
+        init=config.method.get("kmeans_init", "random"),
+    )
 
 
 def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, dict[str, float]]:
@@ -129,9 +136,14 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
 
 
 def sample(ctx: Context, state, rng: np.random.Generator) -> np.ndarray:
-    """N indices drawn uniformly over the non-empty clusters (DeepCluster's sampler)."""
+    """N indices drawn uniformly over the non-empty clusters (DeepCluster's sampler).
+
+    ``method.truncate_epoch=False`` keeps all ``K' * (N // K' + 1)`` draws, as the deep-dive
+    authors' sampler does.
+    """
     labels = to_host(state.method.pseudo_labels)
-    return sampler.uniform_over_labels(rng, labels, ctx.samples_per_epoch)
+    truncate = ctx.config.method.get("truncate_epoch", True)
+    return sampler.uniform_over_labels(rng, labels, ctx.samples_per_epoch, truncate=truncate)
 
 
 def state_sharding(mesh: Mesh, method_state: DeepClusterState) -> DeepClusterState:

@@ -14,6 +14,7 @@ __all__ = ["print_results", "run_row", "machine_line", "write_table"]
 
 _ROWS = (
     ("probe_accuracy", "linear probe accuracy (test)"),
+    ("deepdive_probe_accuracy", "deep-dive authors' probe (test)"),
     ("knn_accuracy", "kNN accuracy (test)"),
     ("nmi_pseudo_labels", "NMI(pseudo-labels, true labels)"),
 )

@@ -504,3 +504,58 @@ def test_pipeline_train_batch_augments_then_normalises(monkeypatch, key, rng):
     np.testing.assert_allclose(seen["images"], pixels / 255.0, atol=1e-7)
     assert out.shape == (2, 3, 2, 3) and out.dtype == jnp.float32
     np.testing.assert_allclose(out, np.broadcast_to(-mean / std, out.shape), rtol=1e-6)
+
+
+_resize_crop = jax.jit(augment.resize_center_crop, static_argnames=("resize", "out_size"))
+
+
+@pytest.mark.parametrize("shape, resize, out", [((28, 28), 44, (32, 32)), ((20, 30), 24, (20, 22))])
+def test_resize_center_crop_matches_pil_resize_then_center_crop(rng, shape, resize, out):
+    from PIL import Image
+
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    ours = np.asarray(_resize_crop(jnp.asarray(image[..., None], jnp.float32), resize, out))[..., 0]
+    h, w = shape
+    size = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)  # (H, W)
+    top, left = round((size[0] - out[0]) / 2), round((size[1] - out[1]) / 2)
+    box = np.s_[top : top + out[0], left : left + out[1]]
+    # PIL in float mode: the same bilinear samples; in uint8 mode it rounds between its passes.
+    as_float = Image.fromarray(image.astype(np.float32)).resize(size[::-1], Image.BILINEAR)
+    np.testing.assert_allclose(ours, np.asarray(as_float)[box], atol=2e-3)
+    as_uint8 = Image.fromarray(image).resize(size[::-1], Image.BILINEAR)
+    assert np.abs(ours - np.asarray(as_uint8, np.float64)[box]).max() <= 1.0
+
+
+def test_resize_center_crop_rejects_a_crop_larger_than_the_resized_image():
+    with pytest.raises(ValueError, match="does not fit"):
+        augment.resize_center_crop(jnp.zeros((28, 28, 1)), 30, (32, 32))
+
+
+def test_pipeline_eval_view_resizes_then_crops_and_uses_given_statistics(rng):
+    import ml_collections
+
+    from dcjax.data.pipeline import make_pipeline
+
+    images = rng.integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+    config = ml_collections.ConfigDict(
+        dict(
+            augment="crop",
+            input=dict(
+                image_size=32, crop_scale=(0.08, 1.0), eval_resize=44, mean=(0.286,), std=(0.3205,)
+            ),
+        )
+    )
+    pipeline = make_pipeline(config, images)
+    assert (pipeline.mean, pipeline.std, pipeline.eval_resize) == ((0.286,), (0.3205,), 44)
+    views = np.asarray(pipeline.eval_batch(jnp.asarray(images)))
+    expected = _resize_crop(jnp.asarray(images[0], jnp.float32) / 255, 44, (32, 32))
+    np.testing.assert_allclose(views[0], (np.asarray(expected) - 0.286) / 0.3205, atol=1e-5)
+    for field, value, message in (
+        ("std", (0.1, 0.2), "config.input.std"),
+        ("std", (0.0,), "config.input.std"),
+        ("eval_resize", 30, "config.input.eval_resize"),
+    ):
+        bad = config.copy_and_resolve_references()
+        bad.input[field] = value
+        with pytest.raises(ValueError, match=message):
+            make_pipeline(bad, images)

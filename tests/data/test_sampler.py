@@ -178,3 +178,13 @@ def test_steps_batches_rejects_bad_arguments():
         sampler.steps_batches(np.arange(10), 0)
     with pytest.raises(ValueError, match="indices"):
         sampler.steps_batches(np.zeros((2, 5), np.int32), 2)
+
+
+def test_uniform_over_labels_untruncated_keeps_exactly_the_quota_per_label(rng):
+    labels = rng.integers(0, 7, size=1000)
+    labels[labels == 3] = 4  # an empty label: K' = 6
+    indices = sampler.uniform_over_labels(rng, labels, 1000, truncate=False)
+    quota = 1000 // 6 + 1
+    assert indices.shape == (6 * quota,)
+    counts = np.bincount(labels[indices], minlength=7)
+    assert counts[3] == 0 and set(counts[counts > 0]) == {quota}

@@ -122,3 +122,89 @@ def test_registry(name):
 def test_unknown_method_names_the_field():
     with pytest.raises(ValueError, match="config.method.name='nope'"):
         get_method("nope")
+
+
+def _flat(config) -> dict:
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out.update({f"{key}.{k}": v for k, v in _flat(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def test_deepdive_code_variant_sets_exactly_the_authors_code_fields():
+    paper = _flat(load_config("deepcluster", "fmnist"))
+    code = _flat(load_config("deepcluster", "fmnist,deepdive_code"))
+    changed = {k: code[k] for k in code if code[k] != paper.get(k)}
+    assert changed == {
+        "input.image_size": 32,
+        "input.eval_resize": 44,
+        "input.mean": (0.2860,),
+        "input.std": (0.3205,),
+        "augment": "crop",
+        "model.init": "deepcluster",
+        "method.kmeans_init": "kmeans++",
+        "method.truncate_epoch": False,
+        "optim.head_momentum": 0.1,
+    }
+    assert dc.kmeans_config(load_config("deepcluster", "fmnist,deepdive_code")).init == "kmeans++"
+    with pytest.raises(ValueError, match="fmnist only"):
+        load_config("deepcluster", "deepdive_code")
+
+
+def test_untruncated_sampler_epoch_has_the_full_quota_of_every_cluster(run):
+    labels = np.arange(run.ctx.num_examples, dtype=np.int32) % 3
+    state = run.initial_state.replace(
+        method=run.initial_state.method.replace(pseudo_labels=jnp.asarray(labels))
+    )
+    run.config.method.truncate_epoch = False
+    try:
+        indices = dc.sample(run.ctx, state, np.random.default_rng(0))
+    finally:
+        run.config.method.truncate_epoch = True
+    n = run.ctx.num_examples
+    assert len(indices) == 3 * (n // 3 + 1) > n
+    assert len(dc.sample(run.ctx, state, np.random.default_rng(0))) == n
+
+
+@pytest.mark.parametrize("head_momentum", [0.0, 0.1])
+def test_head_momentum_field_sets_the_head_groups_sgd_momentum(head_momentum):
+    from dcjax.training.state import make_optimizers
+
+    config = load_config("deepcluster", "fmnist")
+    config.optim.update(head_momentum=head_momentum, weight_decay=0.0)
+    head = make_optimizers(config)["head"]
+    params = {"w": jnp.zeros(3)}
+    grad = {"w": jnp.asarray([1.0, -2.0, 0.5])}
+    opt_state = head.init(params)
+    first, opt_state = head.update(grad, opt_state, params)
+    second, _ = head.update(grad, opt_state, params)
+    lr = config.optim.learning_rate
+    np.testing.assert_allclose(first["w"], -lr * grad["w"], rtol=1e-6)
+    # PyTorch's SGD: buffer = momentum * buffer + gradient.
+    np.testing.assert_allclose(second["w"], -lr * (1 + head_momentum) * grad["w"], rtol=1e-6)
+
+
+def test_lenet5_clusters_its_last_linear_layer_with_initial_batch_norm_statistics():
+    config = load_config("deepcluster", "smoke")
+    config.update(num_devices=1)
+    config.model.name = "lenet5"
+    built = build_run(config)
+    assert (built.ctx.cluster_layer, built.ctx.feature_dim) == ("features", 84)
+    stats = built.initial_state.batch_stats["trunk"]["backbone"]
+    assert sorted(stats) == ["bn_conv1", "bn_conv2"]
+    for layer in stats.values():  # PyTorch's initial running statistics, used in cycle 0
+        np.testing.assert_array_equal(layer["mean"], 0.0)
+        np.testing.assert_array_equal(layer["var"], 1.0)
+    state = built.initial_state
+    images = jnp.asarray(built.dataset.train_images[:4])
+    x = built.pipeline.eval_batch(images)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    eval_out = built.ctx.model.apply(variables, x, train=False)
+    trunk = variables["params"]["trunk"]["backbone"]["fc2"]
+    hidden = jax.nn.relu(eval_out["fc1"])
+    np.testing.assert_allclose(
+        eval_out["features"], hidden @ trunk["kernel"] + trunk["bias"], rtol=1e-5, atol=1e-6
+    )

@@ -1,0 +1,538 @@
+"""The deep-dive study (Mustapha et al. 2022) on Fashion-MNIST, claim by claim.
+
+  python experiments/deepdive_fmnist.py --setting=full     # ~30 runs of 50 cycles, resumable
+  python experiments/deepdive_fmnist.py --setting=smoke    # seconds, on digits (the tests)
+
+Parts (``--parts``, in this order; each row is mean +- std over its seeds):
+
+- ``baseline``: K = 5, 50 cycles, seeds 1..5, both protocols: ``fmnist`` (the paper's text) and
+  ``fmnist,deepdive_code`` (the authors' code). Both probes (ours and the authors', see
+  ``dcjax/evaluation/deepdive_probe.py``) at random init and trained, NMI per cycle to the classes
+  and to the previous cycle, seconds per cycle.
+- ``ia``: IA(theta, 5) of seeds 1..20 (``dcjax.evaluation.alignment``, as ``python -m
+  dcjax.analyze --mode=ia``), then 8 seeds spanning the IA range (the baseline's seeds count where
+  they fall) trained 50 cycles; final accuracy against IA with Spearman's rho.
+- ``k``: K in {5, 10, 20, 50, 100, 500}, seeds 1 and 2.
+- ``halt``: clustering halted after 1, 10 and 30 cycles, seeds 1 and 2 (never = the baseline).
+
+``ia``, ``k`` and ``halt`` use the protocol that learns better in the baseline (higher mean
+trained accuracy under the authors' probe), so they wait for the baseline. Every run lives in
+``<workdir>/<setting>/<name>`` and resumes from its last checkpoint when killed; a finished run
+leaves ``row.json`` and is never rerun, so the study can span several sittings
+(``--max_new_runs`` bounds one sitting). Tables go to ``<out>/deepdive_fmnist_<setting>_*.md`` /
+``.json`` and figures to ``<out>/deepdive_fmnist_<setting>_*.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from dcjax.config_base import load_config  # noqa: E402
+from dcjax.evaluation import alignment  # noqa: E402
+from dcjax.training.metrics import read_jsonl  # noqa: E402
+from dcjax.training.summary import machine_line, run_row, write_table  # noqa: E402
+
+PAPER, CODE = "paper", "code"  # the two protocols: the paper's text, the authors' code
+PARTS = ("baseline", "ia", "k", "halt")
+FIGURES = ("probe_accuracy", "deepdive_probe_accuracy", "deepdive_probe_median5", "knn_accuracy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A budget: the config variants per protocol, cycles, seeds and the swept values."""
+
+    variants: dict[str, str]
+    cycles: int
+    seeds: tuple[int, ...]
+    ia_seeds: int
+    ia_trained: int
+    ks: tuple[int, ...]
+    halts: tuple[int, ...]
+    sweep_seeds: tuple[int, ...]
+    digits: bool = False  # smoke: the embedded digits instead of Fashion-MNIST
+
+
+SETTINGS = {
+    "full": Setting(
+        variants={PAPER: "fmnist", CODE: "fmnist,deepdive_code"},
+        cycles=50,
+        seeds=(1, 2, 3, 4, 5),
+        ia_seeds=20,
+        ia_trained=8,
+        ks=(5, 10, 20, 50, 100, 500),
+        halts=(1, 10, 30),
+        sweep_seeds=(1, 2),
+    ),
+    "smoke": Setting(
+        variants={PAPER: "fmnist,smoke", CODE: "fmnist,deepdive_code,smoke"},
+        cycles=2,
+        seeds=(1,),
+        ia_seeds=2,
+        ia_trained=2,
+        ks=(5, 8),
+        halts=(1,),
+        sweep_seeds=(1,),
+        digits=True,
+    ),
+}
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Defined only when run as a script: the tests import this module beside other flags."""
+    flags.DEFINE_enum("setting", "full", list(SETTINGS), "Budget (see the module docstring).")
+    flags.DEFINE_list("parts", list(PARTS), f"Parts to run, of {PARTS}.")
+    flags.DEFINE_integer("max_new_runs", 0, "Stop after this many new runs (0 = no limit).")
+    flags.DEFINE_string("workdir", "runs/deepdive_fmnist", "Where the runs go.")
+    flags.DEFINE_string("out", "experiments/results", "Where the tables and figures go.")
+
+
+def run_config(setting: Setting, protocol: str, seed: int, k: int = 5, halt: int = 0):
+    """The run's config: the protocol's variant with the setting's cycles, seed, K and halt."""
+    config = load_config("deepcluster", setting.variants[protocol])
+    config.seed = seed
+    config.num_cycles = setting.cycles
+    config.method.num_clusters = k
+    config.method.halt_clustering_after = halt
+    config.figures = False
+    if setting.digits:
+        config.data.source = "digits"
+    return config
+
+
+def run_name(protocol: str, seed: int, k: int = 5, halt: int = 0) -> str:
+    return f"{protocol}-k{k}-halt{halt}-seed{seed}"
+
+
+class Study:
+    """Runs (or loads) the study's runs; ``budget`` new runs at most (None = no limit)."""
+
+    def __init__(self, setting: str, workdir: str, budget: int | None = None):
+        self.name = setting
+        self.setting = SETTINGS[setting]
+        self.workdir = os.path.join(workdir, setting)
+        self.budget = budget
+
+    def row(self, protocol: str, seed: int, k: int = 5, halt: int = 0) -> dict | None:
+        """The run's row (run now if new and the budget allows; None when it does not)."""
+        run_dir = os.path.join(self.workdir, run_name(protocol, seed, k, halt))
+        path = os.path.join(run_dir, "row.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        if self.budget is not None and self.budget <= 0:
+            return None
+        config = run_config(self.setting, protocol, seed, k, halt)
+        tags = dict(protocol=protocol, seed=seed, k=k, halt=halt)
+        row = {**run_row(config, run_dir, **tags), **cycle_series(run_dir)}
+        with open(path, "w") as f:
+            json.dump(row, f, indent=2)
+        if self.budget is not None:
+            self.budget -= 1
+        return row
+
+    def rows(self, specs) -> list[dict] | None:
+        """The rows of ``specs`` ((protocol, seed, k, halt) tuples); None if any is missing."""
+        rows = [self.row(*spec) for spec in specs]
+        return None if any(r is None for r in rows) else rows
+
+    def baseline(self) -> tuple[list[dict], bool]:
+        """The baseline rows done so far (protocols interleaved seed by seed), and whether all
+        are."""
+        s = self.setting
+        rows = [self.row(p, seed) for seed in s.seeds for p in s.variants]
+        return [r for r in rows if r is not None], all(r is not None for r in rows)
+
+    def initial_alignment(self, protocol: str) -> dict[int, float]:
+        """{seed: IA(theta_seed, 5)} for seeds 1..ia_seeds, cached in the workdir."""
+        path = os.path.join(self.workdir, f"ia-{protocol}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return {int(s): v for s, v in json.load(f).items()}
+        seeds = list(range(1, self.setting.ia_seeds + 1))
+        setup = alignment.alignment_setup(run_config(self.setting, protocol, 1))
+        values = alignment.initial_alignment(setup, seeds)
+        ia = {s: float(v) for s, v in zip(seeds, values, strict=True)}
+        os.makedirs(self.workdir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(ia, f, indent=2)
+        return ia
+
+
+def cycle_series(run_dir: str) -> dict[str, list[float]]:
+    """Per cycle from the run's metrics.jsonl: NMI to the classes and to the previous cycle
+    (NaN where not clustered), and the seconds of each cycle."""
+    records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    by_cycle = {r["step"]: r for r in records if "time/cycle_seconds" in r}  # a rerun cycle: last
+    cycles = [by_cycle[step] for step in sorted(by_cycle)]
+    return {
+        name: [float(r.get(key, float("nan"))) for r in cycles]
+        for name, key in (
+            ("nmi_true", "cluster/nmi_true"),
+            ("nmi_previous", "cluster/nmi_previous"),
+            ("cycle_seconds", "time/cycle_seconds"),
+        )
+    }
+
+
+def better_protocol(baseline: list[dict]) -> str:
+    """The protocol with the higher mean trained accuracy under the authors' probe."""
+    means = {
+        p: np.mean([r["deepdive_probe_accuracy_trained"] for r in baseline if r["protocol"] == p])
+        for p in (PAPER, CODE)
+    }
+    return max(means, key=means.get)
+
+
+def spread_seeds(ia: dict[int, float], trained: list[int], count: int) -> list[int]:
+    """``count`` seeds spanning the IA range: the lowest and highest IA, the already ``trained``
+    seeds, then greedily the seed farthest (in IA) from those chosen so far."""
+    chosen = [s for s in trained if s in ia]
+    for seed in (min(ia, key=ia.get), max(ia, key=ia.get)):
+        if seed not in chosen:
+            chosen.append(seed)
+    while len(chosen) < min(count, len(ia)):
+        rest = [s for s in ia if s not in chosen]
+        chosen.append(max(rest, key=lambda s: min(abs(ia[s] - ia[c]) for c in chosen)))
+    return sorted(chosen, key=ia.get)
+
+
+def mean_std(values) -> str:
+    values = np.asarray([v for v in values if v is not None], np.float64)
+    if values.size == 0:
+        return "-"
+    if values.size == 1:
+        return f"{values[0]:.4f}"
+    return f"{values.mean():.4f} +- {values.std(ddof=1):.4f}"
+
+
+def _last(series: list[float]) -> float:
+    finite = [v for v in series if np.isfinite(v)]
+    return finite[-1] if finite else float("nan")
+
+
+def _group(rows: list[dict], key: str) -> dict:
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r[key], []).append(r)
+    return groups
+
+
+def accuracy_table(rows: list[dict], key: str, title: str, header: list[str]) -> str:
+    """One line per value of ``key``: both probes at random init and trained, kNN, NMI."""
+    lines = [*header, "", f"## {title}", ""]
+    lines.append(
+        f"| {key} | seeds | our probe: random init | trained | authors' probe: random init | "
+        "trained (last epoch) | trained (median of last 5) | kNN trained | NMI to classes, "
+        "first / last clustering | s / cycle |"
+    )
+    lines.append("|" + " --- |" * 10)
+    for value, group in sorted(_group(rows, key).items(), key=lambda item: str(item[0])):
+
+        def col(name, group=group):
+            return [r[name] for r in group]
+
+        nmi_first = mean_std(r["nmi_true"][0] for r in group)
+        nmi_last = mean_std(_last(r["nmi_true"]) for r in group)
+        label = "never" if key == "halt" and value == 0 else value
+        lines.append(
+            f"| {label} | {len(group)} | {mean_std(col('probe_accuracy_random_init'))} | "
+            f"{mean_std(col('probe_accuracy_trained'))} | "
+            f"{mean_std(col('deepdive_probe_accuracy_random_init'))} | "
+            f"{mean_std(col('deepdive_probe_accuracy_trained'))} | "
+            f"{mean_std(col('deepdive_probe_median5_trained'))} | "
+            f"{mean_std(col('knn_accuracy_trained'))} | {nmi_first} / {nmi_last} | "
+            f"{np.mean([np.mean(r['cycle_seconds']) for r in group]):.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def spearman(x, y) -> tuple[float, float]:
+    result = stats.spearmanr(x, y)
+    return float(result.statistic), float(result.pvalue)
+
+
+def claims(results: dict) -> list[dict]:
+    """The paper's Fashion-MNIST claims beside what we measured, with a rule-based verdict."""
+    out = []
+    ia = results.get("ia")
+    if ia:
+        values = np.asarray(list(ia["ia"].values()))
+        lo, hi, med = values.min(), values.max(), np.median(values)
+        out.append(
+            dict(
+                claim="IA at K = 5 spans 0.37-0.41 (Fig. 3a)",
+                measured=f"{lo:.3f}-{hi:.3f} over {values.size} seeds, median {med:.3f}",
+                holds=bool(0.37 <= med <= 0.41 and lo <= 0.41 and hi >= 0.37),
+                rule="the median lies in 0.37-0.41 and the ranges overlap",
+            )
+        )
+        rho, p = ia["spearman_deepdive"]
+        out.append(
+            dict(
+                claim="no relation between IA and final accuracy on FMNIST (Fig. 3a)",
+                measured=f"Spearman rho {rho:+.2f} (p = {p:.2f}) over {len(ia['rows'])} runs",
+                holds=bool(p > 0.05),
+                rule="rho not significant at p = 0.05",
+            )
+        )
+    k_rows = results.get("k")
+    if k_rows:
+        ks = [r["k"] for r in k_rows]
+        accs = [r["deepdive_probe_accuracy_trained"] for r in k_rows]
+        rho, p = spearman(ks, accs)
+        by_k = {k: np.mean([a for kk, a in zip(ks, accs, strict=True) if kk == k]) for k in ks}
+        out.append(
+            dict(
+                claim="accuracy falls as K grows (Fig. 4a)",
+                measured=f"Spearman rho(K, accuracy) {rho:+.2f} (p = {p:.2f}); K = "
+                f"{min(by_k)}: {by_k[min(by_k)]:.4f}, K = {max(by_k)}: {by_k[max(by_k)]:.4f}",
+                holds=bool(rho < 0 and p < 0.05),
+                rule="rho < 0, significant at p = 0.05",
+            )
+        )
+    halt_rows = results.get("halt")
+    if halt_rows:
+        by_halt = {
+            h: np.mean([r["deepdive_probe_accuracy_trained"] for r in g])
+            for h, g in _group(halt_rows, "halt").items()
+        }
+        never = by_halt.pop(0, None)
+        if never is not None and by_halt:
+            gain = 100 * (never - max(by_halt.values()))
+            out.append(
+                dict(
+                    claim="continuous clustering is worth about one point (Fig. 5)",
+                    measured=f"never halting {never:.4f}; best halted {max(by_halt.values()):.4f}"
+                    f" ({gain:+.2f} points)",
+                    holds=bool(0 <= gain <= 3),
+                    rule="never halting beats every halting point by 0-3 points",
+                )
+            )
+    baseline = results.get("baseline")
+    if baseline:
+        for protocol in (PAPER, CODE):
+            series = np.asarray([r["nmi_previous"] for r in baseline if r["protocol"] == protocol])
+            if series.size == 0 or series.shape[1] < 12:
+                continue
+            early = np.nanmean(series[:, 1:4])
+            late = series[:, -10:]
+            slope = np.polyfit(np.arange(10), np.nanmean(late, axis=0), 1)[0]
+            out.append(
+                dict(
+                    claim=f"NMI to the previous cycle rises, then levels ({protocol} protocol)",
+                    measured=f"cycles 2-4: {early:.3f}; last 10: {np.nanmean(late):.3f}, slope "
+                    f"{slope:+.4f} / cycle",
+                    holds=bool(np.nanmean(late) > early and abs(slope) * 10 < 0.02),
+                    rule="the last 10 cycles are higher than cycles 2-4 and change < 0.02 in all",
+                )
+            )
+    return out
+
+
+def claims_table(rows: list[dict], header: list[str]) -> str:
+    lines = [*header, "", "| the paper's claim (FMNIST) | measured | holds? | rule |"]
+    lines.append("|" + " --- |" * 4)
+    for r in rows:
+        verdict = "yes" if r["holds"] else "no"
+        lines.append(f"| {r['claim']} | {r['measured']} | {verdict} | {r['rule']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def nmi_figure(baseline: list[dict], path: str) -> str:
+    """NMI per cycle, mean with a min-max band over seeds, per protocol and NMI kind."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    for ax, key, title in (
+        (axes[0], "nmi_true", "NMI(pseudo-labels, classes)"),
+        (axes[1], "nmi_previous", "NMI(cycle c, cycle c-1)"),
+    ):
+        for protocol, group in sorted(_group(baseline, "protocol").items()):
+            series = np.asarray([r[key] for r in group], np.float64)
+            cycles = np.arange(series.shape[1])
+            with warnings.catch_warnings():  # cycle 0 has no previous cycle: an all-NaN column
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(series, axis=0)
+                lo, hi = np.nanmin(series, axis=0), np.nanmax(series, axis=0)
+            ax.plot(cycles, mean, label=f"{protocol} ({len(group)} seeds)")
+            ax.fill_between(cycles, lo, hi, alpha=0.25)
+        ax.set(xlabel="cycle", title=title)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def sweep_figure(rows: list[dict], key: str, path: str, xlabel: str) -> str:
+    """Trained accuracy (both probes) against ``key``: every run and the mean per value."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    for figure, label in (
+        ("deepdive_probe_accuracy_trained", "authors' probe"),
+        ("probe_accuracy_trained", "our probe"),
+    ):
+        groups = sorted(_group(rows, key).items())
+        xs = [str(v) if not (key == "halt" and v == 0) else "never" for v, _ in groups]
+        ax.plot(xs, [np.mean([r[figure] for r in g]) for _, g in groups], marker="o", label=label)
+        for x, (_, g) in zip(xs, groups, strict=True):
+            ax.scatter([x] * len(g), [r[figure] for r in g], s=8, color="grey")
+    ax.set(xlabel=xlabel, ylabel="test accuracy (trained)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def ia_figure(ia_rows: list[dict], path: str) -> str:
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    for figure, label in (
+        ("deepdive_probe_accuracy_trained", "authors' probe"),
+        ("probe_accuracy_trained", "our probe"),
+    ):
+        ax.scatter([r["ia"] for r in ia_rows], [r[figure] for r in ia_rows], label=label)
+    ax.set(xlabel="IA(theta, K = 5)", ylabel="test accuracy after 50 cycles")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def run_study(study: Study, parts) -> dict:
+    """Every part that can run now; ``{part: rows}`` of the parts that are complete."""
+    baseline, complete = study.baseline()  # every part needs it
+    results: dict = {"baseline": baseline, "baseline_complete": complete}
+    if not complete:
+        return results
+    protocol = better_protocol(baseline)
+    results["protocol"] = protocol
+    trained = [r["seed"] for r in baseline if r["protocol"] == protocol]
+    s = study.setting
+    if "ia" in parts:
+        ia = study.initial_alignment(protocol)
+        seeds = spread_seeds(ia, trained, s.ia_trained)
+        rows = study.rows([(protocol, seed) for seed in seeds])
+        if rows is not None:
+            for r in rows:
+                r["ia"] = ia[r["seed"]]
+            results["ia"] = dict(
+                ia=ia,
+                rows=rows,
+                spearman_deepdive=spearman(
+                    [r["ia"] for r in rows], [r["deepdive_probe_accuracy_trained"] for r in rows]
+                ),
+                spearman_ours=spearman(
+                    [r["ia"] for r in rows], [r["probe_accuracy_trained"] for r in rows]
+                ),
+            )
+    if "k" in parts:
+        rows = study.rows([(protocol, seed, k) for k in s.ks for seed in s.sweep_seeds])
+        if rows is not None:
+            results["k"] = rows
+    if "halt" in parts:
+        specs = [(protocol, seed, 5, h) for h in (*s.halts, 0) for seed in s.sweep_seeds]
+        rows = study.rows(specs)
+        if rows is not None:
+            results["halt"] = rows
+    return results
+
+
+def write_results(study: Study, results: dict, out: str, seconds: float) -> list[str]:
+    """Tables and figures of the complete parts; returns the files written."""
+    stem = f"deepdive_fmnist_{study.name}"
+    os.makedirs(out, exist_ok=True)
+    header = [
+        f"Command: `python experiments/deepdive_fmnist.py --setting={study.name}`",
+        machine_line(),
+        f"This sitting: {seconds:.0f} s. Protocols: `{PAPER}` = configs/deepcluster.py:"
+        f"{study.setting.variants[PAPER]}, `{CODE}` = :{study.setting.variants[CODE]}; "
+        f"{study.setting.cycles} cycles each. Accuracies are test top-1 fractions.",
+    ]
+    written = []
+    baseline = results.get("baseline")
+    if not baseline:
+        return written
+    name = f"{stem}_baseline"
+    done = len(baseline) == len(study.setting.seeds) * len(study.setting.variants)
+    title = "Baseline, K = 5, both protocols" + ("" if done else " (not all seeds done yet)")
+    table = accuracy_table(baseline, "protocol", title, header)
+    write_table(out, name, table, baseline)
+    written += [f"{out}/{name}.md", nmi_figure(baseline, f"{out}/{stem}_nmi.png")]
+    chosen = f"Protocol of the sweeps: `{results.get('protocol')}` (the better baseline)."
+    if "ia" in results:
+        ia = results["ia"]
+        lines = [*header, chosen, "", "| seed | IA | authors' probe trained | our probe trained |"]
+        lines.append("|" + " --- |" * 4)
+        for r in sorted(ia["rows"], key=lambda r: r["ia"]):
+            lines.append(
+                f"| {r['seed']} | {r['ia']:.4f} | {r['deepdive_probe_accuracy_trained']:.4f} | "
+                f"{r['probe_accuracy_trained']:.4f} |"
+            )
+        values = np.asarray(list(ia["ia"].values()))
+        lines += [
+            "",
+            f"IA over seeds 1..{values.size}: min {values.min():.4f}, median "
+            f"{np.median(values):.4f}, max {values.max():.4f}.",
+            f"Spearman rho (IA, accuracy): authors' probe {ia['spearman_deepdive'][0]:+.3f} "
+            f"(p = {ia['spearman_deepdive'][1]:.3f}); ours {ia['spearman_ours'][0]:+.3f} "
+            f"(p = {ia['spearman_ours'][1]:.3f}).",
+        ]
+        write_table(out, f"{stem}_ia", "\n".join(lines) + "\n", ia)
+        written += [f"{out}/{stem}_ia.md", ia_figure(ia["rows"], f"{out}/{stem}_ia.png")]
+    for part, key, title, xlabel in (
+        ("k", "k", "Number of clusters K", "K"),
+        ("halt", "halt", "Clustering halted after h cycles", "clustering halted after"),
+    ):
+        if part in results:
+            rows = results[part]
+            write_table(
+                out, f"{stem}_{part}", accuracy_table(rows, key, title, header + [chosen]), rows
+            )
+            written += [
+                f"{out}/{stem}_{part}.md",
+                sweep_figure(rows, key, f"{out}/{stem}_{part}.png", xlabel),
+            ]
+    verdicts = claims(results)
+    write_table(out, f"{stem}_claims", claims_table(verdicts, header), verdicts)
+    written.append(f"{out}/{stem}_claims.md")
+    return written
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    unknown = set(FLAGS.parts) - set(PARTS)
+    if unknown:
+        raise app.UsageError(f"--parts: unknown {sorted(unknown)}; choose from {PARTS}")
+    start = time.perf_counter()
+    study = Study(FLAGS.setting, FLAGS.workdir)
+    runs_left = FLAGS.max_new_runs or None
+    while True:  # one new run per pass, the tables rewritten after each
+        allowed = runs_left is None or runs_left > 0
+        study.budget = 1 if allowed else 0
+        results = run_study(study, tuple(FLAGS.parts))
+        written = write_results(study, results, FLAGS.out, time.perf_counter() - start)
+        if not (allowed and study.budget == 0):  # no new run in this pass: done or out of budget
+            break
+        if runs_left is not None:
+            runs_left -= 1
+    missing = [p for p in FLAGS.parts if p not in results]
+    if missing:
+        print(f"Not complete yet: {missing}; rerun the same command to continue.")
+    print("\n".join(written))
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
