@@ -46,7 +46,8 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
 
     Raises:
       ValueError: the workdir holds a run whose config differs in a field that changes the
-        state's meaning (model, data, method, optimiser, seed); the message lists the fields.
+        state's meaning (model, data, method, optimiser, seed); the message lists the fields
+        by their dotted names (``method.num_clusters``).
     """
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
@@ -56,10 +57,11 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
             saved = json.load(f)
     distributed.sync("workdir config read")  # before process 0 rewrites it below
     if saved is not None:
+        saved, now = _dotted(saved), _dotted(current)
         changed = sorted(
             key
-            for key in set(saved) | set(current)
-            if key not in _RESUMABLE_FIELDS and saved.get(key) != current.get(key)
+            for key in set(saved) | set(now)
+            if key.split(".")[0] not in _RESUMABLE_FIELDS and saved.get(key) != now.get(key)
         )
         if changed:
             raise ValueError(
@@ -71,6 +73,17 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
         with open(path, "w") as f:
             json.dump(current, f, indent=2)
     distributed.sync("workdir config written")
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{"method.pca_dim": 32, ...}`` (empty dicts stay leaves)."""
+    flat = {}
+    for name, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_dotted(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
 
 
 def _epoch_rng(state: TrainState, epoch: int) -> np.random.Generator:
