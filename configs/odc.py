@@ -14,7 +14,8 @@ digit is another symbol).
 Variants, comma-separated after a colon (``configs/odc.py:fmnist``):
   fmnist   LeNet-5 on Fashion-MNIST (IDX files of Debian's dataset-fashion-mnist), the
            optimiser and budget of configs/deepcluster.py:fmnist (lr 0.1, momentum 0.1, wd 1e-3,
-           batch 128), K=100, ODC's augmentation; probe on conv2.
+           batch 128), K=100, ODC's augmentation; probes on conv2 (ours and the authors' SGD
+           probe, eval.protocol="deepdive", as deepcluster.py:fmnist).
   cifar10  the deep-dive paper's mini-AlexNet with Sobel on a CIFAR-10 image folder
            (``--config.data.path=...``), trunk and optimiser as configs/deepcluster.py:cifar10,
            K=1000, ODC's augmentation (crop, flip, rotation +-2 degrees, colour jitter, grey).
@@ -64,7 +65,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.num_cycles = 50
         config.augment = "odc"
         config.input.crop_scale = (0.5, 1.0)
-        config.eval.update(probe_layer="conv2", probe_epochs=20, probe_batch_size=256)
+        config.eval.update(
+            probe_layer="conv2", probe_epochs=20, probe_batch_size=256, protocol="deepdive"
+        )
     if "cifar10" in variants:
         apply_cifar10(config)
         config.method.num_clusters = 1000

@@ -16,11 +16,16 @@ Parts (``--parts``, in this order; each row is mean +- std over its seeds):
 - ``halt``: clustering halted after 1, 10 and 30 cycles, seeds 1 and 2 (never = the baseline).
 
 ``ia``, ``k`` and ``halt`` use the protocol that learns better in the baseline (higher mean
-trained accuracy under the authors' probe), so they wait for the baseline. Every run lives in
-``<workdir>/<setting>/<name>`` and resumes from its last checkpoint when killed; a finished run
-leaves ``row.json`` and is never rerun, so the study can span several sittings
+trained accuracy under the authors' probe), so they wait for the baseline. The sweeps run seed by
+seed (every K and halting point of the first seed before the second), so a sitting cut short
+leaves each point measured. Every run lives in ``<workdir>/<setting>/<name>`` and resumes from its
+last checkpoint when killed. A finished run appends its row to the ledger
+``<out>/deepdive_fmnist_<setting>_runs.jsonl`` (and the IA of the seeds goes to
+``<out>/deepdive_fmnist_<setting>_ia_seeds.json``); a run in the ledger is never rerun. The ledger
+is committed with the tables, so the study continues in a later sitting on a fresh clone
 (``--max_new_runs`` bounds one sitting). Tables go to ``<out>/deepdive_fmnist_<setting>_*.md`` /
-``.json`` and figures to ``<out>/deepdive_fmnist_<setting>_*.png``.
+``.json`` (a part not yet complete is tabled with the runs done so far, and says so) and figures
+to ``<out>/deepdive_fmnist_<setting>_*.png``.
 """
 
 from __future__ import annotations
@@ -97,8 +102,9 @@ def _define_flags() -> None:
     flags.DEFINE_enum("setting", "full", list(SETTINGS), "Budget (see the module docstring).")
     flags.DEFINE_list("parts", list(PARTS), f"Parts to run, of {PARTS}.")
     flags.DEFINE_integer("max_new_runs", 0, "Stop after this many new runs (0 = no limit).")
+    flags.DEFINE_bool("run", True, "False: no new run, only the tables from the ledger.")
     flags.DEFINE_string("workdir", "runs/deepdive_fmnist", "Where the runs go.")
-    flags.DEFINE_string("out", "experiments/results", "Where the tables and figures go.")
+    flags.DEFINE_string("out", "experiments/results", "Where the ledger, tables and figures go.")
 
 
 def run_config(setting: Setting, protocol: str, seed: int, k: int = 5, halt: int = 0):
@@ -119,58 +125,68 @@ def run_name(protocol: str, seed: int, k: int = 5, halt: int = 0) -> str:
 
 
 class Study:
-    """Runs (or loads) the study's runs; ``budget`` new runs at most (None = no limit)."""
+    """Runs (or loads) the study's runs; ``budget`` new runs at most (None = no limit).
 
-    def __init__(self, setting: str, workdir: str, budget: int | None = None):
+    Finished rows and the seeds' IA are kept in ``record_dir`` (default: the setting's workdir):
+    the ledger ``deepdive_fmnist_<setting>_runs.jsonl``, one row per line, and
+    ``deepdive_fmnist_<setting>_ia_seeds.json``.
+    """
+
+    def __init__(
+        self, setting: str, workdir: str, budget: int | None = None, record_dir: str | None = None
+    ):
         self.name = setting
         self.setting = SETTINGS[setting]
         self.workdir = os.path.join(workdir, setting)
         self.budget = budget
+        record_dir = record_dir or self.workdir
+        self.ledger = os.path.join(record_dir, f"deepdive_fmnist_{setting}_runs.jsonl")
+        self.ia_path = os.path.join(record_dir, f"deepdive_fmnist_{setting}_ia_seeds.json")
+        rows = read_jsonl(self.ledger) if os.path.exists(self.ledger) else []
+        self.done = {run_name(**_spec(r)): r for r in rows}
 
     def row(self, protocol: str, seed: int, k: int = 5, halt: int = 0) -> dict | None:
         """The run's row (run now if new and the budget allows; None when it does not)."""
-        run_dir = os.path.join(self.workdir, run_name(protocol, seed, k, halt))
-        path = os.path.join(run_dir, "row.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
+        name = run_name(protocol, seed, k, halt)
+        if name in self.done:
+            return self.done[name]
         if self.budget is not None and self.budget <= 0:
             return None
         config = run_config(self.setting, protocol, seed, k, halt)
+        run_dir = os.path.join(self.workdir, name)
         tags = dict(protocol=protocol, seed=seed, k=k, halt=halt)
         row = {**run_row(config, run_dir, **tags), **cycle_series(run_dir)}
-        with open(path, "w") as f:
-            json.dump(row, f, indent=2)
+        os.makedirs(os.path.dirname(self.ledger) or ".", exist_ok=True)
+        with open(self.ledger, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.done[name] = row
         if self.budget is not None:
             self.budget -= 1
         return row
 
-    def rows(self, specs) -> list[dict] | None:
-        """The rows of ``specs`` ((protocol, seed, k, halt) tuples); None if any is missing."""
-        rows = [self.row(*spec) for spec in specs]
-        return None if any(r is None for r in rows) else rows
-
-    def baseline(self) -> tuple[list[dict], bool]:
-        """The baseline rows done so far (protocols interleaved seed by seed), and whether all
-        are."""
-        s = self.setting
-        rows = [self.row(p, seed) for seed in s.seeds for p in s.variants]
-        return [r for r in rows if r is not None], all(r is not None for r in rows)
+    def rows(self, specs) -> list[dict]:
+        """The rows of ``specs`` ((protocol, seed, k, halt) tuples) that are done (or done now)."""
+        return [r for r in (self.row(*spec) for spec in specs) if r is not None]
 
     def initial_alignment(self, protocol: str) -> dict[int, float]:
-        """{seed: IA(theta_seed, 5)} for seeds 1..ia_seeds, cached in the workdir."""
-        path = os.path.join(self.workdir, f"ia-{protocol}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                return {int(s): v for s, v in json.load(f).items()}
-        seeds = list(range(1, self.setting.ia_seeds + 1))
-        setup = alignment.alignment_setup(run_config(self.setting, protocol, 1))
-        values = alignment.initial_alignment(setup, seeds)
-        ia = {s: float(v) for s, v in zip(seeds, values, strict=True)}
-        os.makedirs(self.workdir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(ia, f, indent=2)
-        return ia
+        """{seed: IA(theta_seed, 5)} for seeds 1..ia_seeds, computed once and recorded."""
+        recorded = {}
+        if os.path.exists(self.ia_path):
+            with open(self.ia_path) as f:
+                recorded = json.load(f)
+        if protocol not in recorded:
+            seeds = list(range(1, self.setting.ia_seeds + 1))
+            setup = alignment.alignment_setup(run_config(self.setting, protocol, 1))
+            values = alignment.initial_alignment(setup, seeds)
+            recorded[protocol] = {str(s): float(v) for s, v in zip(seeds, values, strict=True)}
+            os.makedirs(os.path.dirname(self.ia_path) or ".", exist_ok=True)
+            with open(self.ia_path, "w") as f:
+                json.dump(recorded, f, indent=2)
+        return {int(s): v for s, v in recorded[protocol].items()}
+
+
+def _spec(row: dict) -> dict:
+    return {key: row[key] for key in ("protocol", "seed", "k", "halt")}
 
 
 def cycle_series(run_dir: str) -> dict[str, list[float]]:
@@ -262,6 +278,9 @@ def accuracy_table(rows: list[dict], key: str, title: str, header: list[str]) ->
 
 
 def spearman(x, y) -> tuple[float, float]:
+    """Spearman's rho and its p-value; NaN for fewer than 3 points or a constant input."""
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), float("nan")
     result = stats.spearmanr(x, y)
     return float(result.statistic), float(result.pvalue)
 
@@ -275,6 +294,7 @@ def claims(results: dict) -> list[dict]:
         lo, hi, med = values.min(), values.max(), np.median(values)
         out.append(
             dict(
+                part="ia",
                 claim="IA at K = 5 spans 0.37-0.41 (Fig. 3a)",
                 measured=f"{lo:.3f}-{hi:.3f} over {values.size} seeds, median {med:.3f}",
                 holds=bool(0.37 <= med <= 0.41 and lo <= 0.41 and hi >= 0.37),
@@ -284,6 +304,7 @@ def claims(results: dict) -> list[dict]:
         rho, p = ia["spearman_deepdive"]
         out.append(
             dict(
+                part="ia",
                 claim="no relation between IA and final accuracy on FMNIST (Fig. 3a)",
                 measured=f"Spearman rho {rho:+.2f} (p = {p:.2f}) over {len(ia['rows'])} runs",
                 holds=bool(p > 0.05),
@@ -298,6 +319,7 @@ def claims(results: dict) -> list[dict]:
         by_k = {k: np.mean([a for kk, a in zip(ks, accs, strict=True) if kk == k]) for k in ks}
         out.append(
             dict(
+                part="k",
                 claim="accuracy falls as K grows (Fig. 4a)",
                 measured=f"Spearman rho(K, accuracy) {rho:+.2f} (p = {p:.2f}); K = "
                 f"{min(by_k)}: {by_k[min(by_k)]:.4f}, K = {max(by_k)}: {by_k[max(by_k)]:.4f}",
@@ -316,6 +338,7 @@ def claims(results: dict) -> list[dict]:
             gain = 100 * (never - max(by_halt.values()))
             out.append(
                 dict(
+                    part="halt",
                     claim="continuous clustering is worth about one point (Fig. 5)",
                     measured=f"never halting {never:.4f}; best halted {max(by_halt.values()):.4f}"
                     f" ({gain:+.2f} points)",
@@ -334,6 +357,7 @@ def claims(results: dict) -> list[dict]:
             slope = np.polyfit(np.arange(10), np.nanmean(late, axis=0), 1)[0]
             out.append(
                 dict(
+                    part="baseline",
                     claim=f"NMI to the previous cycle rises, then levels ({protocol} protocol)",
                     measured=f"cycles 2-4: {early:.3f}; last 10: {np.nanmean(late):.3f}, slope "
                     f"{slope:+.4f} / cycle",
@@ -411,52 +435,73 @@ def ia_figure(ia_rows: list[dict], path: str) -> str:
 
 
 def run_study(study: Study, parts) -> dict:
-    """Every part that can run now; ``{part: rows}`` of the parts that are complete."""
-    baseline, complete = study.baseline()  # every part needs it
-    results: dict = {"baseline": baseline, "baseline_complete": complete}
-    if not complete:
-        return results
-    protocol = better_protocol(baseline)
-    results["protocol"] = protocol
-    trained = [r["seed"] for r in baseline if r["protocol"] == protocol]
+    """Every run of ``parts`` that the study's budget allows, and the rows done so far.
+
+    Returns ``{"baseline": rows, "ia": {"ia", "rows", "spearman_*"}, "k": rows, "halt": rows,
+    "planned": {part: runs in all}, "complete": [parts with every run done], "protocol": ..}``;
+    the sweeps appear once the baseline is complete.
+    """
     s = study.setting
-    if "ia" in parts:
-        ia = study.initial_alignment(protocol)
-        seeds = spread_seeds(ia, trained, s.ia_trained)
-        rows = study.rows([(protocol, seed) for seed in seeds])
-        if rows is not None:
-            for r in rows:
-                r["ia"] = ia[r["seed"]]
-            results["ia"] = dict(
-                ia=ia,
-                rows=rows,
-                spearman_deepdive=spearman(
-                    [r["ia"] for r in rows], [r["deepdive_probe_accuracy_trained"] for r in rows]
-                ),
-                spearman_ours=spearman(
-                    [r["ia"] for r in rows], [r["probe_accuracy_trained"] for r in rows]
-                ),
+    specs = {"baseline": [(p, seed) for seed in s.seeds for p in s.variants]}
+    baseline = study.rows(specs["baseline"])
+    results: dict = {"baseline": baseline, "planned": {}, "complete": []}
+    if len(baseline) == len(specs["baseline"]):  # every sweep needs the whole baseline
+        protocol = better_protocol(baseline)
+        results["protocol"] = protocol
+        trained = [r["seed"] for r in baseline if r["protocol"] == protocol]
+        if "ia" in parts:
+            ia = study.initial_alignment(protocol)
+            specs["ia"] = [(protocol, seed) for seed in spread_seeds(ia, trained, s.ia_trained)]
+        if "k" in parts:
+            specs["k"] = [(protocol, seed, k) for k in s.ks for seed in s.sweep_seeds]
+        if "halt" in parts:
+            specs["halt"] = [
+                (protocol, seed, 5, h) for h in (*s.halts, 0) for seed in s.sweep_seeds
+            ]
+        study.rows(specs.get("ia", []))
+        for seed in s.sweep_seeds:  # seed by seed across the K and halting sweeps
+            study.rows(
+                [spec for part in ("k", "halt") for spec in specs.get(part, ()) if spec[1] == seed]
             )
-    if "k" in parts:
-        rows = study.rows([(protocol, seed, k) for k in s.ks for seed in s.sweep_seeds])
-        if rows is not None:
-            results["k"] = rows
-    if "halt" in parts:
-        specs = [(protocol, seed, 5, h) for h in (*s.halts, 0) for seed in s.sweep_seeds]
-        rows = study.rows(specs)
-        if rows is not None:
-            results["halt"] = rows
+    for part, part_specs in specs.items():
+        rows = study.rows(part_specs)
+        results[part] = rows
+        results["planned"][part] = len(part_specs)
+        if len(rows) == len(part_specs):
+            results["complete"].append(part)
+    if "ia" in results:
+        rows = [{**r, "ia": ia[r["seed"]]} for r in results["ia"]]
+        results["ia"] = dict(
+            ia=ia,
+            rows=rows,
+            spearman_deepdive=spearman(
+                [r["ia"] for r in rows], [r["deepdive_probe_accuracy_trained"] for r in rows]
+            ),
+            spearman_ours=spearman(
+                [r["ia"] for r in rows], [r["probe_accuracy_trained"] for r in rows]
+            ),
+        )
     return results
+
+
+def progress(results: dict, part: str) -> str:
+    """``""`` for a complete part, else `` (n of m runs done so far)``."""
+    if part in results["complete"]:
+        return ""
+    rows = results[part]["rows"] if part == "ia" else results[part]
+    return f" ({len(rows)} of {results['planned'][part]} runs done so far)"
 
 
 def write_results(study: Study, results: dict, out: str, seconds: float) -> list[str]:
     """Tables and figures of the complete parts; returns the files written."""
     stem = f"deepdive_fmnist_{study.name}"
     os.makedirs(out, exist_ok=True)
+    run_hours = sum(r["seconds"] for r in study.done.values()) / 3600
     header = [
         f"Command: `python experiments/deepdive_fmnist.py --setting={study.name}`",
         machine_line(),
-        f"This sitting: {seconds:.0f} s. Protocols: `{PAPER}` = configs/deepcluster.py:"
+        f"Runs in the ledger: {len(study.done)}, {run_hours:.1f} h of run time in all (this "
+        f"sitting: {seconds:.0f} s). Protocols: `{PAPER}` = configs/deepcluster.py:"
         f"{study.setting.variants[PAPER]}, `{CODE}` = :{study.setting.variants[CODE]}; "
         f"{study.setting.cycles} cycles each. Accuracies are test top-1 fractions.",
     ]
@@ -465,15 +510,15 @@ def write_results(study: Study, results: dict, out: str, seconds: float) -> list
     if not baseline:
         return written
     name = f"{stem}_baseline"
-    done = len(baseline) == len(study.setting.seeds) * len(study.setting.variants)
-    title = "Baseline, K = 5, both protocols" + ("" if done else " (not all seeds done yet)")
+    title = "Baseline, K = 5, both protocols" + progress(results, "baseline")
     table = accuracy_table(baseline, "protocol", title, header)
     write_table(out, name, table, baseline)
     written += [f"{out}/{name}.md", nmi_figure(baseline, f"{out}/{stem}_nmi.png")]
     chosen = f"Protocol of the sweeps: `{results.get('protocol')}` (the better baseline)."
-    if "ia" in results:
+    if results.get("ia", {}).get("rows"):
         ia = results["ia"]
-        lines = [*header, chosen, "", "| seed | IA | authors' probe trained | our probe trained |"]
+        lines = [*header, chosen + progress(results, "ia"), ""]
+        lines.append("| seed | IA | authors' probe trained | our probe trained |")
         lines.append("|" + " --- |" * 4)
         for r in sorted(ia["rows"], key=lambda r: r["ia"]):
             lines.append(
@@ -495,16 +540,17 @@ def write_results(study: Study, results: dict, out: str, seconds: float) -> list
         ("k", "k", "Number of clusters K", "K"),
         ("halt", "halt", "Clustering halted after h cycles", "clustering halted after"),
     ):
-        if part in results:
-            rows = results[part]
-            write_table(
-                out, f"{stem}_{part}", accuracy_table(rows, key, title, header + [chosen]), rows
-            )
+        rows = results.get(part)
+        if rows:
+            table = accuracy_table(rows, key, title + progress(results, part), header + [chosen])
+            write_table(out, f"{stem}_{part}", table, rows)
             written += [
                 f"{out}/{stem}_{part}.md",
                 sweep_figure(rows, key, f"{out}/{stem}_{part}.png", xlabel),
             ]
     verdicts = claims(results)
+    for verdict in verdicts:  # a verdict on a part not yet complete says so
+        verdict["measured"] += progress(results, verdict["part"])
     write_table(out, f"{stem}_claims", claims_table(verdicts, header), verdicts)
     written.append(f"{out}/{stem}_claims.md")
     return written
@@ -516,8 +562,8 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise app.UsageError(f"--parts: unknown {sorted(unknown)}; choose from {PARTS}")
     start = time.perf_counter()
-    study = Study(FLAGS.setting, FLAGS.workdir)
-    runs_left = FLAGS.max_new_runs or None
+    study = Study(FLAGS.setting, FLAGS.workdir, record_dir=FLAGS.out)
+    runs_left = (FLAGS.max_new_runs or None) if FLAGS.run else 0
     while True:  # one new run per pass, the tables rewritten after each
         allowed = runs_left is None or runs_left > 0
         study.budget = 1 if allowed else 0
@@ -527,7 +573,7 @@ def main(argv: list[str]) -> None:
             break
         if runs_left is not None:
             runs_left -= 1
-    missing = [p for p in FLAGS.parts if p not in results]
+    missing = [p for p in FLAGS.parts if p not in results["complete"]]
     if missing:
         print(f"Not complete yet: {missing}; rerun the same command to continue.")
     print("\n".join(written))

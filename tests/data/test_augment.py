@@ -522,8 +522,9 @@ def test_resize_center_crop_matches_pil_resize_then_center_crop(rng, shape, resi
     # PIL in float mode: the same bilinear samples; in uint8 mode it rounds between its passes.
     as_float = Image.fromarray(image.astype(np.float32)).resize(size[::-1], Image.BILINEAR)
     np.testing.assert_allclose(ours, np.asarray(as_float)[box], atol=2e-3)
+    # Two roundings of at most 0.5 each, plus our float32 arithmetic (about 1e-4 at 255).
     as_uint8 = Image.fromarray(image).resize(size[::-1], Image.BILINEAR)
-    assert np.abs(ours - np.asarray(as_uint8, np.float64)[box]).max() <= 1.0
+    assert np.abs(ours - np.asarray(as_uint8, np.float64)[box]).max() <= 1.0 + 1e-3
 
 
 def test_resize_center_crop_rejects_a_crop_larger_than_the_resized_image():

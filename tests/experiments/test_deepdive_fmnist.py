@@ -15,9 +15,18 @@ EXPERIMENT = load_experiment("deepdive_fmnist")
 
 @pytest.mark.slow
 def test_smoke_study_runs_every_part_writes_its_tables_and_resumes(tmp_path):
-    study = EXPERIMENT.Study("smoke", str(tmp_path / "runs"))
+    records = str(tmp_path / "out")
+    # A first sitting with room for the baseline's 2 runs only: the sweeps are tabled as partial.
+    first = EXPERIMENT.Study("smoke", str(tmp_path / "runs"), budget=2, record_dir=records)
+    partial = EXPERIMENT.run_study(first, EXPERIMENT.PARTS)
+    assert partial["complete"] == ["baseline"] and partial["planned"]["k"] == 2
+    EXPERIMENT.write_results(first, partial, records, 1.0)
+    with open(f"{records}/deepdive_fmnist_smoke_k.md") as f:
+        assert "(1 of 2 runs done so far)" in f.read()  # K = 5, seed 1 is a baseline run
+
+    study = EXPERIMENT.Study("smoke", str(tmp_path / "runs"), record_dir=records)
     results = EXPERIMENT.run_study(study, EXPERIMENT.PARTS)
-    assert {"baseline", "ia", "k", "halt"} <= set(results)
+    assert sorted(results["complete"]) == sorted(EXPERIMENT.PARTS)
     baseline = results["baseline"]
     assert sorted(r["protocol"] for r in baseline) == ["code", "paper"]
     for row in baseline:
@@ -32,7 +41,7 @@ def test_smoke_study_runs_every_part_writes_its_tables_and_resumes(tmp_path):
     halted = next(r for r in results["halt"] if r["halt"] == 1)
     assert np.isnan(halted["nmi_true"][1])  # halted cycles do not cluster
 
-    out = str(tmp_path / "out")
+    out = records
     written = EXPERIMENT.write_results(study, results, out, 1.0)
     for part in ("baseline", "ia", "k", "halt", "claims"):
         assert os.path.exists(f"{out}/deepdive_fmnist_smoke_{part}.md")
@@ -43,10 +52,13 @@ def test_smoke_study_runs_every_part_writes_its_tables_and_resumes(tmp_path):
             "continuous clustering is worth about one point",
         }
 
-    # A second sitting with no budget left loads every row and runs nothing.
-    again = EXPERIMENT.Study("smoke", str(tmp_path / "runs"), budget=0)
-    reloaded = EXPERIMENT.run_study(again, EXPERIMENT.PARTS)["k"]
-    assert json.dumps(reloaded) == json.dumps(results["k"])  # NaN-safe equality
+    # A later sitting on a fresh clone (the ledger, no run folders) loads every row, runs nothing.
+    again = EXPERIMENT.Study("smoke", str(tmp_path / "fresh"), budget=0, record_dir=records)
+    reloaded = EXPERIMENT.run_study(again, EXPERIMENT.PARTS)
+    assert sorted(reloaded["complete"]) == sorted(EXPERIMENT.PARTS)
+    assert json.dumps(reloaded["k"]) == json.dumps(results["k"])  # NaN-safe equality
+    assert json.dumps(reloaded["ia"]) == json.dumps(results["ia"])
+    assert not os.path.exists(tmp_path / "fresh")
 
 
 def test_spread_seeds_keeps_the_trained_ones_and_spans_the_range():
