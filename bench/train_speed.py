@@ -551,7 +551,7 @@ class TorchCycle:
         )
         self.eval_batch = config.eval_batch_size
         self.num_clusters = int(config.method.num_clusters)
-        self.kmeans_iters = int(config.method.kmeans_iters)
+        self.kmeans_iters = int(config.method.kmeans.num_iters)
         self.seed = seed
 
     def features(self) -> np.ndarray:
@@ -634,7 +634,7 @@ def cycle_case(settings: Settings, workdir: str) -> dict:
         "batch": batch,
         "epoch_steps": int(order.shape[0]),
         "num_clusters": int(config.method.num_clusters),
-        "kmeans_iters": int(config.method.kmeans_iters),
+        "kmeans_iters": int(config.method.kmeans.num_iters),
         "torch_kmeans_iterations": peer.kmeans_iterations,
         "dcjax_epoch_compile_s": round(compile_s, 2),
         "dcjax_first_recluster_s": round(first_recluster, 2),

@@ -12,7 +12,7 @@ Variants, comma-separated after a colon (``configs/deepcluster.py:fmnist,smoke``
            (input.eval_resize=44, input.image_size=32); training RandomResizedCrop 32 of the
            28x28 image, no flip (augment="crop"); normalisation .2860 / .3205 (input.mean /
            std); their initialisation (model.init="deepcluster"); k-means++ with one start
-           (method.kmeans_init); the head's SGD with the trunk's momentum
+           (method.kmeans.init); the head's SGD with the trunk's momentum
            (optim.head_momentum); the un-truncated uniform sampler (method.truncate_epoch).
   cifar10  The deep-dive paper's mini-AlexNet with Sobel on a CIFAR-10 image folder
            (``--config.data.path=<dir with train/ and test/>``): K=1000, PCA 256, lr 0.1,
@@ -30,6 +30,8 @@ Fashion-MNIST figures are in the README's "Reproduction: deep dive on Fashion-MN
 
 import ml_collections
 
+from dcjax.clustering import settings
+from dcjax.clustering.kmeans import KMeansConfig
 from dcjax.config_base import apply_cifar10, apply_smoke, base_config, parse_variants
 
 
@@ -44,11 +46,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             name="deepcluster",
             num_clusters=50,
             pca_dim=32,  # 0 = no PCA-whitening
-            kmeans_iters=20,
+            # faiss as the official code runs it: random init, one run, no subsampling (its
+            # max_points_per_centroid=10**7 never subsamples at DeepCluster's sizes), float32.
+            kmeans=settings.fields(KMeansConfig, num_iters=20, max_points_per_centroid=0),
             halt_clustering_after=0,  # 0 = cluster every cycle
             cluster_layer="features",
             samples_per_epoch=0,  # 0 = N, as the official sampler
-            kmeans_init="random",  # random (faiss, official) | kmeans++ (deep-dive code)
             truncate_epoch=True,  # False: keep all K' * (N // K' + 1) draws (deep-dive code)
         )
     )
@@ -70,7 +73,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.input.update(image_size=32, eval_resize=44, mean=(0.2860,), std=(0.3205,))
         config.augment = "crop"
         config.model.init = "deepcluster"
-        config.method.update(kmeans_init="kmeans++", truncate_epoch=False)
+        config.method.kmeans.init = "kmeans++"  # scikit-learn's KMeans(n_init=1)
+        config.method.truncate_epoch = False
         config.optim.head_momentum = config.optim.momentum
     if "cifar10" in variants:
         apply_cifar10(config)

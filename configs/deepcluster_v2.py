@@ -26,6 +26,8 @@ Variants, comma-separated after a colon (``configs/deepcluster_v2.py:cifar10``):
 
 import ml_collections
 
+from dcjax.clustering import settings
+from dcjax.clustering.kmeans import KMeansConfig
 from dcjax.config_base import apply_smoke, base_config, parse_variants
 
 
@@ -44,7 +46,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             temperature=0.5,
             feat_dim=64,
             hidden_dim=256,
-            kmeans_iters=10,
+            # SwAV's: random rows, spherical, an empty cluster keeps its centroid, no subset.
+            kmeans=settings.fields(
+                KMeansConfig,
+                num_iters=10,
+                spherical=True,
+                max_points_per_centroid=0,
+                empty_clusters="keep",
+            ),
             distill_alpha=0.9,  # self-distillation only (configs/deepcluster_v2_kd.py)
             hint_weight=1e-5,
             cluster_layer="embeddings",

@@ -24,12 +24,15 @@ Variants, comma-separated after a colon (``configs/odc.py:fmnist``):
 Fields of ``config.method``: ``num_clusters`` K; ``memory_momentum``; ``reweight_pow``;
 ``centroids_update_interval``; ``small_cluster_interval``; ``min_cluster_size``;
 ``max_small_clusters`` (clusters dissolved per check, the rest wait for the next check);
-``split_iters`` (2-means iterations of a split); ``kmeans_iters`` (the initial k-means). K and
+``split_iters`` (2-means iterations of a split); ``kmeans`` (the initial k-means, one field per
+field of ``KMeansConfig``). K and
 ``min_cluster_size`` must satisfy N >= 2 K min_cluster_size.
 """
 
 import ml_collections
 
+from dcjax.clustering import settings
+from dcjax.clustering.kmeans import KMeansConfig
 from dcjax.config_base import apply_cifar10, apply_smoke, base_config, parse_variants
 
 
@@ -48,7 +51,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             min_cluster_size=20,
             max_small_clusters=16,
             split_iters=20,
-            kmeans_iters=20,
+            kmeans=settings.fields(KMeansConfig, num_iters=20, max_points_per_centroid=0),
             cluster_layer="features",
             samples_per_epoch=0,  # 0 = N: one shuffled pass per epoch
         )

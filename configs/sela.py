@@ -29,12 +29,16 @@ Every checkpoint writes the labels of all heads to ``<workdir>/pseudo_labels/cyc
 
 Fields of ``config.method``: ``num_heads``, ``num_clusters``, ``num_label_steps`` (label sets
 over the run, the random start included), ``schedule`` (linear | quadratic),
-``sinkhorn_lambda`` (25 ImageNet-scale, 10 CIFAR-scale), ``sinkhorn_threshold`` (0.1 / 0.01),
-``cluster_prior`` (empty = equipartition, else K weights for imbalanced data), ``labels_from``.
+``sinkhorn`` (the solver's settings, one field per field of ``SinkhornConfig``: ``epsilon`` =
+1 / lambda with lambda 25 ImageNet-scale, 10 CIFAR-scale; ``threshold`` 0.1 / 0.01; ``num_iters``,
+``lse_mode``, ``chunk_size``, ...), ``cluster_prior`` (empty = equipartition, else K weights for
+imbalanced data), ``labels_from``.
 """
 
 import ml_collections
 
+from dcjax.clustering import settings
+from dcjax.clustering.sinkhorn import SinkhornConfig
 from dcjax.config_base import apply_cifar10, apply_smoke, base_config, parse_variants
 
 
@@ -49,8 +53,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             num_clusters=30,
             num_label_steps=10,
             schedule="linear",
-            sinkhorn_lambda=10.0,
-            sinkhorn_threshold=0.01,
+            # lambda = 10 (epsilon = 1 / lambda) and the CIFAR error threshold.
+            sinkhorn=settings.fields(SinkhornConfig, epsilon=1 / 10.0, threshold=0.01),
             cluster_prior=(),
             labels_from="",  # an exported pseudo_labels/cycle_<c>.npz: start from its labels
             cluster_layer="features",

@@ -224,42 +224,36 @@ class SinkhornConfig:
 
     def __post_init__(self):
         if not (isinstance(self.epsilon, int | float) and math.isfinite(self.epsilon)):
-            raise ValueError(f"config.epsilon must be a finite float, got {self.epsilon!r}")
+            raise ValueError(f"epsilon must be a finite float, got {self.epsilon!r}")
         if self.epsilon <= 0:
-            raise ValueError(f"config.epsilon must be > 0, got {self.epsilon}")
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
         if not isinstance(self.num_iters, int | np.integer) or self.num_iters < 2:
-            raise ValueError(f"config.num_iters must be an int >= 2, got {self.num_iters!r}")
+            raise ValueError(f"num_iters must be an int >= 2, got {self.num_iters!r}")
         if self.threshold is not None:
             if not (math.isfinite(self.threshold) and self.threshold > 0):
                 raise ValueError(
-                    f"config.threshold must be None or finite and > 0, got {self.threshold!r}"
+                    f"threshold must be None or finite and > 0, got {self.threshold!r}"
                 )
             if (self.num_iters - 1) % _CHECK_EVERY:
                 raise ValueError(
-                    f"config.num_iters must be 1 + a multiple of {_CHECK_EVERY} when a "
+                    f"num_iters must be 1 + a multiple of {_CHECK_EVERY} when a "
                     f"threshold is set (the error is checked every {_CHECK_EVERY} iterations), "
                     f"got {self.num_iters}"
                 )
         if not (self.lse_mode == "auto" or isinstance(self.lse_mode, bool)):
-            raise ValueError(
-                f"config.lse_mode must be True, False or 'auto', got {self.lse_mode!r}"
-            )
+            raise ValueError(f"lse_mode must be True, False or 'auto', got {self.lse_mode!r}")
         if self.chunk_size is not None and (
             not isinstance(self.chunk_size, int | np.integer) or self.chunk_size < 1
         ):
-            raise ValueError(
-                f"config.chunk_size must be a positive int or None, got {self.chunk_size!r}"
-            )
+            raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
         if not isinstance(self.stored_kernel_bytes, int | np.integer) or (
             self.stored_kernel_bytes < 0
         ):
             raise ValueError(
-                f"config.stored_kernel_bytes must be an int >= 0, got {self.stored_kernel_bytes!r}"
+                f"stored_kernel_bytes must be an int >= 0, got {self.stored_kernel_bytes!r}"
             )
         if not (math.isfinite(self.min_log_ratio) and self.min_log_ratio < 0):
-            raise ValueError(
-                f"config.min_log_ratio must be finite and < 0, got {self.min_log_ratio!r}"
-            )
+            raise ValueError(f"min_log_ratio must be finite and < 0, got {self.min_log_ratio!r}")
 
     @property
     def lam(self) -> float:

@@ -26,6 +26,7 @@ from dcjax.data import sources
 from dcjax.data.pipeline import Pipeline, make_pipeline
 from dcjax.evaluation import scores
 from dcjax.methods import deepcluster
+from dcjax.methods.base import kmeans_config
 from dcjax.models.init import apply_init_scheme
 
 __all__ = ["AlignmentSetup", "alignment_setup", "initial_alignment", "network_keys"]
@@ -119,7 +120,8 @@ def initial_alignment(
 
     Args:
       setup: from ``alignment_setup(config)``; ``config.method`` gives the defaults of K
-        (``num_clusters``), ``pca_dim``, the layer (``cluster_layer``) and ``kmeans_iters``.
+        (``num_clusters``), ``pca_dim``, the layer (``cluster_layer``) and the k-means settings
+        (``method.kmeans``).
       seeds: the runs' seeds.
       num_clusters: one K, or several: each seed's features are then computed once and
         clustered with every K.
@@ -145,7 +147,7 @@ def initial_alignment(
             raise ValueError(f"num_clusters={k} must be in [1, {len(setup.images)}]")
     if seed_batch < 1:
         raise ValueError(f"seed_batch={seed_batch} must be >= 1")
-    config = deepcluster.kmeans_config(setup.config)
+    config = kmeans_config(setup.config)
     batch = setup.config.eval_batch_size
     fns = _feature_fns(setup, layer)
     values = np.zeros((len(ks), len(seeds)))

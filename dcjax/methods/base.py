@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from dcjax.clustering import kmeans, settings, sinkhorn
 from dcjax.data import sampler
 from dcjax.distributed import to_host
 from dcjax.evaluation import scores
@@ -26,10 +27,12 @@ from dcjax.evaluation import scores
 __all__ = [
     "Context",
     "Method",
+    "kmeans_config",
     "label_stats",
     "no_online_update",
     "pseudo_label_loss",
     "shuffled_sample",
+    "sinkhorn_config",
 ]
 
 PyTree = Any
@@ -95,6 +98,20 @@ class Method(NamedTuple):
     sample: Callable[[Context, Any, np.random.Generator], np.ndarray]
     state_sharding: Callable[[Mesh, PyTree], PyTree] | None = None
     init_variables: Callable[[ml_collections.ConfigDict, PyTree], PyTree] | None = None
+
+
+def kmeans_config(config: ml_collections.ConfigDict) -> kmeans.KMeansConfig:
+    """``config.method.kmeans`` as the k-means kernel's settings; errors name the field."""
+    return settings.settings(
+        kmeans.KMeansConfig, config.method.get("kmeans"), "config.method.kmeans"
+    )
+
+
+def sinkhorn_config(config: ml_collections.ConfigDict) -> sinkhorn.SinkhornConfig:
+    """``config.method.sinkhorn`` as the Sinkhorn solver's settings; errors name the field."""
+    return settings.settings(
+        sinkhorn.SinkhornConfig, config.method.get("sinkhorn"), "config.method.sinkhorn"
+    )
 
 
 def pseudo_label_loss(

@@ -2,12 +2,12 @@
 
 Each cycle: a feature pass over the whole training set (eval mode, no augmentation) -> PCA to
 ``pca_dim`` with whitening (skipped when 0) -> row L2 normalisation -> k-means with K clusters
-(Lloyd, ``kmeans_iters`` iterations, k random points as init (``kmeans_init``) with a new seed
-each cycle, empty clusters re-filled by faiss-style splitting) -> pseudo-labels -> a freshly
-initialised classifier head (N(0, 0.01), its own SGD without momentum as the official code, or
-``optim.head_momentum``) -> ``epochs_per_cycle`` epochs of cross-entropy on batches drawn
-uniformly over the non-empty clusters (``truncate_epoch=False``: the deep-dive authors' longer
-epoch).
+(Lloyd, ``method.kmeans.num_iters`` iterations, k random points as init (``method.kmeans.init``)
+with a new seed each cycle, empty clusters re-filled by faiss-style splitting) -> pseudo-labels
+-> a freshly initialised classifier head (N(0, 0.01), its own SGD without momentum as the
+official code, or ``optim.head_momentum``) -> ``epochs_per_cycle`` epochs of cross-entropy on
+batches drawn uniformly over the non-empty clusters (``truncate_epoch=False``: the deep-dive
+authors' longer epoch).
 
 ``halt_clustering_after=h > 0`` (the deep-dive paper's halting): cycles 0..h-1 cluster, later
 cycles keep the last pseudo-labels and skip the feature pass; the head is still re-initialised
@@ -33,6 +33,7 @@ from dcjax.distributed import to_host
 from dcjax.methods.base import (
     Context,
     Method,
+    kmeans_config,
     label_stats,
     no_online_update,
     pseudo_label_loss,
@@ -90,20 +91,6 @@ def preprocess(features: jax.Array, pca_dim: int, mesh: Mesh | None = None) -> j
     if pca_dim:
         x = pca.transform(pca.fit(x, pca_dim, eigen_power=-0.5, mesh=mesh), x)
     return pca.l2_normalize(x)
-
-
-def kmeans_config(config: ml_collections.ConfigDict) -> kmeans.KMeansConfig:
-    """The official run's faiss settings: random init, one run, no subsampling, float32.
-
-    The official code sets ``max_points_per_centroid=10_000_000``, which never subsamples at
-    DeepCluster's sizes; 0 turns subsampling off outright. ``method.kmeans_init="kmeans++"`` is
-    the deep-dive authors' scikit-learn ``KMeans(n_init=1)`` start.
-    """
-    return kmeans.KMeansConfig(
-        num_iters=config.method.kmeans_iters,
-        max_points_per_centroid=0,
-        init=config.method.get("kmeans_init", "random"),
-    )
 
 
 def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, dict[str, float]]:

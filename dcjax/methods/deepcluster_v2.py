@@ -10,9 +10,9 @@ classifier, written inside the jitted train step at the batch's indices and fill
 pass before the first epoch; the labels (S, N) of the S prototype sets.
 
 Each epoch (one cycle) starts with, for every prototype set j of K_j prototypes: spherical
-k-means on the deepest memory (``kmeans_iters`` Lloyd iterations from K_j random rows,
-centroids L2-normalised, an empty cluster keeps its previous centroid), labels for every
-example, and the deepest classifier's prototypes set to the centroids. A student's prototypes
+k-means on the deepest memory (``method.kmeans``: ``num_iters`` Lloyd iterations from K_j
+random rows, centroids L2-normalised, an empty cluster keeps its previous centroid), labels for
+every example, and the deepest classifier's prototypes set to the centroids. A student's prototypes
 are set to the normalised means of its own memory over the same clusters (an empty cluster
 keeps its prototype): its embedding space differs from the teacher's, the labels do not. The
 prototypes are frozen (no update, no momentum) for ``config.optim.freeze_head_steps`` steps.
@@ -41,13 +41,13 @@ from jax.sharding import Mesh
 from dcjax.clustering import kmeans
 from dcjax.clustering.pca import l2_normalize
 from dcjax.distributed import to_host
-from dcjax.methods.base import Context, Method, label_stats, shuffled_sample
+from dcjax.methods.base import Context, Method, kmeans_config, label_stats, shuffled_sample
 from dcjax.methods.distillation import hint_loss, kl_to_teacher
 from dcjax.models.network import build_trunk
 from dcjax.models.prototypes import BRANCH_KEYS, EmbeddingTrunk, PrototypeNetwork
 from dcjax.training.mesh import example_sharded
 
-__all__ = ["DCv2State", "METHOD", "KD_METHOD", "kmeans_config", "set_prototypes"]
+__all__ = ["DCv2State", "METHOD", "KD_METHOD", "set_prototypes"]
 
 KD_NAME = "deepcluster_v2_kd"
 
@@ -169,16 +169,6 @@ def online_update(method_state: DCv2State, outputs, indices) -> tuple[DCv2State,
 def wants_features(ctx: Context, cycle: int) -> bool:
     """Only before the first epoch: the pass that fills the memory."""
     return cycle == 0
-
-
-def kmeans_config(config: ml_collections.ConfigDict) -> kmeans.KMeansConfig:
-    """SwAV's DeepCluster-v2 k-means: random rows, spherical, empty clusters kept, no subset."""
-    return kmeans.KMeansConfig(
-        num_iters=config.method.kmeans_iters,
-        spherical=True,
-        max_points_per_centroid=0,
-        empty_clusters="keep",
-    )
 
 
 @jax.jit

@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 from dcjax.clustering import kmeans, online
 from dcjax.clustering.pca import l2_normalize
 from dcjax.distributed import to_host
-from dcjax.methods.base import Context, Method, label_stats, shuffled_sample
+from dcjax.methods.base import Context, Method, kmeans_config, label_stats, shuffled_sample
 from dcjax.models.collaborative import CollaborativeNetwork, MultiTrunk
 from dcjax.models.network import Network, build_trunk
 from dcjax.training import checkpoint
@@ -258,9 +258,12 @@ def recluster(ctx: Context, state, features: jax.Array | None):
         # A copy: the train step donates the state, and one buffer may not be donated twice.
         return state.replace(method=s.replace(epoch_labels=jnp.copy(s.labels))), stats
     memory = l2_normalize(features.astype(jnp.float32).reshape(features.shape[0], -1))
-    config = kmeans.KMeansConfig(num_iters=method.kmeans_iters, max_points_per_centroid=0)
     result = kmeans.fit(
-        jax.random.fold_in(state.rng, 0), memory, method.num_clusters, config, mesh=ctx.mesh
+        jax.random.fold_in(state.rng, 0),
+        memory,
+        method.num_clusters,
+        kmeans_config(ctx.config),
+        mesh=ctx.mesh,
     )
     centroids, counts = online.cluster_means(memory, result.assignments, result.centroids)
     labels = result.assignments

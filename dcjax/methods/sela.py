@@ -44,6 +44,7 @@ from dcjax.methods.base import (
     no_online_update,
     pseudo_label_loss,
     shuffled_sample,
+    sinkhorn_config,
 )
 from dcjax.models.network import Network, build_trunk, head_logits
 from dcjax.training import label_export
@@ -130,14 +131,6 @@ def wants_features(ctx: Context, cycle: int) -> bool:
     method = ctx.config.method
     return cycle in label_step_cycles(
         ctx.config.num_cycles, method.num_label_steps, method.schedule
-    )
-
-
-def sinkhorn_config(config: ml_collections.ConfigDict) -> sinkhorn.SinkhornConfig:
-    """The reference's solve: ``lambda``, its error threshold checked every 10 iterations."""
-    method = config.method
-    return sinkhorn.SinkhornConfig.from_lambda(
-        method.sinkhorn_lambda, threshold=method.sinkhorn_threshold
     )
 
 

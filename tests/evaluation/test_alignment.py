@@ -46,7 +46,7 @@ def test_ia_equals_features_pca_kmeans_nmi_computed_directly(setup):
         key_kmeans,
         jnp.asarray(x, jnp.float32),
         config.method.num_clusters,
-        kmeans.KMeansConfig(num_iters=config.method.kmeans_iters, max_points_per_centroid=0),
+        kmeans.KMeansConfig(num_iters=config.method.kmeans.num_iters, max_points_per_centroid=0),
     )
     direct = normalized_mutual_info_score(run.dataset.train_labels, np.asarray(result.assignments))
     ia = alignment.initial_alignment(setup, [seed])[0]

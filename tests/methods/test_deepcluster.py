@@ -9,6 +9,7 @@ from sklearn.decomposition import PCA
 from dcjax.clustering import kmeans
 from dcjax.methods import METHODS, get_method
 from dcjax.methods import deepcluster as dc
+from dcjax.methods.base import kmeans_config
 from dcjax.training.setup import build_run
 from tests.helpers import load_config
 
@@ -38,9 +39,10 @@ def test_recluster_labels_equal_the_composed_kernels(run, rng):
     k = run.config.method.num_clusters
     key, _ = jax.random.split(jax.random.fold_in(run.initial_state.rng, 0))
     x = dc.preprocess(features, run.config.method.pca_dim, run.mesh)
-    config = kmeans.KMeansConfig(
-        num_iters=run.config.method.kmeans_iters, max_points_per_centroid=0
+    config = kmeans.KMeansConfig(  # the official faiss settings, written out
+        num_iters=run.config.method.kmeans.num_iters, max_points_per_centroid=0
     )
+    assert kmeans_config(run.config) == config
     expected = kmeans.fit(key, x, k, config, mesh=run.mesh)
     np.testing.assert_array_equal(state.method.pseudo_labels, expected.assignments)
     assert state.method.centroids.shape == (k, run.config.method.pca_dim)
@@ -145,11 +147,11 @@ def test_deepdive_code_variant_sets_exactly_the_authors_code_fields():
         "input.std": (0.3205,),
         "augment": "crop",
         "model.init": "deepcluster",
-        "method.kmeans_init": "kmeans++",
+        "method.kmeans.init": "kmeans++",
         "method.truncate_epoch": False,
         "optim.head_momentum": 0.1,
     }
-    assert dc.kmeans_config(load_config("deepcluster", "fmnist,deepdive_code")).init == "kmeans++"
+    assert kmeans_config(load_config("deepcluster", "fmnist,deepdive_code")).init == "kmeans++"
     with pytest.raises(ValueError, match="fmnist only"):
         load_config("deepcluster", "deepdive_code")
 

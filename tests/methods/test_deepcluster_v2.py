@@ -2,6 +2,7 @@
 every loss term against NumPy float64, the teacher's gradients, the frozen prototypes and
 1 device against 8 for one step."""
 
+import dataclasses
 import functools
 
 import jax
@@ -11,6 +12,7 @@ import pytest
 
 from dcjax.clustering import kmeans
 from dcjax.methods import deepcluster_v2 as dcv2
+from dcjax.methods.base import kmeans_config
 from dcjax.methods.distillation import hint_loss, kl_to_teacher
 from dcjax.training.setup import build_run
 from dcjax.training.state import make_optimizers
@@ -88,7 +90,13 @@ def test_prototypes_are_the_centroids_after_reclustering(kd_run, rng):
 
     (k,) = run.config.method.num_prototypes
     key = jax.random.fold_in(jax.random.fold_in(state.rng, 3), 0)
-    expected = kmeans.fit(key, memory[0], k, dcv2.kmeans_config(run.config))
+    swav = kmeans.KMeansConfig(  # SwAV's k-means, written out: the config must give exactly it
+        num_iters=10, spherical=True, max_points_per_centroid=0, empty_clusters="keep"
+    )
+    assert kmeans_config(run.config) == dataclasses.replace(
+        swav, num_iters=run.config.method.kmeans.num_iters
+    )
+    expected = kmeans.fit(key, memory[0], k, kmeans_config(run.config))
     prototypes = np.asarray(new.params["head"]["prototypes"])  # (C, D, K)
     labels = np.asarray(new.method.labels[0])
     np.testing.assert_array_equal(labels, expected.assignments)

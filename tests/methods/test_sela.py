@@ -8,6 +8,7 @@ import pytest
 
 from dcjax.clustering import sinkhorn
 from dcjax.methods import sela
+from dcjax.methods.base import sinkhorn_config
 from dcjax.models.network import head_logits
 from dcjax.training.setup import build_run
 from tests.helpers import load_config
@@ -68,7 +69,8 @@ def test_label_step_equals_sinkhorn_on_each_head(run, rng):
     features = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
     state, stats = sela.recluster(run.ctx, run.initial_state, features)
     method = run.config.method
-    config = sela.sinkhorn_config(run.config)
+    config = sinkhorn_config(run.config)
+    assert (config.epsilon, config.threshold) == (1 / 10, 0.01)  # the reference's CIFAR solve
     assert state.method.labels.shape == (method.num_heads, n)
     for head in range(method.num_heads):
         logits = head_logits(state.params["head"], features, head, method.num_clusters)
