@@ -69,7 +69,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         warmup_epochs=2,
         warmup_learning_rate=1e-6,
         final_learning_rate=5e-4,
-        freeze_head_steps=5 * (1347 // 64),  # 5 epochs of the default digits split
+        # Prototypes frozen for the first steps (or epochs: one of the two is set).
+        freeze_head_steps=0,
+        freeze_head_epochs=5.0,
     )
 
     if "cifar10" in variants:
@@ -80,7 +82,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             learning_rate=6e-2,
             final_learning_rate=3e-4,
             warmup_epochs=5,
-            freeze_head_steps=5000,
+            freeze_head_steps=5000,  # the recipe's 5000 iterations
+            freeze_head_epochs=0.0,
         )
         config.batch_size = 256
         config.num_cycles = 150
@@ -93,12 +96,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.data.update(max_train_examples=5_000, max_test_examples=2_000)
         config.num_cycles = 10
         config.batch_size = 128
-        config.optim.update(warmup_epochs=1, freeze_head_steps=2 * (5_000 // 128))
+        config.optim.update(warmup_epochs=1, freeze_head_steps=0, freeze_head_epochs=2.0)
         config.eval.probe_epochs = 50
     if "smoke" in variants:
         apply_smoke(config)
         config.method.update(num_prototypes=(10,), feat_dim=16, hidden_dim=32)
-        config.optim.update(warmup_epochs=1, freeze_head_steps=2)
+        config.optim.update(warmup_epochs=1, freeze_head_steps=2, freeze_head_epochs=0.0)
         if "cifar10" in variants:  # one block per stage: compiles in seconds
             config.model.kwargs = {**config.model.kwargs, "width": 4, "stage_sizes": (1, 1, 1, 1)}
             config.batch_size = 32

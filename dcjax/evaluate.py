@@ -25,6 +25,7 @@ def evaluate_workdir(workdir: str) -> dict[str, dict[str, float]]:
 
     from dcjax.evaluation.report import Evaluator
     from dcjax.training import checkpoint
+    from dcjax.training.loop import random_init_results
     from dcjax.training.setup import build_run
 
     path = os.path.join(workdir, "config.json")
@@ -39,7 +40,8 @@ def evaluate_workdir(workdir: str) -> dict[str, dict[str, float]]:
     if state is None:
         raise FileNotFoundError(f"--workdir={workdir} has no checkpoint yet")
     evaluator = Evaluator(built)
-    return {"random_init": evaluator(built.initial_state), "trained": evaluator(state)}
+    random_init = random_init_results(workdir, evaluator, config, built.initial_state, write=False)
+    return {"random_init": random_init, "trained": evaluator(state)}
 
 
 def main(argv: list[str]) -> None:

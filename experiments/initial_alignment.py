@@ -180,7 +180,8 @@ def main(argv: list[str]) -> None:
         f"IA = NMI(true labels, k-means of the random network's `{config.method.cluster_layer}` "
         f"features) over seeds 1..{FLAGS.num_seeds}: {config.model.name}"
         f"{' with Sobel' if config.model.sobel else ''}, PCA-whitening "
-        f"{config.method.pca_dim or 'off'}, L2, {config.method.kmeans.num_iters} k-means iterations.",
+        f"{config.method.pca_dim or 'off'}, L2, {config.method.kmeans.num_iters} k-means "
+        "iterations.",
     ]
     write_table(FLAGS.out, f"initial_alignment_{setting}", ia_table(rows, header), rows)
 

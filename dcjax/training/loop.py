@@ -8,6 +8,7 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -23,11 +24,19 @@ from dcjax.data import sampler
 from dcjax.evaluation.report import Evaluator
 from dcjax.training import checkpoint, label_export, metrics
 from dcjax.training.mesh import replicated
-from dcjax.training.setup import Run, build_run
+from dcjax.training.setup import Run, build_run, fresh_initial_state
 from dcjax.training.state import TrainState
 from dcjax.training.step import extract_features, make_feature_fn, make_train_steps
 
-__all__ = ["run", "check_workdir_config", "recluster_phase", "train_phase"]
+__all__ = [
+    "run",
+    "check_workdir_config",
+    "random_init_results",
+    "recluster_phase",
+    "train_phase",
+]
+
+RANDOM_INIT_FILE = "random_init.json"
 
 # Fields a resumed run may change without invalidating its checkpoints.
 _RESUMABLE_FIELDS = (
@@ -84,6 +93,32 @@ def _dotted(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{name}"] = value
     return flat
+
+
+def random_init_results(
+    workdir: str, evaluator: Evaluator, config, initial_state, write: bool = True
+) -> dict[str, float]:
+    """The evaluation of the network at random init, kept in ``workdir/random_init.json``.
+
+    The stored figures are used when they were made with the same ``config.eval`` (a resumed
+    run may change it); otherwise ``initial_state`` is evaluated (and, with ``write``, stored).
+    Every process evaluates (the feature pass is collective); process 0 writes.
+    """
+    path = os.path.join(workdir, RANDOM_INIT_FILE)
+    eval_config = json.loads(config.eval.to_json_best_effort())
+    stored = None
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+    distributed.sync("random-init results read")  # every process decides before any writes
+    if stored is not None and stored.get("eval") == eval_config:
+        return stored["results"]
+    results = evaluator(initial_state)
+    if write and distributed.is_main():
+        with open(path, "w") as f:
+            json.dump({"eval": eval_config, "results": results}, f, indent=2)
+    distributed.sync("random-init results written")
+    return results
 
 
 def _epoch_rng(state: TrainState, epoch: int) -> np.random.Generator:
@@ -162,9 +197,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     built = build_run(config)
     writer = metrics.create_writer(workdir)
     manager = checkpoint.make_manager(workdir, config.checkpoint.keep)
-    state = checkpoint.restore_latest(manager, built.initial_state)
-    if state is None:  # a copy: the train step donates its input, and the initial state is kept
-        state = jax.tree.map(lambda x: x.copy(), built.initial_state)  # for the random-init probe
+    initial = built.initial_state
+    state = checkpoint.restore_latest(manager, initial)
+    # The random-init network is evaluated now, its figures kept in the workdir, and dropped:
+    # training starts from it (the train step donates it) and nothing else holds it.
+    built = dataclasses.replace(built, initial_state=None)
+    evaluator = Evaluator(built)
+    random_init = random_init_results(workdir, evaluator, config, initial)
+    if state is None:
+        state = initial
+    del initial
     if int(state.cycle) > 0:
         logging.info("Resumed from %s at cycle %d", workdir, int(state.cycle))
     train_steps = make_train_steps(
@@ -178,7 +220,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     feature_fn = make_feature_fn(
         built.ctx.model, built.pipeline, [built.ctx.cluster_layer], built.mesh
     )
-    evaluator = Evaluator(built)
     progress = periodic_actions.ReportProgress(
         num_train_steps=config.num_cycles * _steps_per_cycle(built), writer=writer, every_secs=30
     )
@@ -201,11 +242,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
             scalars.update({f"eval/{k}": v for k, v in evaluator(state).items()})
         writer.write_scalars(cycle + 1, scalars)
         writer.flush()
-    results = {"random_init": evaluator(built.initial_state), "trained": evaluator(state)}
+    results = {"random_init": random_init, "trained": evaluator(state)}
     if config.get("figures", True):
         from dcjax.evaluation.run_figures import write_run_figures  # matplotlib only when asked
 
-        paths = write_run_figures(built, evaluator, built.initial_state, state, workdir)
+        initial = fresh_initial_state(built)  # made again: the t-SNE's random-init panel
+        paths = write_run_figures(built, evaluator, initial, state, workdir)
         if paths:
             logging.info("Figures: %s", ", ".join(paths))
             print("Figures:\n" + "\n".join(f"  {p}" for p in paths))

@@ -18,12 +18,18 @@ from dcjax.models.init import apply_init_scheme
 from dcjax.training.mesh import make_mesh, replicated
 from dcjax.training.state import TrainState, make_optimizers
 
-__all__ = ["Run", "build_run", "init_variables"]
+__all__ = ["Run", "build_run", "fresh_initial_state", "init_variables"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """The static parts of a run plus its freshly initialised state (before any restore)."""
+    """The static parts of a run, the state's shardings and its random-init state.
+
+    ``initial_state`` is the network at random initialisation, as ``build_run`` made it; the
+    training loop evaluates it, starts from it and then drops it (``None``), so that no copy of
+    the random-init network stays in memory while training; ``fresh_initial_state`` makes the
+    same state again when it is needed later (the figures).
+    """
 
     config: ml_collections.ConfigDict
     mesh: Mesh
@@ -33,17 +39,9 @@ class Run:
     ctx: Context
     train_images: ImageBank  # (N, H, W, C) uint8, rows sharded over the data axis
     test_images: ImageBank | None  # (M, H, W, C) uint8, sharded likewise, or None
-    initial_state: TrainState  # the network at random initialisation, replicated
-
-    @property
-    def state_sharding(self):
-        """Everything replicated except what the method's ``state_sharding`` splits."""
-        sharding = jax.tree.map(lambda _: replicated(self.mesh), self.initial_state)
-        if self.method.state_sharding is None:
-            return sharding
-        return sharding.replace(
-            method=self.method.state_sharding(self.mesh, self.initial_state.method)
-        )
+    # Everything replicated except what the method's ``state_sharding`` splits.
+    state_sharding: TrainState
+    initial_state: TrainState | None  # the random-init state, placed; None once dropped
 
 
 def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh, num_examples: int) -> None:
@@ -76,6 +74,42 @@ def init_variables(model, key: jax.Array, dummy: jax.Array, scheme: str = "flax"
     return {**variables, "params": params}
 
 
+def _random_variables(config, model, method: Method, dummy: jax.Array) -> dict:
+    """The model's variables at random init, from ``config.seed`` (then the method's changes)."""
+    key_params, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+    variables = init_variables(model, key_params, dummy, config.model.get("init", "flax"))
+    if method.init_variables is not None:
+        variables = method.init_variables(config, variables)
+    return variables
+
+
+def _train_state(config, variables: dict, method: Method, ctx: Context) -> TrainState:
+    """Step and cycle 0, the variables, fresh optimiser states and the method's initial state."""
+    _, key_state = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        cycle=jnp.zeros((), jnp.int32),
+        params=dict(params),
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state={group: tx.init(params[group]) for group, tx in ctx.optimizers.items()},
+        rng=key_state,
+        method=method.init_state(ctx),
+    )
+
+
+def _dummy_batch(pipeline: Pipeline, images: np.ndarray) -> jax.Array:
+    return jnp.zeros((1, *pipeline.out_size, images.shape[-1]), jnp.float32)
+
+
+def fresh_initial_state(run: Run) -> TrainState:
+    """The random-init state again, equal to ``build_run``'s (the same keys), placed."""
+    dummy = _dummy_batch(run.pipeline, run.dataset.train_images)
+    variables = _random_variables(run.config, run.ctx.model, run.method, dummy)
+    state = _train_state(run.config, variables, run.method, run.ctx)
+    return jax.device_put(state, run.state_sharding)
+
+
 def build_run(config: ml_collections.ConfigDict) -> Run:
     """Loads the data, places it on the devices and initialises model, optimizers and state."""
     mesh = make_mesh(config.get("num_devices", 0))
@@ -88,12 +122,8 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     samples_per_epoch = config.method.get("samples_per_epoch", 0) or num_examples
     optimizers = make_optimizers(config, samples_per_epoch // config.batch_size)
 
-    key_params, key_state = jax.random.split(jax.random.PRNGKey(config.seed))
-    channels = dataset.train_images.shape[-1]
-    dummy = jnp.zeros((1, *pipeline.out_size, channels), jnp.float32)
-    variables = init_variables(model, key_params, dummy, config.model.get("init", "flax"))
-    if method.init_variables is not None:
-        variables = method.init_variables(config, variables)
+    dummy = _dummy_batch(pipeline, dataset.train_images)
+    variables = _random_variables(config, model, method, dummy)
     outputs = jax.eval_shape(lambda v: model.apply(v, dummy, train=False), variables)
     cluster_layer = config.method.get("cluster_layer", "features")
     ctx = Context(
@@ -107,18 +137,12 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
         true_labels=dataset.train_labels,
         mesh=mesh,
     )
-    params = variables["params"]
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        cycle=jnp.zeros((), jnp.int32),
-        params=dict(params),
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state={group: tx.init(params[group]) for group, tx in optimizers.items()},
-        rng=key_state,
-        method=method.init_state(ctx),
-    )
+    state = _train_state(config, variables, method, ctx)
+    sharding = jax.tree.map(lambda _: replicated(mesh), state)
+    if method.state_sharding is not None:
+        sharding = sharding.replace(method=method.state_sharding(mesh, state.method))
     test_images = dataset.test_images
-    built = Run(
+    return Run(
         config=config,
         mesh=mesh,
         dataset=dataset,
@@ -127,6 +151,6 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
         ctx=ctx,
         train_images=place_bank(dataset.train_images, mesh),
         test_images=None if test_images is None else place_bank(test_images, mesh),
-        initial_state=state,
+        state_sharding=sharding,
+        initial_state=jax.device_put(state, sharding),
     )
-    return dataclasses.replace(built, initial_state=jax.device_put(state, built.state_sharding))

@@ -63,6 +63,21 @@ def learning_rate_schedule(
     )
 
 
+def freeze_head_steps(optim: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """The head's frozen steps: ``optim.freeze_head_steps``, or ``optim.freeze_head_epochs``
+    times ``steps_per_epoch`` (rounded); 0 when neither is set."""
+    steps = optim.get("freeze_head_steps", 0)
+    epochs = optim.get("freeze_head_epochs", 0.0)
+    for name, value in (("freeze_head_steps", steps), ("freeze_head_epochs", epochs)):
+        if value < 0:
+            raise ValueError(f"config.optim.{name}={value} must be >= 0")
+    if steps and epochs:
+        raise ValueError(
+            f"config.optim.freeze_head_steps={steps} and freeze_head_epochs={epochs}: set one"
+        )
+    return int(steps) if steps else round(epochs * steps_per_epoch)
+
+
 def make_optimizers(
     config: ml_collections.ConfigDict, steps_per_epoch: int = 1
 ) -> dict[str, optax.GradientTransformation]:
@@ -70,12 +85,16 @@ def make_optimizers(
 
     ``config.optim`` has ``learning_rate``, ``momentum``, ``weight_decay`` and optionally
     ``head_momentum`` (DeepCluster v1's head has none: 0.0), the schedule fields of
-    ``learning_rate_schedule`` and ``freeze_head_steps``: the head group gets no update (and
-    accumulates no momentum) during its first that many steps (DeepCluster-v2's frozen
-    prototypes).
+    ``learning_rate_schedule`` and ``freeze_head_steps`` or ``freeze_head_epochs`` (one of
+    them, in the unit the recipe states): the head group gets no update (and accumulates no
+    momentum) during its first that many steps, or epochs of ``steps_per_epoch`` steps
+    (DeepCluster-v2's frozen prototypes).
 
     Returns:
       ``{"trunk": tx, "head": tx}``.
+
+    Raises:
+      ValueError: naming the field, for a negative duration or both set.
     """
     optim = config.optim
     learning_rate = learning_rate_schedule(config, steps_per_epoch)
@@ -87,7 +106,7 @@ def make_optimizers(
         )
 
     head = sgd(optim.get("head_momentum", 0.0))
-    freeze = int(optim.get("freeze_head_steps", 0))
+    freeze = freeze_head_steps(optim, steps_per_epoch)
     if freeze > 0:
         head = optax.transforms.conditionally_mask(head, lambda count: count >= freeze)
     return {"trunk": sgd(optim.momentum), "head": head}

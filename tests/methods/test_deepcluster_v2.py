@@ -15,7 +15,7 @@ from dcjax.methods import deepcluster_v2 as dcv2
 from dcjax.methods.base import kmeans_config
 from dcjax.methods.distillation import hint_loss, kl_to_teacher
 from dcjax.training.setup import build_run
-from dcjax.training.state import make_optimizers
+from dcjax.training.state import freeze_head_steps, make_optimizers
 from dcjax.training.step import make_train_step
 from tests.helpers import load_config
 
@@ -135,6 +135,22 @@ def test_prototypes_stay_frozen_then_train(rng):
         updates, opt_state = head.update(grads, opt_state, params)
         moved.append(bool(np.any(np.asarray(updates["prototypes"]) != 0)))
     assert moved == [False, False, False, True, True]
+
+
+def test_frozen_duration_in_steps_or_epochs():
+    optim = load_config("deepcluster_v2").optim  # the digits default: 5 epochs
+    assert (optim.freeze_head_steps, optim.freeze_head_epochs) == (0, 5.0)
+    assert freeze_head_steps(optim, steps_per_epoch=21) == 105
+    optim.freeze_head_epochs = 0.5
+    assert freeze_head_steps(optim, steps_per_epoch=21) == 10  # round(10.5), to even
+    optim.freeze_head_steps = 7
+    with pytest.raises(ValueError, match="freeze_head_steps=7 and freeze_head_epochs=0.5"):
+        freeze_head_steps(optim, steps_per_epoch=21)
+    optim.freeze_head_epochs = -1.0
+    with pytest.raises(ValueError, match="config.optim.freeze_head_epochs=-1.0 must be >= 0"):
+        freeze_head_steps(optim, steps_per_epoch=21)
+    cpu = load_config("deepcluster_v2", "cifar10,cpu").optim
+    assert freeze_head_steps(cpu, steps_per_epoch=5_000 // 128) == 78  # 2 epochs
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The loop end to end: smoke configs, evaluation, stop-and-resume, workdir checks, outputs."""
 
+import json
 import os
 
 import jax
@@ -11,6 +12,7 @@ from dcjax.data.idx import DEFAULT_IDX_DIR
 from dcjax.evaluate import evaluate_workdir
 from dcjax.training import checkpoint, loop
 from dcjax.training.metrics import read_jsonl
+from dcjax.training.setup import build_run, fresh_initial_state
 from tests.helpers import (
     CIFAR_SKIP_REASON,
     cifar_zip,
@@ -60,8 +62,11 @@ def test_smoke_variant_trains_resumes_and_writes_outputs(name, tmp_path, monkeyp
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert os.path.exists(os.path.join(workdir, "config.json"))
     assert os.path.exists(os.path.join(workdir, "results.json"))
+    with open(os.path.join(workdir, loop.RANDOM_INIT_FILE)) as f:
+        assert json.load(f)["results"] == results["random_init"]
     # The evaluate command rebuilds the run from config.json and scores the same state.
     again = evaluate_workdir(workdir)
+    assert again["random_init"] == results["random_init"]
     for key in ("probe_accuracy", "knn_accuracy", "nmi_pseudo_labels"):
         np.testing.assert_allclose(again["trained"][key], results["trained"][key], atol=1e-6)
 
@@ -120,3 +125,38 @@ def test_changed_config_in_same_workdir_is_refused(tmp_path):
     config.eval.probe_epochs = 3  # eval fields may change on resume
     with pytest.raises(ValueError, match=r"different config \(fields \['method.num_clusters'\]\)"):
         loop.check_workdir_config(config, str(tmp_path))
+
+
+def test_random_init_is_evaluated_first_kept_in_the_workdir_and_dropped(tmp_path, monkeypatch):
+    config = load_config("deepcluster", "smoke")
+    config.num_cycles = 1
+    workdir = str(tmp_path / "run")
+    seen = []
+    train_phase = loop.train_phase
+
+    def spy(run, state, *args, **kwargs):
+        seen.append(run.initial_state)  # what the loop still holds while training
+        assert os.path.exists(os.path.join(workdir, loop.RANDOM_INIT_FILE))
+        return train_phase(run, state, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_phase", spy)
+    first = loop.run(config, workdir)["random_init"]
+    assert seen == [None]
+    # A resumed run reads the stored figures (marked here), unless config.eval changed.
+    path = os.path.join(workdir, loop.RANDOM_INIT_FILE)
+    with open(path) as f:
+        stored = json.load(f)
+    stored["results"]["knn_accuracy"] = -1.0
+    with open(path, "w") as f:
+        json.dump(stored, f)
+    config.num_cycles = 2
+    assert loop.run(config, workdir)["random_init"]["knn_accuracy"] == -1.0
+    config.num_cycles = 3
+    config.eval.knn_k = 3
+    again = loop.run(config, workdir)["random_init"]
+    assert again["probe_accuracy"] == first["probe_accuracy"] and again["knn_accuracy"] >= 0
+
+
+def test_fresh_initial_state_equals_the_built_one():
+    run = build_run(load_config("sela", "smoke"))
+    _assert_trees_equal(fresh_initial_state(run), run.initial_state)
