@@ -37,7 +37,7 @@ The (n,) labels come
 back replicated.
 
 Centroid sums: one segment_sum over each device's rows after the chunked assignment (a one-hot
-matmul on TPU); see ``_ONE_HOT_BACKENDS`` for the measurements behind the choice.
+matmul on TPU); see ``_ONE_HOT_BACKENDS`` for why.
 """
 
 from __future__ import annotations
@@ -60,31 +60,17 @@ __all__ = ["KMeansConfig", "KMeansResult", "fit", "assign"]
 
 # Memory for one chunk of float32 point-to-centroid distances; the chunk has
 # max(_DISTANCE_BUDGET_BYTES // (4 * k), _MIN_CHUNK_ROWS) rows. A chunk that stays in cache
-# between the distance matmul and the two reductions over it is faster: on the 2-core
-# development CPU (n=60000, d=256, 20 iterations) K=1000 took 5.5 s with 64 MiB chunks, 3.7 s
-# with 4 MiB ones (1,048 rows), K=100 0.61 s either way. Below ~1,000 rows the per-chunk loop
-# overhead shows (K=10 with 0.5 MiB chunks: 0.37 s against 0.20 s).
+# between the distance matmul and the two reductions over it is faster; below ~1,000 rows the
+# per-chunk loop overhead shows (measurements: bench/results/kernel_design_measurements.md).
 _DISTANCE_BUDGET_BYTES = 4 * 2**20
 _MIN_CHUNK_ROWS = 1024
 # faiss's relative perturbation when splitting a cluster.
 _SPLIT_EPS = 1.0 / 1024.0
-# Backends whose centroid sums use a one-hot matmul; the others use segment_sum.
-#
-# The assignment runs in chunks; the sums then run once over all of a device's rows. Measured on
-# the 2-core development CPU (n=60000, d=256, float32, best of 7, after compilation), one
-# assignment + update pass:
-#
-#     k       assignment   + segment_sum   + one-hot matmul
-#     10        13 ms          19 ms           30 ms
-#     100       39 ms          42 ms           87 ms
-#     1000     355 ms         355 ms          744 ms
-#
-# segment_sum over all rows is an O(n d) scatter-add (6 ms here at every k), while the one-hot
-# product costs O(n k d), as much again as the distance matmul. (Inside a per-chunk scan loop,
-# as before, XLA:CPU's scatter was 10-100x slower, which had made the one-hot product win at
-# small k.) Expected elsewhere (not measured): on GPU segment_sum is an atomic scatter-add,
-# cheap next to the distance matmul except at very small k, where atomics pile onto few rows;
-# on TPU scatters are serialised while the one-hot product runs on the MXU, so TPU uses it.
+# Backends whose centroid sums use a one-hot matmul; the others use segment_sum. The assignment
+# runs in chunks; the sums then run once over all of a device's rows. segment_sum is an O(n d)
+# scatter-add, while the one-hot product costs O(n k d), as much again as the distance matmul;
+# on TPU scatters are serialised while the one-hot product runs on the MXU, so TPU uses it
+# (measurements and reasoning: bench/results/kernel_design_measurements.md).
 _ONE_HOT_BACKENDS = ("tpu",)
 _INITS = ("random", "kmeans++")
 _EMPTY_CLUSTER_RULES = ("split", "keep")

@@ -71,14 +71,6 @@ If a kernel-mode solve still ends with a non-finite potential or error, or a clu
 off by more than 1e-3, the problem is re-solved in log mode (``SinkhornOutput.lse_mode`` says
 which ran).
 
-Speed (2-core x86, N=50,000, lam=25, log-softmax of N(0, 1) logits plus a per-cluster offset
-N(0, 1), SeLa's stopping rule; ``bench/clustering.py``, results in ``bench/results/``): the
-stored balanced kernel runs in kernel mode at K = 10, 128 and 3,000 and beats the reference
-loop in NumPy and POT there (K = 3,000: the float32 NumPy loop fails, a cluster's ``P^lam``
-column underflows). Earlier, streamed only (N=50,000, K=3,000, 51 iterations, loaded
-machine): kernel mode 17.7 s, log mode 29.0 s, ott's dense ``Geometry`` 170 s (kernel) and
-321 s (log).
-
 Float32 and the stopping rule. The reference computes in float64. In float32 its error
 ``sum_i |c'_i / c'_new_i - 1|``, a sum over N examples, stops decreasing at a floor set by the
 rounding of each example's marginal. In kernel mode that rounding is ~1e-7 relative, and at
@@ -126,17 +118,9 @@ Memory, for ImageNet (N = 1,281,167, K = 3,000):
   multiply-adds per half-iteration. Storing float32 ``log P`` per head and sharding it is the
   practical choice. Inputs of any float dtype are computed in float32 (float64 under x64).
 
-CPU check at ImageNet's N (``bench/sinkhorn_imagenet_check.py``, a script, not a test:
-N = 1,281,167, K = 32, log P = log-softmax of N(0, 1) logits built block-wise into one float32
-array of 156 MiB, lam = 25, ``num_iters=301``, threshold 0.1, ``solve`` called twice,
-``/usr/bin/time -v``; 2 cores):
-
-- stored balanced kernel (auto picks kernel mode): converged after 191 iterations (error 4.8e4
-  at iteration 11, 0.052 at 191) in 6.8 s (11.9 s with compilation); cluster sizes
-  39,943-40,146 for N/K = 40,036.5. Peak RSS 601 MiB before the solve (input on host and device
-  plus the JAX runtime), 1,011 MiB after: +410 MiB, of which 156 MiB is the stored kernel.
-- before the stored kernel, the same problem went to log mode (lam D >> 50): the error stopped
-  at its float32 floor 1.12, so all 301 iterations ran, 64.2 s (+85 MiB).
+Measured speed and memory (N = 50,000 and ImageNet's N on 2 CPU cores) are in
+``bench/results/kernel_design_measurements.md``, made with ``bench/clustering.py`` and
+``bench/sinkhorn_imagenet_check.py``.
 """
 
 from __future__ import annotations
