@@ -225,11 +225,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     )
     for cycle in range(int(state.cycle), config.num_cycles):
         start = time.perf_counter()
+        first_step = int(state.step)
         state, cluster_stats = recluster_phase(built, state, feature_fn)
         recluster_seconds = time.perf_counter() - start
         state, train_stats = train_phase(built, state, train_steps, progress)
         state = state.replace(cycle=state.cycle + 1)
-        checkpoint.save(manager, state)
+        checkpoint.save(manager, state, first_step)
         label_export.export_labels(workdir, state, config.checkpoint.keep)
         scalars = {
             **{f"cluster/{k}": v for k, v in cluster_stats.items()},

@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -41,8 +42,8 @@ class _Stop(Exception):
 _save = checkpoint.save
 
 
-def _save_then_stop(manager, state):
-    _save(manager, state)
+def _save_then_stop(manager, state, *args):
+    _save(manager, state, *args)
     manager.wait_until_finished()
     raise _Stop
 
@@ -160,3 +161,21 @@ def test_random_init_is_evaluated_first_kept_in_the_workdir_and_dropped(tmp_path
 def test_fresh_initial_state_equals_the_built_one():
     run = build_run(load_config("sela", "smoke"))
     _assert_trees_equal(fresh_initial_state(run), run.initial_state)
+
+
+def test_a_state_that_diverged_in_the_last_step_is_never_saved(tmp_path):
+    # One step per epoch: its loss is computed before the update, so the step's metrics are
+    # finite while the NaN learning rate leaves every parameter NaN (the reproduction).
+    config = load_config("sela", "smoke")
+    config.optim.learning_rate = float("nan")
+    config.method.samples_per_epoch = 32
+    workdir = str(tmp_path / "run")
+    with pytest.raises(FloatingPointError, match=r"cycle 1 \(steps 1-1\).*params.*not saved"):
+        loop.run(config, workdir)
+    assert checkpoint.make_manager(workdir, 2).latest_step() is None
+
+
+def test_first_non_finite_names_the_leaf():
+    state = {"params": {"a": jnp.ones(3), "b": jnp.array([1.0, jnp.inf])}, "n": jnp.arange(2)}
+    assert checkpoint.first_non_finite(state) == "['params']['b']"
+    assert checkpoint.first_non_finite({"n": jnp.arange(2), "x": jnp.zeros(2)}) is None
