@@ -50,8 +50,11 @@ _RESUMABLE_FIELDS = (
 )
 
 
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes ``workdir/config.json``, or checks that an existing one describes the same run.
+def check_workdir_config(
+    config: ml_collections.ConfigDict, workdir: str, write: bool = True
+) -> None:
+    """Checks that an existing ``workdir/config.json`` describes the same run, then (``write``)
+    writes it.
 
     Raises:
       ValueError: the workdir holds a run whose config differs in a field that changes the
@@ -77,7 +80,7 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
                 f"--workdir={workdir} holds a run with a different config (fields {changed}); "
                 "use a new --workdir or the same config"
             )
-    if distributed.is_main():
+    if write and distributed.is_main():
         os.makedirs(workdir, exist_ok=True)
         with open(path, "w") as f:
             json.dump(current, f, indent=2)
@@ -193,8 +196,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
       ``{"random_init": {...}, "trained": {...}}`` with linear-probe and kNN accuracies and the
       NMI of the final pseudo-labels; also written to ``workdir/results.json``.
     """
-    check_workdir_config(config, workdir)
+    # config.json is written only once the run is built (data loaded, config checked), so a
+    # run that fails to start leaves no config behind to refuse the corrected command with.
+    check_workdir_config(config, workdir, write=False)
     built = build_run(config)
+    check_workdir_config(config, workdir)
     writer = metrics.create_writer(workdir)
     manager = checkpoint.make_manager(workdir, config.checkpoint.keep)
     initial = built.initial_state

@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from dcjax.data.dataset import DataError
 from dcjax.data.idx import DEFAULT_IDX_DIR
 from dcjax.evaluate import evaluate_workdir
 from dcjax.training import checkpoint, loop
@@ -179,3 +180,16 @@ def test_first_non_finite_names_the_leaf():
     state = {"params": {"a": jnp.ones(3), "b": jnp.array([1.0, jnp.inf])}, "n": jnp.arange(2)}
     assert checkpoint.first_non_finite(state) == "['params']['b']"
     assert checkpoint.first_non_finite({"n": jnp.arange(2), "x": jnp.zeros(2)}) is None
+
+
+def test_a_run_that_fails_to_start_writes_no_config(tmp_path):
+    config = load_config("deepcluster", "smoke")
+    config.data.source = "npz"
+    config.data.path = str(tmp_path / "missing.npz")
+    workdir = str(tmp_path / "run")
+    with pytest.raises(DataError, match="missing.npz does not exist"):
+        loop.run(config, workdir)
+    assert not os.path.exists(os.path.join(workdir, "config.json"))
+    config = load_config("deepcluster", "smoke")  # the corrected command is not refused
+    config.num_cycles = 1
+    assert loop.run(config, workdir)["trained"]
