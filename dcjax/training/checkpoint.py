@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import time
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 
+from dcjax import distributed
 from dcjax.training.state import TrainState
 
 __all__ = ["first_non_finite", "make_manager", "restore_latest", "restore_trunk", "save"]
@@ -21,13 +25,34 @@ def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     )
 
 
+CORRUPT_DIR = "corrupt_checkpoints"
+
+
 def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> TrainState | None:
-    """The latest checkpoint restored with ``target``'s structure and shardings, or None."""
-    step = manager.latest_step()
-    if step is None:
-        return None
+    """The latest readable checkpoint, restored with ``target``'s structure and shardings, or
+    None when there is none.
+
+    A checkpoint that fails to read (a truncated data or metadata file, say) is reported with
+    its path and the error, moved to ``<workdir>/corrupt_checkpoints/<step>-<time>`` (so that
+    the run can save that cycle again), and the next older one is tried.
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as error:  # noqa: BLE001 - any unreadable checkpoint: fall back
+            path = os.path.join(str(manager.directory), str(step))
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            message = f"checkpoint {path} cannot be read ({reason}); trying the one before it"
+            logging.warning(message)
+            print(f"warning: {message}")
+            if distributed.is_main():
+                aside = os.path.join(os.path.dirname(path), "..", CORRUPT_DIR)
+                os.makedirs(aside, exist_ok=True)
+                shutil.move(path, os.path.join(aside, f"{step}-{int(time.time())}"))
+            distributed.sync(f"corrupt checkpoint {step} set aside")
+            manager.reload()
+    return None
 
 
 @jax.jit

@@ -215,6 +215,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     del initial
     if int(state.cycle) > 0:
         logging.info("Resumed from %s at cycle %d", workdir, int(state.cycle))
+        print(f"Resumed from checkpoint {int(state.cycle)} in {workdir}")
     train_steps = make_train_steps(
         built.ctx.model,
         built.ctx.optimizers,

@@ -193,3 +193,24 @@ def test_a_run_that_fails_to_start_writes_no_config(tmp_path):
     config = load_config("deepcluster", "smoke")  # the corrected command is not refused
     config.num_cycles = 1
     assert loop.run(config, workdir)["trained"]
+
+
+@pytest.mark.parametrize("damage", ["data", "metadata"])
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(damage, tmp_path, capsys):
+    config = load_config("deepcluster", "smoke")
+    workdir = str(tmp_path / "run")
+    loop.run(config, workdir)  # checkpoints 1 and 2
+    latest = os.path.join(workdir, "checkpoints", "2", "default")
+    if damage == "metadata":
+        victim = os.path.join(latest, "_METADATA")
+    else:
+        files = [os.path.join(d, f) for d, _, fs in os.walk(latest) for f in fs if "/d/" in d + "/"]
+        victim = max(files, key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    config.num_cycles = 3
+    results = loop.run(config, workdir)
+    out = capsys.readouterr().out
+    assert "checkpoints/2 cannot be read" in out and "Resumed from checkpoint 1" in out
+    assert os.listdir(os.path.join(workdir, checkpoint.CORRUPT_DIR))[0].startswith("2-")
+    assert checkpoint.make_manager(workdir, 2).latest_step() == 3 and results["trained"]
