@@ -248,6 +248,13 @@ def _group(rows: list[dict], key: str) -> dict:
     return groups
 
 
+def _order(key: str, value) -> tuple:
+    """Sort key of a table row: numbers numerically, "never" halting last, names by name."""
+    if isinstance(value, str):
+        return (1, 0, value)
+    return (0, float("inf") if key == "halt" and value == 0 else value, "")
+
+
 def accuracy_table(rows: list[dict], key: str, title: str, header: list[str]) -> str:
     """One line per value of ``key``: both probes at random init and trained, kNN, NMI."""
     lines = [*header, "", f"## {title}", ""]
@@ -257,7 +264,7 @@ def accuracy_table(rows: list[dict], key: str, title: str, header: list[str]) ->
         "first / last clustering | s / cycle |"
     )
     lines.append("|" + " --- |" * 10)
-    for value, group in sorted(_group(rows, key).items(), key=lambda item: str(item[0])):
+    for value, group in sorted(_group(rows, key).items(), key=lambda item: _order(key, item[0])):
 
         def col(name, group=group):
             return [r[name] for r in group]
@@ -412,7 +419,7 @@ def sweep_figure(rows: list[dict], key: str, path: str, xlabel: str) -> str:
         ("deepdive_probe_accuracy_trained", "authors' probe"),
         ("probe_accuracy_trained", "our probe"),
     ):
-        groups = sorted(_group(rows, key).items())
+        groups = sorted(_group(rows, key).items(), key=lambda item: _order(key, item[0]))
         xs = [str(v) if not (key == "halt" and v == 0) else "never" for v, _ in groups]
         ax.plot(xs, [np.mean([r[figure] for r in g]) for _, g in groups], marker="o", label=label)
         for x, (_, g) in zip(xs, groups, strict=True):
