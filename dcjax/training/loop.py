@@ -23,6 +23,7 @@ from dcjax import distributed
 from dcjax.data import sampler
 from dcjax.evaluation.report import Evaluator
 from dcjax.training import checkpoint, label_export, metrics
+from dcjax.training import workdir as workdir_files
 from dcjax.training.mesh import replicated
 from dcjax.training.setup import Run, build_run, fresh_initial_state
 from dcjax.training.state import TrainState
@@ -66,7 +67,12 @@ def check_workdir_config(
     saved = None
     if os.path.exists(path):
         with open(path) as f:
-            saved = json.load(f)
+            try:
+                saved = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path} is not valid JSON ({error}); restore it, or use a new --workdir"
+                ) from None
     distributed.sync("workdir config read")  # before process 0 rewrites it below
     if saved is not None:
         saved, now = _dotted(saved), _dotted(current)
@@ -82,8 +88,7 @@ def check_workdir_config(
             )
     if write and distributed.is_main():
         os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(current, f, indent=2)
+        workdir_files.write_json(path, current)
     distributed.sync("workdir config written")
 
 
@@ -118,8 +123,7 @@ def random_init_results(
         return stored["results"]
     results = evaluator(initial_state)
     if write and distributed.is_main():
-        with open(path, "w") as f:
-            json.dump({"eval": eval_config, "results": results}, f, indent=2)
+        workdir_files.write_json(path, {"eval": eval_config, "results": results})
     distributed.sync("random-init results written")
     return results
 
@@ -195,7 +199,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     Returns:
       ``{"random_init": {...}, "trained": {...}}`` with linear-probe and kNN accuracies and the
       NMI of the final pseudo-labels; also written to ``workdir/results.json``.
+
+    Raises:
+      workdir.WorkdirInUse: another live run holds ``workdir``'s lock file.
     """
+    with workdir_files.locked(workdir):
+        return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
     # config.json is written only once the run is built (data loaded, config checked), so a
     # run that fails to start leaves no config behind to refuse the corrected command with.
     check_workdir_config(config, workdir, write=False)
@@ -262,7 +274,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     writer.write_scalars(int(state.cycle), {f"final/{k}": v for k, v in results["trained"].items()})
     writer.close()
     if distributed.is_main():
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        workdir_files.write_json(os.path.join(workdir, "results.json"), results)
     distributed.sync("results written")
     return results

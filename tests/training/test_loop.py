@@ -214,3 +214,33 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(damage, tmp_pa
     assert "checkpoints/2 cannot be read" in out and "Resumed from checkpoint 1" in out
     assert os.listdir(os.path.join(workdir, checkpoint.CORRUPT_DIR))[0].startswith("2-")
     assert checkpoint.make_manager(workdir, 2).latest_step() == 3 and results["trained"]
+
+
+def test_one_run_per_workdir_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from dcjax.training.workdir import LOCK_FILE, WorkdirInUse
+
+    config = load_config("deepcluster", "smoke")
+    config.num_cycles = 1
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    lock = workdir / LOCK_FILE
+    here = __import__("socket").gethostname()
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": here, "started": "earlier"}))
+    with pytest.raises(WorkdirInUse, match=f"in use by process {os.getpid()} on {here}"):
+        loop.run(config, str(workdir))
+    assert not (workdir / "config.json").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], stdout=-1)
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": here, "started": "earlier"}))
+    assert loop.run(config, str(workdir))["trained"]
+    assert "stale lock" in capsys.readouterr().out
+    assert not lock.exists()  # released at the end
+
+
+def test_a_truncated_config_json_is_named(tmp_path):
+    config = load_config("deepcluster", "smoke")
+    (tmp_path / "config.json").write_text('{"seed": 0, "meth')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        loop.check_workdir_config(config, str(tmp_path))
