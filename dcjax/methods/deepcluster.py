@@ -56,6 +56,12 @@ def build_model(config: ml_collections.ConfigDict) -> Network:
 
 def init_state(ctx: Context) -> DeepClusterState:
     method = ctx.config.method
+    if method.pca_dim > min(ctx.feature_dim, ctx.num_examples):
+        raise ValueError(
+            f"config.method.pca_dim={method.pca_dim} exceeds the {ctx.feature_dim}-d "
+            f"'{ctx.cluster_layer}' features (or the {ctx.num_examples} examples); 0 turns PCA off"
+        )
+    kmeans_config(ctx.config)  # its fields are checked now, not at the first clustering
     dim = method.pca_dim or ctx.feature_dim
     return DeepClusterState(
         pseudo_labels=jnp.zeros((ctx.num_examples,), jnp.int32),

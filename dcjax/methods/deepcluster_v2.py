@@ -94,6 +94,7 @@ def build_model(config: ml_collections.ConfigDict) -> PrototypeNetwork:
 
 def init_state(ctx: Context) -> DCv2State:
     config = ctx.config
+    kmeans_config(config)  # its fields are checked now, not at the first clustering
     sizes = _num_prototypes(config)
     if max(sizes) > ctx.num_examples:
         raise ValueError(

@@ -147,6 +147,7 @@ def init_variables(config: ml_collections.ConfigDict, variables: dict) -> dict:
 def init_state(ctx: Context) -> ODCState:
     method = ctx.config.method
     k = method.num_clusters
+    kmeans_config(ctx.config)  # its fields are checked now, not at the first clustering
     check_sizes(ctx.num_examples, k, method.min_cluster_size)
     for field in ("centroids_update_interval", "small_cluster_interval", "max_small_clusters"):
         if method[field] < 1:

@@ -100,6 +100,7 @@ def build_model(config: ml_collections.ConfigDict) -> Network:
 
 def init_state(ctx: Context) -> SeLaState:
     method = ctx.config.method
+    sinkhorn_config(ctx.config)  # its fields are checked now, not at the first label step
     if method.num_clusters > ctx.num_examples:
         raise ValueError(
             f"config.method.num_clusters={method.num_clusters} exceeds the {ctx.num_examples} "

@@ -18,7 +18,7 @@ from dcjax.models.init import apply_init_scheme
 from dcjax.training.mesh import make_mesh, replicated
 from dcjax.training.state import TrainState, make_optimizers
 
-__all__ = ["Run", "build_run", "fresh_initial_state", "init_variables"]
+__all__ = ["Run", "build_run", "check_fields", "fresh_initial_state", "init_variables"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +64,47 @@ def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh, num_examples: in
     if config.batch_size > num_examples:
         raise ValueError(
             f"config.batch_size={config.batch_size} exceeds the {num_examples} training examples"
+        )
+
+
+def _int_in(config: ml_collections.ConfigDict, field: str, low: int, high: int | None = None):
+    """Raises ValueError naming ``config.<field>`` unless it is an int in [low, high]."""
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    bad = isinstance(value, bool) or not isinstance(value, int | np.integer)
+    if bad or value < low or (high is not None and value > high):
+        allowed = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+        raise ValueError(f"config.{field}={value!r} must be {allowed}")
+
+
+def check_fields(config: ml_collections.ConfigDict, dataset: sources.Dataset) -> None:
+    """The fields whose bad values would otherwise fail deep inside JAX or only after training.
+
+    Checked against the loaded data, before the model is built: cycles and epochs, K against N,
+    PCA and head counts, the probes' and kNN's sizes, and that the evaluation has at least two
+    classes. Method-specific limits known only from the model's shapes (PCA against the feature
+    width) are checked by the methods' ``init_state``.
+
+    Raises:
+      ValueError: naming the field, its value and what is allowed.
+    """
+    n = len(dataset.train_images)
+    _int_in(config, "num_cycles", 0)
+    _int_in(config, "epochs_per_cycle", 1)
+    method = config.method
+    if "num_clusters" in method:
+        _int_in(config, "method.num_clusters", 2, n)
+    for field, low in (("pca_dim", 0), ("num_heads", 1), ("halt_clustering_after", 0)):
+        if field in method:
+            _int_in(config, f"method.{field}", low)
+    _int_in(config, "eval.knn_k", 1, n)
+    _int_in(config, "eval.probe_epochs", 0)
+    _int_in(config, "eval.probe_batch_size", 1)
+    if dataset.train_labels is not None and len(np.unique(dataset.train_labels)) < 2:
+        raise ValueError(
+            f"the training data ({dataset.name}) has labels of a single class: the probes need "
+            "at least 2 (check config.data)"
         )
 
 
@@ -116,6 +157,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     dataset = sources.load(config.data)
     num_examples = len(dataset.train_images)
     _check_batch(config, mesh, num_examples)
+    check_fields(config, dataset)
     pipeline = make_pipeline(config, dataset.train_images)
     method = get_method(config.method.name)
     model = method.build_model(config)
