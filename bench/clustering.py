@@ -26,7 +26,14 @@ Cases (``--cases``, comma-separated):
   reference's.
 - ``kmeans_imagenet``: one iteration (plus ``fit``'s final assignment) at N=1,281,167, d=256,
   K=10,000, in a fresh subprocess that reports its time and peak resident memory (VmHWM) against
-  the size of the input; dcjax only. Not in the default ``--cases``.
+  the size of the input; dcjax only. Not in the default ``--cases``. ``--imagenet_iters``
+  Lloyd iterations instead of one; on an accelerator a second, compiled call is timed and the
+  device's peak memory reported, with ms per assignment pass and TFLOP/s against the device's
+  published float32 peak.
+- ``sinkhorn_imagenet``: SeLa's self-labelling at N=1,281,167, K=3,000 (lambda=25, SeLa's stop
+  rule), log-probabilities made on the device, in a fresh subprocess: time (a compiled call),
+  iterations, ms per iteration, peak device and host memory against the input's size. dcjax
+  only. Not in the default ``--cases``.
 
 Timing: inputs are placed on the JAX device before the clock starts; every dcjax call is run
 once on the same shapes first (its compile time, measured with ``jax.monitoring``, is reported
@@ -64,7 +71,7 @@ from bench_common import reset_peak_rss as _reset_peak_rss  # noqa: E402
 
 from dcjax.clustering import kmeans, pca
 
-_ALL_CASES = ("kmeans", "pca", "sinkhorn", "kmeans_imagenet")
+_ALL_CASES = ("kmeans", "pca", "sinkhorn", "kmeans_imagenet", "sinkhorn_imagenet")
 
 _CASES = flags.DEFINE_list("cases", ["kmeans", "pca", "sinkhorn"], f"Cases among {_ALL_CASES}.")
 _QUICK = flags.DEFINE_bool("quick", False, "Small sizes (whole run < 1 min) to check the script.")
@@ -81,6 +88,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the data and of every method.")
 _MEMORY_CHILD = flags.DEFINE_string(
     "memory_child", None, "Internal: 'n,d,k' runs the kmeans_imagenet measurement in this process."
 )
+_SINKHORN_CHILD = flags.DEFINE_string(
+    "sinkhorn_child", None, "Internal: 'n,k' runs the sinkhorn_imagenet measurement here."
+)
+_IMAGENET_ITERS = flags.DEFINE_integer(
+    "imagenet_iters", 1, "Lloyd iterations of the kmeans_imagenet case (plus fit's assignment)."
+)
 
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 _CHILD_TAG = "MEMORY_CHILD_RESULT "
@@ -95,6 +108,15 @@ _KMEANS_SIZE = {"full": (60_000, 256, 20), "quick": (8_000, 64, 20)}  # n, d, it
 _PCA_SIZE = {"full": (60_000, 4096, 256), "quick": (6_000, 512, 64)}  # n, d in, d out
 _SINKHORN_N = {"full": 50_000, "quick": 4_000}
 _IMAGENET_SIZE = {"full": (1_281_167, 256, 10_000), "quick": (100_000, 256, 1_000)}  # n, d, k
+_SINKHORN_IMAGENET_SIZE = {"full": (1_281_167, 3_000), "quick": (20_000, 300)}  # n, k
+# Published dense peaks (TFLOP/s: float32 on CUDA cores, TF32 and bfloat16 on tensor cores, no
+# sparsity), matched in order against the device kind; NVIDIA's data sheets.
+_PUBLISHED_PEAK_TFLOPS = (
+    ("H200", {"float32": 67.0, "tf32": 494.7, "bfloat16": 989.4}),
+    ("H100 PCIe", {"float32": 51.2, "tf32": 378.0, "bfloat16": 756.0}),
+    ("H100", {"float32": 67.0, "tf32": 494.7, "bfloat16": 989.4}),  # SXM (HBM3)
+    ("A100", {"float32": 19.5, "tf32": 156.0, "bfloat16": 312.0}),
+)
 _QUICK_KMEANS_K = (10, 100)
 _QUICK_SINKHORN_K = (10, 128)
 
@@ -159,23 +181,55 @@ def _try(fn: Callable[[], dict]) -> dict:
 
 
 def _matmul_peak_gflops(repeats: int) -> dict:
-    """Best float32 GFLOP/s of a 2048 x 2048 matmul, with JAX and with NumPy."""
-    n = 2048
+    """Best float32 GFLOP/s of a 2048 x 2048 matmul, with JAX and with NumPy.
+
+    On an accelerator: 8192 x 8192, JAX only, at the clustering kernels' precision (``HIGHEST``,
+    exact float32), and at JAX's default precision (TF32 on NVIDIA GPUs) for reference.
+    """
+    from dcjax.clustering.precision import float32_precision
+
+    on_cpu = jax.default_backend() == "cpu"
+    n = 2048 if on_cpu else 8192
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     a_dev, b_dev = jnp.asarray(a), jnp.asarray(b)
-    dot = jax.jit(jnp.dot)
-    _block(dot(a_dev, b_dev))
     flops = 2.0 * n**3
-    jax_t, _ = _timed(lambda: dot(a_dev, b_dev), repeats, budget_s=30.0)
-    np_t, _ = _timed(lambda: a @ b, repeats, budget_s=30.0)
-    result = {
-        "jax_gflops": flops / jax_t["best_s"] / 1e9,
-        "numpy_gflops": flops / np_t["best_s"] / 1e9,
-    }
+
+    def gflops(precision) -> float:
+        dot = jax.jit(functools.partial(jnp.dot, precision=precision))
+        _block(dot(a_dev, b_dev))
+        timing, _ = _timed(lambda: dot(a_dev, b_dev), repeats, budget_s=30.0)
+        return flops / timing["best_s"] / 1e9
+
+    result = {"n": n, "jax_gflops": gflops(float32_precision())}
+    if on_cpu:
+        np_t, _ = _timed(lambda: a @ b, repeats, budget_s=30.0)
+        result["numpy_gflops"] = flops / np_t["best_s"] / 1e9
+    else:
+        result["numpy_gflops"] = 0.0
+        result["jax_default_precision_gflops"] = gflops(None)
     result["peak_gflops"] = max(result["jax_gflops"], result["numpy_gflops"])
     return result
+
+
+def _published_peak_tflops() -> dict | None:
+    """The first device's published peaks (``_PUBLISHED_PEAK_TFLOPS``), None if unknown."""
+    kind = jax.devices()[0].device_kind
+    for name, peaks in _PUBLISHED_PEAK_TFLOPS:
+        if name.lower() in kind.lower():
+            return {"device_kind": kind, **peaks}
+    return None
+
+
+def _device_memory() -> dict:
+    """The first device's allocator statistics (peak bytes in use, limit); {} where none."""
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 (some backends do not implement it)
+        return {}
+    keys = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
+    return {f"device_{key}": int(stats[key]) for key in keys if key in stats}
 
 
 # ------------------------------------------------------------------------------------------
@@ -210,6 +264,8 @@ def _machine() -> dict:
         "python": platform.python_version(),
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
+        "published_peak_tflops": _published_peak_tflops(),
         "versions": {
             name: _version(name)
             for name in ("jax", "jaxlib", "numpy", "scipy", "sklearn", "faiss", "ot", "ott")
@@ -587,16 +643,30 @@ def _memory_child(spec: str) -> None:
     rss_before = _proc_status_bytes("VmRSS")
     hwm_before_reset = _proc_status_bytes("VmHWM")
     reset = _reset_peak_rss()
-    config = kmeans.KMeansConfig(num_iters=1, init="random", max_points_per_centroid=0)
-    first, out = _first_call(lambda: kmeans.fit(jax.random.key(_SEED.value), x, k, config))
+    iters = _IMAGENET_ITERS.value
+    config = kmeans.KMeansConfig(num_iters=iters, init="random", max_points_per_centroid=0)
+    fit = lambda: kmeans.fit(jax.random.key(_SEED.value), x, k, config)  # noqa: E731
+    first, out = _first_call(fit)
     peak = _proc_status_bytes("VmHWM")
     run_s = first["first_call_s"] - first["compile_s"]
+    timing = {}
+    if jax.default_backend() != "cpu":  # time compiled calls: the first one also autotunes
+        timing, out = _timed(fit, repeats=2, budget_s=60.0)
+        run_s = timing["best_s"]
+    passes = iters + 1  # each iteration's assignment, then fit's final one
+    gflops = 2.0 * passes * n * k * d / run_s / 1e9
+    published = _published_peak_tflops()
     result = {
         **first,
+        **timing,
         "run_s": run_s,
         "n_iter": int(out.n_iter),
-        # One update step plus fit's final assignment: two passes of the distance matmul.
-        "gflops": 2.0 * 2.0 * n * k * d / run_s / 1e9,
+        "passes": passes,
+        "ms_per_pass": 1e3 * run_s / passes,
+        # Each pass is one distance matmul, 2 N K d flops (the centroid sums are not counted).
+        "gflops": gflops,
+        "published_float32_fraction": gflops / 1e3 / published["float32"] if published else None,
+        **_device_memory(),
         "input_bytes": input_bytes,
         "rss_before_bytes": rss_before,
         "hwm_before_reset_bytes": hwm_before_reset,
@@ -612,21 +682,103 @@ def _kmeans_imagenet_case(size: str, peak: float, s: _Settings) -> list[dict]:
     n, d, k = _IMAGENET_SIZE[size]
     row = _row(
         "kmeans_imagenet",
-        f"kmeans 1 iter N={n} d={d} K={k}",
-        {"n": n, "d": d, "k": k, "num_iters": 1},
+        f"kmeans {_IMAGENET_ITERS.value} iter N={n} d={d} K={k}",
+        {"n": n, "d": d, "k": k, "num_iters": _IMAGENET_ITERS.value},
     )
     row["metrics"].update(matmul_peak_gflops=peak, target_peak_over_input=2.0)
-    script = os.path.abspath(__file__)
-    command = [sys.executable, script, f"--memory_child={n},{d},{k}", f"--seed={s.seed}"]
+    child = _run_child(
+        [f"--memory_child={n},{d},{k}", f"--imagenet_iters={_IMAGENET_ITERS.value}"], s
+    )
+    if "error" not in child:
+        child["peak_fraction"] = child["gflops"] / peak
+    row["dcjax"] = child
+    return [_finish(row)]
+
+
+def _run_child(args: list[str], s: _Settings) -> dict:
+    """This script in a fresh process with ``args``: its result line, or {"error": ...}."""
+    command = [sys.executable, os.path.abspath(__file__), *args, f"--seed={s.seed}"]
     proc = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(_CHILD_TAG)]
     if proc.returncode or not lines:
-        row["dcjax"] = {"error": f"child exited {proc.returncode}: {proc.stderr[-2000:]}"}
-    else:
-        child = json.loads(lines[-1][len(_CHILD_TAG) :])
-        child["best_s"] = child["run_s"]
-        child["peak_fraction"] = child["gflops"] / peak
-        row["dcjax"] = child
+        return {"error": f"child exited {proc.returncode}: {proc.stderr[-2000:]}"}
+    child = json.loads(lines[-1][len(_CHILD_TAG) :])
+    child["best_s"] = child["run_s"]
+    return child
+
+
+# ------------------------------------------------------------------------------------------
+# sinkhorn_imagenet: a fresh process too, the (N, K) log-probabilities made on the device.
+
+
+@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+def _fill_log_probs(out: jax.Array, key: jax.Array, start: jax.Array, rows: int) -> jax.Array:
+    """``out`` with rows [start, start + rows) set to log-softmax(N(0, 1) + cluster offset)."""
+    offsets = jax.random.normal(jax.random.fold_in(key, 0), (out.shape[1],))
+    logits = jax.random.normal(jax.random.fold_in(key, start + 1), (rows, out.shape[1]))
+    block = jax.nn.log_softmax(logits + offsets, axis=1)
+    return jax.lax.dynamic_update_slice(out, block, (start, 0))
+
+
+def _device_log_probs(key: jax.Array, n: int, k: int) -> jax.Array:
+    """(n, k) float32 log-probabilities as ``_log_probs`` draws them, filled in place by blocks
+    on the device (peak: the array plus one block)."""
+    rows = min(n, 65_536)
+    out = jnp.zeros((n, k), jnp.float32)
+    for start in range(0, n, rows):
+        out = _fill_log_probs(out, key, min(start, n - rows), rows)
+    return _block(out)
+
+
+def _sinkhorn_child(spec: str) -> None:
+    """Runs SeLa's solve at ``spec`` = 'n,k' and prints its time, iterations and peak memory."""
+    n, k = (int(v) for v in spec.split(","))
+    log_p = _device_log_probs(jax.random.key(_SEED.value), n, k)
+    input_bytes = log_p.nbytes
+    time.sleep(1.0)
+    rss_before = _proc_status_bytes("VmRSS")
+    reset = _reset_peak_rss()
+    device_before = _device_memory()
+    solve = lambda: _dcjax_sinkhorn(log_p, _SELA_LAMBDA)  # noqa: E731
+    first, (labels, info) = _first_call(solve)
+    run_s = first["first_call_s"] - first["compile_s"]
+    timing = {}
+    if jax.default_backend() != "cpu":
+        timing, (labels, info) = _timed(solve, repeats=2, budget_s=120.0)
+        run_s = timing["best_s"]
+    info = {key: value.item() for key, value in info.items()}
+    sizes = np.bincount(np.asarray(labels), minlength=k)
+    peak = _proc_status_bytes("VmHWM")
+    device_after = _device_memory()
+    result = {
+        **first,
+        **timing,
+        **info,
+        "run_s": run_s,
+        "ms_per_iter": 1e3 * run_s / max(info["num_iters"], 1),
+        "largest_cluster_share": float(sizes.max() / n),
+        "empty_clusters": int((sizes == 0).sum()),
+        "input_bytes": input_bytes,
+        "rss_before_bytes": rss_before,
+        "hwm_reset": reset,
+        "peak_rss_bytes": peak,
+        "peak_over_input": peak / input_bytes if peak else None,
+        "device_bytes_in_use_before": device_before.get("device_bytes_in_use"),
+        **device_after,
+    }
+    if "device_peak_bytes_in_use" in device_after:
+        result["device_peak_over_input"] = device_after["device_peak_bytes_in_use"] / input_bytes
+    print(_CHILD_TAG + json.dumps(result), flush=True)
+
+
+def _sinkhorn_imagenet_case(size: str, s: _Settings) -> list[dict]:
+    n, k = _SINKHORN_IMAGENET_SIZE[size]
+    row = _row(
+        "sinkhorn_imagenet",
+        f"sinkhorn N={n} K={k} lambda={_SELA_LAMBDA:g}",
+        {"n": n, "k": k, "lambda": _SELA_LAMBDA, "threshold": _SELA_THRESHOLD},
+    )
+    row["dcjax"] = _run_child([f"--sinkhorn_child={n},{k}"], s)
     return [_finish(row)]
 
 
@@ -668,6 +820,23 @@ def _notes(row: dict) -> str:
             f"peak RSS {dc['peak_rss_bytes'] / 1e9:.2f} GB = {dc['peak_over_input']:.2f}x input "
             f"({dc['input_bytes'] / 1e9:.2f} GB; target < 2x)"
         )
+    if "ms_per_pass" in dc:
+        notes.append(f"{dc['ms_per_pass']:.4g} ms per assignment pass ({dc['passes']} passes)")
+    if dc.get("published_float32_fraction"):
+        notes.append(f"{dc['published_float32_fraction']:.0%} of the published float32 peak")
+    if row["case"] == "sinkhorn_imagenet" and "num_iters" in dc:
+        mode = "log" if dc.get("lse_mode") else "kernel"
+        notes.append(
+            f"{dc['num_iters']} it ({mode}, converged {dc['converged']}), "
+            f"{dc['ms_per_iter']:.3g} ms/it; largest cluster {dc['largest_cluster_share']:.2%}, "
+            f"{dc['empty_clusters']} empty; input {dc['input_bytes'] / 1e9:.2f} GB, "
+            f"peak RSS {dc['peak_rss_bytes'] / 1e9:.2f} GB"
+        )
+    if "device_peak_bytes_in_use" in dc:
+        notes.append(
+            f"device peak {dc['device_peak_bytes_in_use'] / 1e9:.2f} GB = "
+            f"{dc['device_peak_bytes_in_use'] / dc['input_bytes']:.2f}x input"
+        )
     for pair, share in row["metrics"].get("labels_equal", {}).items():
         notes.append(f"labels {pair} {share:.4f}")
     for key, value in row["metrics"].items():
@@ -707,9 +876,17 @@ def _markdown(report: dict) -> str:
         f"({m['cpus_usable']} usable); load average at start {m['load_average_at_start']}, "
         f"at end {report['load_average_at_end']}",
         "- Versions: " + ", ".join(f"{name} {ver}" for name, ver in v.items() if ver),
-        f"- float32 matmul peak (2048^2, best of runs): {report['matmul']['peak_gflops']:.0f} "
-        f"GFLOP/s (JAX {report['matmul']['jax_gflops']:.0f}, "
-        f"NumPy {report['matmul']['numpy_gflops']:.0f})",
+        f"- Devices: {m['jax_backend']} {m['jax_devices']} ({m['device_kind']}); published peaks "
+        f"(TFLOP/s): {m['published_peak_tflops'] or 'unknown for this device'}",
+        f"- float32 matmul peak ({report['matmul']['n']}^2, best of runs): "
+        f"{report['matmul']['peak_gflops']:.0f} GFLOP/s (JAX {report['matmul']['jax_gflops']:.0f}, "
+        f"NumPy {report['matmul']['numpy_gflops']:.0f}"
+        + (
+            f", JAX default precision {report['matmul']['jax_default_precision_gflops']:.0f}"
+            if "jax_default_precision_gflops" in report["matmul"]
+            else ""
+        )
+        + ")",
         "- Times: best of the repeats, dcjax after one compiling call; `~` extrapolated. "
         "dcjax / best < 1: dcjax faster.",
         "",
@@ -723,6 +900,9 @@ def main(argv: list[str]) -> None:
     del argv
     if _MEMORY_CHILD.value:
         _memory_child(_MEMORY_CHILD.value)
+        return
+    if _SINKHORN_CHILD.value:
+        _sinkhorn_child(_SINKHORN_CHILD.value)
         return
     unknown = set(_CASES.value) - set(_ALL_CASES)
     if unknown:
@@ -754,6 +934,8 @@ def main(argv: list[str]) -> None:
             results += _sinkhorn_case(size, sinkhorn_k, settings)
         elif case == "kmeans_imagenet":
             results += _kmeans_imagenet_case(size, matmul["peak_gflops"], settings)
+        elif case == "sinkhorn_imagenet":
+            results += _sinkhorn_imagenet_case(size, settings)
     report = {
         "command": " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
         "quick": quick,

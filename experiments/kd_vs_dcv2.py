@@ -12,11 +12,14 @@ then linear-probed on the backbone's pooled features (branches dropped).
 project's JPEG copy unzipped. Settings: ``full`` (the paper's: ResNet-18, 150 epochs, all data;
 needs an accelerator), ``cpu`` (the configs' ``cpu`` variant), ``smoke`` (seconds; the tests).
 Runs go to ``<workdir>/<setting>/<method>-seed<s>`` and resume when killed; the table (mean +-
-std over seeds) goes to ``<out>/kd_vs_dcv2_<setting>.{md,json}``.
+std over seeds) goes to ``<out>/kd_vs_dcv2_<setting>.{md,json}``. ``--override=FIELD=VALUE``
+(repeatable; VALUE a Python literal, else a string) changes both methods' configs alike, e.g. a
+shorter budget on an accelerator: ``--setting=full --override=num_cycles=20``.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 
 import ml_collections
@@ -41,26 +44,56 @@ def _define_flags() -> None:
     flags.DEFINE_string("workdir", "runs/kd_vs_dcv2", "Where the runs go.")
     flags.DEFINE_string("out", "experiments/results", "Where the table goes.")
     flags.DEFINE_string("cache_dir", "", "Decoded-image cache ('' = ~/.cache/dcjax).")
+    flags.DEFINE_multi_string(
+        "override", [], "FIELD=VALUE set in both methods' configs (e.g. num_cycles=20)."
+    )
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}`` (Python literals, else strings)."""
+    overrides = {}
+    for item in items:
+        field, sep, text = item.partition("=")
+        if not sep or not field:
+            raise ValueError(f"--override expects FIELD=VALUE, got {item!r}")
+        try:
+            overrides[field] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[field] = text
+    return overrides
 
 
 def experiment_config(
-    method: str, setting: str, seed: int, data: str, cache_dir: str = ""
+    method: str,
+    setting: str,
+    seed: int,
+    data: str,
+    cache_dir: str = "",
+    overrides: dict[str, object] | None = None,
 ) -> ml_collections.ConfigDict:
-    """``configs/<method>.py:<setting's variants>`` with the run's seed and data folder."""
+    """``configs/<method>.py:<setting's variants>`` with the run's seed and data folder, then
+    ``overrides`` (dotted field -> value)."""
     config = load_config(method, SETTINGS[setting])
     config.seed = seed
     config.data.update(path=data, cache_dir=cache_dir, seed=seed)
+    if overrides:
+        config.update_from_flattened_dict(overrides)
     return config
 
 
 def run_experiment(
-    setting: str, seeds: list[int], data: str, workdir: str, cache_dir: str = ""
+    setting: str,
+    seeds: list[int],
+    data: str,
+    workdir: str,
+    cache_dir: str = "",
+    overrides: dict[str, object] | None = None,
 ) -> list[dict[str, object]]:
     """Runs (or resumes) every method x seed; one row of figures per run."""
     rows = []
     for seed in seeds:
         for method in METHODS:
-            config = experiment_config(method, setting, seed, data, cache_dir)
+            config = experiment_config(method, setting, seed, data, cache_dir, overrides)
             run_dir = os.path.join(workdir, setting, f"{method}-seed{seed}")
             rows.append(run_row(config, run_dir, method=method, seed=seed))
     return rows
@@ -101,15 +134,17 @@ def summary_table(rows: list[dict[str, object]], header: list[str]) -> str:
 def main(argv: list[str]) -> None:
     del argv
     setting, seeds = FLAGS.setting, [int(s) for s in FLAGS.seeds]
+    overrides = parse_overrides(FLAGS.override)
     rows = run_experiment(
-        setting, seeds, os.path.expanduser(FLAGS.data), FLAGS.workdir, FLAGS.cache_dir
+        setting, seeds, os.path.expanduser(FLAGS.data), FLAGS.workdir, FLAGS.cache_dir, overrides
     )
-    config = experiment_config(METHODS[0], setting, seeds[0], FLAGS.data)
+    config = experiment_config(METHODS[0], setting, seeds[0], FLAGS.data, overrides=overrides)
+    override_flags = "".join(f" --override={item}" for item in FLAGS.override)
     header = [
         f"# DeepCluster-v2 vs DeepCluster-v2 + self-distillation, CIFAR-10 (setting `{setting}`)",
         "",
         f"Command: `python experiments/kd_vs_dcv2.py --data=<CIFAR-10 folder> "
-        f"--setting={setting} --seeds={','.join(map(str, seeds))}`",
+        f"--setting={setting} --seeds={','.join(map(str, seeds))}{override_flags}`",
         machine_line(),
         f"Budget per run: {config.model.name} {dict(config.model.kwargs)}, "
         f"{config.data.max_train_examples or 50_000} train / "
