@@ -26,9 +26,14 @@ pytestmark = pytest.mark.slow
 
 # Parameters go through different all-reduce implementations (XLA's in-process one for 8
 # devices, gloo across processes) that may add the 8 partial sums in another order: float32
-# rounding, compounded over the smoke run's steps (measured: at most 1.2e-7 apart, pseudo-labels
-# identical). A wrong shard, batch or label moves them by > 1e-3.
-RTOL, ATOL = 1e-5, 1e-6
+# rounding, compounded over the smoke run's steps, and how far it compounds depends on the CPU's
+# kernels. Measured, pseudo-labels identical each time: at most 1.2e-7 apart on the AMD EPYC
+# development machine; on an Intel Xeon with AVX-512, DeepCluster's smoke run ends up to 1.0e-4
+# apart (conv kernels of magnitude 0.1-0.75, relative norm differences <= 2e-3 per weight
+# leaf), with or without the kill, at this commit and at the last commit that passed on AMD.
+# ATOL keeps 2.5x margin over that; a wrong shard or batch changes the pseudo-labels, which
+# must stay identical, and moves the parameters by whole steps' updates.
+RTOL, ATOL = 1e-5, 2.5e-4
 
 
 def _free_port() -> int:
