@@ -164,18 +164,21 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
     method = ctx.config.method
     config = sinkhorn_config(ctx.config)
     prior = cluster_prior(ctx.config)
-    labels, iterations, converged = [], [], []
+    labels, iterations, converged, errors = [], [], [], []
     for head in range(method.num_heads):
         log_probs = _head_log_probs(state.params["head"], features, head, method.num_clusters)
         out = sinkhorn.solve(log_probs, config, cluster_marginals=prior, mesh=ctx.mesh)
         labels.append(out.labels)
         iterations.append(int(out.num_iters))
         converged.append(bool(out.converged))
+        checked = [e for e in np.asarray(out.errors).tolist() if e >= 0]  # -1: not reached
+        errors.append(checked[-1] if checked else float("nan"))
     new_labels = jnp.stack(labels)
     first = to_host(new_labels)[0]
     stats = label_stats(ctx, state.method.labels[0], first, method.num_clusters)
     stats["sinkhorn_iters"] = float(np.mean(iterations))
     stats["sinkhorn_converged"] = float(np.mean(converged))
+    stats["sinkhorn_error"] = float(np.max(errors))  # the worst head's last error
     return state.replace(method=state.method.replace(labels=new_labels)), stats
 
 

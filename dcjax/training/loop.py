@@ -22,7 +22,7 @@ from clu import periodic_actions
 from dcjax import distributed
 from dcjax.data import sampler
 from dcjax.evaluation.report import Evaluator
-from dcjax.training import checkpoint, label_export, metrics
+from dcjax.training import checkpoint, label_export, metrics, run_warnings
 from dcjax.training import workdir as workdir_files
 from dcjax.training.mesh import replicated
 from dcjax.training.setup import Run, build_run, fresh_initial_state
@@ -188,6 +188,24 @@ def train_phase(
     return state, {f"train/{k}": v / num_steps for k, v in totals.items()}
 
 
+def _warning_settings(config: ml_collections.ConfigDict) -> tuple[int, float | None]:
+    """(K for the chance-level loss, Sinkhorn's threshold) for ``run_warnings``."""
+    method = config.method
+    k = method.get("num_clusters") or (tuple(method.get("num_prototypes", ())) or (0,))[0]
+    sinkhorn = method.get("sinkhorn")
+    return int(k), None if sinkhorn is None else sinkhorn.get("threshold")
+
+
+def _warn(writer, step: int, warnings: dict[str, str]) -> None:
+    """Prints each warning and writes them to the metric streams (``warning/<name>`` texts)."""
+    for message in warnings.values():
+        logging.warning("cycle %d: %s", step, message)
+        if distributed.is_main():
+            print(f"warning (cycle {step}): {message}")
+    if warnings:
+        writer.write_texts(step, {f"warning/{name}": m for name, m in warnings.items()})
+
+
 def _steps_per_cycle(run: Run) -> int:
     config = run.config
     return config.epochs_per_cycle * (run.ctx.samples_per_epoch // config.batch_size)
@@ -242,6 +260,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str,
     progress = periodic_actions.ReportProgress(
         num_train_steps=config.num_cycles * _steps_per_cycle(built), writer=writer, every_secs=30
     )
+    history: list[dict[str, float]] = []  # this sitting's cycles, for the warnings
+    warning_settings = _warning_settings(config)
     for cycle in range(int(state.cycle), config.num_cycles):
         start = time.perf_counter()
         first_step = int(state.step)
@@ -261,6 +281,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str,
         if every and (cycle + 1) % every == 0 and cycle + 1 < config.num_cycles:
             scalars.update({f"eval/{k}": v for k, v in evaluator(state).items()})
         writer.write_scalars(cycle + 1, scalars)
+        history.append(scalars)
+        _warn(writer, cycle + 1, run_warnings.cycle_warnings(history, *warning_settings))
         writer.flush()
     results = {"random_init": random_init, "trained": evaluator(state)}
     if config.get("figures", True):

@@ -51,7 +51,10 @@ class JsonlWriter(interface.MetricWriter):
         pass
 
     def write_texts(self, step, texts):
-        pass
+        """One record ``{"step": s, name: text, ...}`` (the loop's warnings)."""
+        record = {"step": int(step), **{k: str(v) for k, v in texts.items()}}
+        with open(self._path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def write_histograms(self, step, arrays, num_buckets=None):
         pass
