@@ -6,9 +6,6 @@ probe, kNN and NMI figures beside the same network at random initialisation.
 
 from __future__ import annotations
 
-import json
-import os
-
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by dcjax.main.")
@@ -21,26 +18,16 @@ def evaluate_workdir(workdir: str) -> dict[str, dict[str, float]]:
     Raises:
       FileNotFoundError: ``workdir`` has no config.json or no checkpoint.
     """
-    import ml_collections
-
     from dcjax.evaluation.report import Evaluator
-    from dcjax.training import checkpoint
+    from dcjax.export import load
     from dcjax.training.loop import random_init_results
-    from dcjax.training.setup import build_run
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--workdir={workdir} has no config.json: is it a dcjax run?")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    built = build_run(config)
-    state = checkpoint.restore_latest(
-        checkpoint.make_manager(workdir, config.checkpoint.keep), built.initial_state
-    )
-    if state is None:
-        raise FileNotFoundError(f"--workdir={workdir} has no checkpoint yet")
+    trained = load(workdir)
+    built, state = trained.run, trained.state
     evaluator = Evaluator(built)
-    random_init = random_init_results(workdir, evaluator, config, built.initial_state, write=False)
+    random_init = random_init_results(
+        workdir, evaluator, built.config, built.initial_state, write=False
+    )
     return {"random_init": random_init, "trained": evaluator(state)}
 
 

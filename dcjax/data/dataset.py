@@ -31,6 +31,8 @@ class Dataset:
       test_images: (M, H, W, C) uint8 with the train (H, W, C), or None.
       test_labels: (M,) int32 >= 0, or None (always None when `test_images` is None).
       class_names: one name per class index, or None.
+      train_paths, test_paths: (N,) / (M,) str, the file each example was read from (image
+        folders), or None.
 
     Raises:
       DataError: on any violation of the shapes and dtypes above.
@@ -42,6 +44,8 @@ class Dataset:
     test_images: np.ndarray | None
     test_labels: np.ndarray | None
     class_names: tuple[str, ...] | None
+    train_paths: np.ndarray | None = None
+    test_paths: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _check_images(self.name, "train_images", self.train_images)
@@ -59,6 +63,10 @@ class Dataset:
                     f"train_images are {self.train_images.shape[1:]}"
                 )
             _check_labels(self.name, "test_labels", self.test_labels, self.test_images)
+        for field, images in (("train_paths", self.train_images), ("test_paths", self.test_images)):
+            paths = getattr(self, field)
+            if paths is not None and (images is None or len(paths) != len(images)):
+                raise DataError(f"{self.name}: {field} does not have one path per image")
 
     @property
     def num_classes(self) -> int | None:

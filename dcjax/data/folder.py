@@ -67,6 +67,8 @@ def load_folder(root: str, cache_dir: str) -> Dataset:
         test_images=arrays.get("test_images"),
         test_labels=arrays.get("test_labels"),
         class_names=class_names,
+        train_paths=np.asarray([path for path, _ in files["train"]]),
+        test_paths=np.asarray([path for path, _ in files["test"]]) if "test" in files else None,
     )
 
 

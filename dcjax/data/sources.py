@@ -202,6 +202,8 @@ def _take(dataset: Dataset, train: np.ndarray | None, test: np.ndarray | None) -
         train_labels=at(dataset.train_labels, train),
         test_images=at(dataset.test_images, test),
         test_labels=at(dataset.test_labels, test),
+        train_paths=at(dataset.train_paths, train),
+        test_paths=at(dataset.test_paths, test),
     )
 
 
