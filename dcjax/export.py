@@ -157,11 +157,11 @@ def export(trained: TrainedRun, what: str, out: str, split: str = "train", layer
     if what == "labels":
         if split != "train":
             raise ValueError("--what=labels: pseudo-labels exist for the train split only")
-        method = trained.state.method
-        labels = getattr(method, "labels", getattr(method, "pseudo_labels", None))
+        from dcjax.training.label_export import method_labels
+
+        labels = method_labels(trained.state.method)
         if labels is None:
             raise ValueError(f"--what=labels: method {trained.config.method.name} keeps none")
-        labels = to_host(labels).astype(np.int32).reshape(-1, len(images))
         np.savez(out, labels=labels, cycle=np.int32(int(trained.state.cycle)), **extra)
         return out
     true_labels = getattr(data, f"{split}_labels")

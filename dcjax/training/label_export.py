@@ -16,7 +16,7 @@ import numpy as np
 
 from dcjax.distributed import is_main, to_host
 
-__all__ = ["export_labels", "load_labels", "labels_dir"]
+__all__ = ["export_labels", "load_labels", "labels_dir", "method_labels"]
 
 _NAME = re.compile(r"cycle_(\d+)\.npz$")
 
@@ -25,17 +25,24 @@ def labels_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "pseudo_labels")
 
 
+def method_labels(method_state) -> np.ndarray | None:
+    """(H, N) int32 host copy of a method state's ``labels`` (H, N), else ``pseudo_labels``
+    (N,) as one row; None if it keeps neither. Collective: every process must call it."""
+    labels = getattr(method_state, "labels", None)
+    if labels is None:
+        labels = getattr(method_state, "pseudo_labels", None)
+    if labels is None:
+        return None
+    return to_host(labels).astype(np.int32).reshape(-1, np.shape(labels)[-1])
+
+
 def export_labels(workdir: str, state, keep: int) -> str | None:
     """Writes the labels of ``state.method`` (``labels`` (H, N), else ``pseudo_labels`` (N,))
     for ``state.cycle`` atomically; returns the path, or None if the method keeps no labels or
     this is not process 0 (every process must call it: the labels may be sharded over hosts)."""
-    method = state.method
-    labels = getattr(method, "labels", None)
-    if labels is None:
-        labels = getattr(method, "pseudo_labels", None)
+    labels = method_labels(state.method)
     if labels is None:
         return None
-    labels = to_host(labels).astype(np.int32).reshape(-1, np.shape(labels)[-1])
     directory = labels_dir(workdir)
     if not is_main():  # every process gathers the labels above; process 0 writes them
         return None
