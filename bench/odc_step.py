@@ -9,11 +9,11 @@ with the same model and optimizers: the ``configs/odc.py`` network with a ``smal
 (``feature_dim=256``, ODC's neck width) and a ReLU -> Linear(K) head, SGD, batch ``--batch_size``
 of (28, 28, 1) uint8 images gathered from a synthetic random bank of N images on the device.
 
-- supervised: ``deepcluster.METHOD`` (cross-entropy on fixed labels, no online update).
-- ODC: ``odc.METHOD`` on a prepared ``ODCState`` (random unit-norm memory (N, 256), random
-  balanced labels, centroids = member means, counts; no k-means). Timed over ``--steps``
-  consecutive steps (``centroids_update_interval=10``: two centroid recomputes in 20 steps), no
-  small cluster present (checked from the step's metrics).
+- supervised: DeepCluster's loss (cross-entropy on fixed labels, no online update).
+- ODC: ``odc.make_method``'s method on a prepared ``ODCState`` (random unit-norm memory
+  (N, 256), random balanced labels, centroids = member means, counts; no k-means). Timed over
+  ``--steps`` consecutive steps (``centroids_update_interval=10``: two centroid recomputes in 20
+  steps), no small cluster present (checked from the step's metrics).
 - ODC small-cluster step: a state (fresh random memory, placed like the step's own state)
   where ``max_small_clusters`` (16) clusters hold only ``--small_members`` members each and have
   a far-away centroid (no batch row joins them), so the step dissolves and refills all 16; the
@@ -195,8 +195,8 @@ class _Jax:
         import jax.numpy as jnp
 
         from dcjax.config_base import load_config
+        from dcjax.core.mesh import data_sharded, make_mesh, replicated
         from dcjax.methods import odc
-        from dcjax.training.mesh import data_sharded, make_mesh, replicated
         from dcjax.training.state import make_optimizers
 
         self.jax, self.jnp = jax, jnp
@@ -212,7 +212,8 @@ class _Jax:
         self.mesh = make_mesh(1)
         self.replicated = replicated(self.mesh)
         self.data_sharded = data_sharded(self.mesh)
-        self.model = odc.build_model(config)
+        self.method = odc.make_method(config)
+        self.model = self.method.model
         self.optimizers = make_optimizers(config)
         odc.check_sizes(n, k, config.method.min_cluster_size)
         key = jax.random.PRNGKey(_SEED.value)
@@ -295,7 +296,6 @@ class _Jax:
         """ODCState with centroids = member means; ``far_clusters`` ids get far centroids."""
         from dcjax.clustering import online
         from dcjax.clustering.pca import l2_normalize
-        from dcjax.methods import odc
         from dcjax.methods.base import Context
 
         jax, jnp = self.jax, self.jnp
@@ -319,7 +319,7 @@ class _Jax:
             true_labels=None,
             mesh=self.mesh,
         )
-        template = jax.eval_shape(lambda: odc.init_state(ctx))
+        template = jax.eval_shape(lambda: self.method.init_state(ctx))
         known = dict(
             memory=memory,
             labels=labels,
@@ -339,10 +339,14 @@ class _Jax:
 
     def step_fn(self, method_name: str):
         from dcjax.data.pipeline import Pipeline
-        from dcjax.methods import deepcluster, odc
+        from dcjax.methods import base, deepcluster
         from dcjax.training.step import make_train_step
 
-        method = odc.METHOD if method_name == "odc" else deepcluster.METHOD
+        method = self.method
+        if method_name != "odc":  # supervised: DeepCluster's cross-entropy, no online update
+            method = method._replace(
+                loss_fn=deepcluster.loss_fn, online_update=base.no_online_update
+            )
         pipeline = Pipeline(mean=(0.5,), std=(0.25,), out_size=(28, 28), augment="none")
         return make_train_step(
             self.model, self.optimizers, method, pipeline, self.mesh, self.replicated

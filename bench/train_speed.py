@@ -246,7 +246,7 @@ class DcjaxSteps:
     def __init__(
         self, config: ml_collections.ConfigDict, block: np.ndarray, labels: np.ndarray
     ) -> None:
-        from dcjax.training.mesh import replicated
+        from dcjax.core.mesh import replicated
         from dcjax.training.setup import build_run
         from dcjax.training.step import make_train_step, make_train_steps
 
@@ -312,7 +312,7 @@ def torch_peer(
         extra = set(kwargs) - {"cifar_stem", "width", "num_branches"}
         if not kwargs.get("cifar_stem") or extra:
             raise ValueError(f"the PyTorch ResNet-18 has the CIFAR stem only; kwargs {kwargs}")
-    if method.name == "deepcluster_v2_kd":
+    if method.get("self_distillation", False):
         if config.model.sobel or kwargs.get("num_branches") != 3:
             raise ValueError("the PyTorch KD peer is a 3-branch ResNet-18 without Sobel")
         net = tp.KDNet(kwargs["width"], k, method.feat_dim, method.hidden_dim, in_channels)

@@ -27,7 +27,6 @@ from dcjax.config_base import load_config, parse_variants
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = parse_variants(arg, {"fmnist", "cifar10", "smoke"}, "configs/codc.py")
     config = load_config("odc", arg)
-    config.method.name = "codc"
     name = config.model.name
     config.method.backbones = (name, name)
     kwargs = ({"feature_dim": 128}, {"feature_dim": 64}) if name == "small_cnn" else ({}, {})

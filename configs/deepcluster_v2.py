@@ -54,7 +54,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 max_points_per_centroid=0,
                 empty_clusters="keep",
             ),
-            distill_alpha=0.9,  # self-distillation only (configs/deepcluster_v2_kd.py)
+            self_distillation=False,  # True: configs/deepcluster_v2_kd.py
+            distill_alpha=0.9,  # self-distillation only
             hint_weight=1e-5,
             cluster_layer="embeddings",
             samples_per_epoch=0,  # 0 = N: one shuffled pass per epoch

@@ -20,7 +20,7 @@ from dcjax.config_base import load_config, parse_variants
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = parse_variants(arg, {"cifar10", "cpu", "smoke"}, "configs/deepcluster_v2_kd.py")
     config = load_config("deepcluster_v2", arg)
-    config.method.name = "deepcluster_v2_kd"
+    config.method.self_distillation = True
     if config.model.name != "resnet18":  # digits: the branches need a ResNet
         config.model.update(name="resnet18", sobel=False, kwargs={"cifar_stem": True, "width": 16})
         if "smoke" in variants:  # one block per stage: compiles in seconds

@@ -51,6 +51,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             min_cluster_size=20,
             max_small_clusters=16,
             split_iters=20,
+            # CODC (configs/codc.py): trunks trained together, their constructor arguments and
+            # the runs they start from; empty: ODC on config.model.
+            backbones=(),
+            backbone_kwargs=(),
+            init_workdirs=(),
             kmeans=settings.fields(KMeansConfig, num_iters=20, max_points_per_centroid=0),
             cluster_layer="features",
             samples_per_epoch=0,  # 0 = N: one shuffled pass per epoch

@@ -26,10 +26,13 @@ import os
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from dcjax.evaluation import alignment, figures
+from dcjax.analysis import alignment
+from dcjax.core import cli
+from dcjax.core.errors import ConfigError
+from dcjax.evaluation import figures
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Method config file.")
 _MODE = flags.DEFINE_enum("mode", "ia", ["ia", "sweep"], "Initial Alignment or a sweep of runs.")
@@ -55,17 +58,17 @@ def with_value(config: ml_collections.ConfigDict, field: str, value) -> ml_colle
     """A copy of ``config`` with the dotted ``field`` set to ``value``.
 
     Raises:
-      ValueError: naming ``field`` when the config has no such field.
+      ConfigError: naming ``field`` when the config has no such field.
     """
     config = config.copy_and_resolve_references()
     *parents, name = field.split(".")
     node = config
     for part in parents:
         if part not in node:
-            raise ValueError(f"--vary={field}: the config has no field {part!r}")
+            raise ConfigError(f"--vary={field}: the config has no field {part!r}")
         node = node[part]
     if name not in node:
-        raise ValueError(f"--vary={field}: the config has no field {name!r}")
+        raise ConfigError(f"--vary={field}: the config has no field {name!r}")
     node[name] = value
     return config
 
@@ -75,7 +78,7 @@ def candidates(config, field: str, values: list[str]) -> dict[str, ml_collection
     if not field:
         return {"config": config}
     if not values:
-        raise ValueError(f"--vary={field} needs --values")
+        raise ConfigError(f"--vary={field} needs --values")
     return {v: with_value(config, field, parse_value(v)) for v in values}
 
 
@@ -143,7 +146,7 @@ def sweep_mode(config, field: str, values: list[str], workdir: str) -> tuple[dic
 
 def main(argv: list[str]) -> None:
     del argv
-    config, workdir = _CONFIG.value, _WORKDIR.value
+    config, workdir = cli.config_value(_CONFIG), _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
     mode = ia_mode if _MODE.value == "ia" else sweep_mode
     out, paths = mode(config, _VARY.value, _VALUES.value, workdir)
@@ -158,4 +161,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

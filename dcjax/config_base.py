@@ -8,6 +8,8 @@ import os
 
 import ml_collections
 
+from dcjax.core.errors import ConfigError
+
 __all__ = [
     "CONFIG_DIR",
     "base_config",
@@ -24,12 +26,12 @@ def parse_variants(arg: str | None, allowed: set[str], config_file: str) -> set[
     """The comma-separated variants after ``configs/<file>.py:``.
 
     Raises:
-      ValueError: naming ``config_file`` and the variants not in ``allowed``.
+      ConfigError: naming ``config_file`` and the variants not in ``allowed``.
     """
     variants = {v for v in (arg or "").split(",") if v}
     unknown = variants - allowed
     if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)} for {config_file}")
+        raise ConfigError(f"unknown variants {sorted(unknown)} for {config_file}")
     return variants
 
 

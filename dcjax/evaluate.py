@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from dcjax.core import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by dcjax.main.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -16,10 +18,10 @@ def evaluate_workdir(workdir: str) -> dict[str, dict[str, float]]:
     """Random-init and trained figures of the run saved in ``workdir``.
 
     Raises:
-      FileNotFoundError: ``workdir`` has no config.json or no checkpoint.
+      UserError: ``workdir`` has no config.json or no checkpoint.
     """
-    from dcjax.evaluation.report import Evaluator
     from dcjax.export import load
+    from dcjax.training.evaluator import Evaluator
     from dcjax.training.loop import random_init_results
 
     trained = load(workdir)
@@ -40,4 +42,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -24,6 +24,9 @@ import os
 import numpy as np
 from absl import app, flags
 
+from dcjax.core import cli
+from dcjax.core.errors import ConfigError, UserError
+
 __all__ = ["TrainedRun", "load", "load_trunk"]
 
 _WHAT = ("features", "labels", "model")
@@ -66,8 +69,8 @@ class TrainedRun:
           ValueError: naming the images' shape when they are not (N, H, W, C) uint8 with the
             training images' channel count, or naming ``layer`` when the model has no such output.
         """
+        from dcjax.core.distributed import to_host
         from dcjax.data.bank import place_bank
-        from dcjax.distributed import to_host
         from dcjax.training.step import extract_features, make_feature_fn
 
         images = np.asarray(images)
@@ -90,7 +93,7 @@ def load(workdir: str) -> TrainedRun:
     """The run saved in ``workdir`` (its config, data pipeline and latest checkpoint).
 
     Raises:
-      FileNotFoundError: ``workdir`` has no config.json or no checkpoint.
+      UserError: ``workdir`` has no config.json or no checkpoint.
     """
     import ml_collections
 
@@ -99,14 +102,14 @@ def load(workdir: str) -> TrainedRun:
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--workdir={workdir} has no config.json: is it a dcjax run?")
+        raise UserError(f"--workdir={workdir} has no config.json: is it a dcjax run?")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     built = build_run(config)
     manager = checkpoint.make_manager(workdir, config.checkpoint.keep)
     state = checkpoint.restore_latest(manager, built.initial_state)
     if state is None:
-        raise FileNotFoundError(f"--workdir={workdir} has no checkpoint yet")
+        raise UserError(f"--workdir={workdir} has no checkpoint yet")
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return TrainedRun(config, built.ctx.model, variables, built, state)
 
@@ -124,16 +127,16 @@ def export(trained: TrainedRun, what: str, out: str, split: str = "train", layer
     """Writes ``what`` (features, labels or model) of ``trained`` to ``out``; returns ``out``.
 
     Raises:
-      ValueError: naming ``--what`` or ``--split`` when unknown or when the run has no test split
-        or no pseudo-labels.
+      ValueError: naming ``--what`` or ``--split`` when unknown or when the run has no test
+        split.
     """
-    from dcjax.distributed import to_host
+    from dcjax.core.distributed import to_host
 
     data = trained.run.dataset
     if what not in _WHAT:
-        raise ValueError(f"--what={what!r} must be one of {_WHAT}")
+        raise ConfigError(f"--what={what!r} must be one of {_WHAT}")
     if split not in ("train", "test"):
-        raise ValueError(f"--split={split!r} must be train or test")
+        raise ConfigError(f"--split={split!r} must be train or test")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if what == "model":
         import jax
@@ -149,19 +152,17 @@ def export(trained: TrainedRun, what: str, out: str, split: str = "train", layer
         return out
     images = getattr(data, f"{split}_images")
     if images is None:
-        raise ValueError(f"--split={split}: the run's data ({data.name}) has no {split} split")
+        raise ConfigError(f"--split={split}: the run's data ({data.name}) has no {split} split")
     extra = {}
     paths = getattr(data, f"{split}_paths")
     if paths is not None:
         extra["paths"] = paths
     if what == "labels":
         if split != "train":
-            raise ValueError("--what=labels: pseudo-labels exist for the train split only")
-        from dcjax.training.label_export import method_labels
+            raise ConfigError("--what=labels: pseudo-labels exist for the train split only")
+        from dcjax.data.label_export import method_labels
 
         labels = method_labels(trained.state.method)
-        if labels is None:
-            raise ValueError(f"--what=labels: method {trained.config.method.name} keeps none")
         np.savez(out, labels=labels, cycle=np.int32(int(trained.state.cycle)), **extra)
         return out
     true_labels = getattr(data, f"{split}_labels")
@@ -198,4 +199,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

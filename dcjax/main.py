@@ -2,7 +2,7 @@
 
 Parses flags, joins a multi-process run when launched as one (``--coordinator``,
 ``--num_processes``, ``--process_id``, or a SLURM / TPU pod environment; see
-``dcjax.distributed``) and hands over to ``dcjax.training.loop.run``.
+``dcjax.core.distributed``) and hands over to ``dcjax.training.loop.run``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import os
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from dcjax.core import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file.", lock_config=True
@@ -49,12 +51,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _quiet_checkpoint_logs()
     # Imported late so --help answers without loading JAX.
-    from dcjax import distributed
+    from dcjax.core import distributed
     from dcjax.training import loop
     from dcjax.training.summary import print_results
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config = _CONFIG.value
+    config = cli.config_value(_CONFIG)
     workdir = _WORKDIR.value or default_workdir(config)
     results = loop.run(config, workdir)
     if distributed.is_main():
@@ -62,4 +64,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -9,7 +9,7 @@ Parts (``--parts``, in this order; each row is mean +- std over its seeds):
   ``fmnist,deepdive_code`` (the authors' code). Both probes (ours and the authors', see
   ``dcjax/evaluation/deepdive_probe.py``) at random init and trained, NMI per cycle to the classes
   and to the previous cycle, seconds per cycle.
-- ``ia``: IA(theta, 5) of seeds 1..20 (``dcjax.evaluation.alignment``, as ``python -m
+- ``ia``: IA(theta, 5) of seeds 1..20 (``dcjax.analysis.alignment``, as ``python -m
   dcjax.analyze --mode=ia``), then 8 seeds spanning the IA range (the baseline's seeds count where
   they fall) trained 50 cycles; final accuracy against IA with Spearman's rho.
 - ``k``: K in {5, 10, 20, 50, 100, 500}, seeds 1 and 2.
@@ -45,8 +45,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from dcjax.analysis import alignment  # noqa: E402
 from dcjax.config_base import load_config  # noqa: E402
-from dcjax.evaluation import alignment  # noqa: E402
 from dcjax.training.metrics import read_jsonl  # noqa: E402
 from dcjax.training.summary import machine_line, run_row, write_table  # noqa: E402
 

@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from dcjax.analysis import alignment
 from dcjax.config_base import load_config
-from dcjax.evaluation import alignment
 from dcjax.training.summary import machine_line, run_row, write_table
 
 # Data set: (config variants, K values, the seed paper's IA range where it reports one).

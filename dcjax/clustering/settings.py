@@ -13,6 +13,8 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
+from dcjax.core.errors import ConfigError
+
 __all__ = ["fields", "settings"]
 
 
@@ -46,13 +48,13 @@ def settings(cls: type, sub_config: ml_collections.ConfigDict | None, where: str
         message names ``where`` and the field.
     """
     if sub_config is None:
-        raise ValueError(f"{where} is missing: the method needs its {cls.__name__} fields")
+        raise ConfigError(f"{where} is missing: the method needs its {cls.__name__} fields")
     values = sub_config.to_dict()
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ValueError(f"{where} has unknown fields {sorted(unknown)}; known: {sorted(names)}")
+        raise ConfigError(f"{where} has unknown fields {sorted(unknown)}; known: {sorted(names)}")
     try:
         return cls(**values)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: {error}") from None
+        raise ConfigError(f"{where}: {error}") from None

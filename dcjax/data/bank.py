@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dcjax.training.mesh import DATA_AXIS
+from dcjax.core.mesh import DATA_AXIS
 
 __all__ = ["ImageBank", "place_bank"]
 

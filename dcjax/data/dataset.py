@@ -11,10 +11,12 @@ import dataclasses
 
 import numpy as np
 
+from dcjax.core.errors import UserError
+
 __all__ = ["DataError", "Dataset"]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad data input; the message names the source and the path or field at fault."""
 
 

@@ -34,31 +34,35 @@ _GREY_MODES = ("1", "L", "LA")
 _SPLITS = ("train", "test")
 
 
-def load_folder(root: str, cache_dir: str) -> Dataset:
+def load_folder(root: str, cache_dir: str, image_size: int = 0) -> Dataset:
     """Loads a class-per-folder image tree, from the cache when the files are unchanged.
 
-    All images must share one (H, W). If every image is grey the result has C = 1, otherwise
-    C = 3 (grey images are repeated to RGB; alpha is dropped).
+    Images of one (H, W) are kept as they are. Images of several sizes need ``image_size`` = S:
+    each is then resized on decode so that its shorter side is S (bicubic) and centre-cropped to
+    S x S. If every image is grey the result has C = 1, otherwise C = 3 (grey images are
+    repeated to RGB; alpha is dropped).
 
     Args:
       root: the folder to read.
       cache_dir: where decoded arrays are kept; created when missing.
+      image_size: S for folders of mixed sizes (``config.input.image_size``); 0 refuses them.
 
     Returns:
       Dataset named "folder:<absolute root>"; labels index the sorted class names.
 
     Raises:
       DataError: naming the root when it is missing or holds no images, or naming the file
-        when an image is corrupt or its size differs from the others.
+        when an image is corrupt, or when sizes differ and ``image_size`` is 0 (the message says
+        how to set it).
     """
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise DataError(f"folder: directory {root} does not exist")
     class_names, files = _list_files(root)
-    entry = os.path.join(cache_dir, f"folder-{_cache_key(root, files)}")
+    entry = os.path.join(cache_dir, f"folder-{_cache_key(root, files, image_size)}")
     arrays = _read_cache(entry)
     if arrays is None:
-        arrays = _decode_splits(files)
+        arrays = _decode_splits(files, image_size)
         _write_cache(entry, arrays, class_names, root, cache_dir)
     return Dataset(
         name=f"folder:{root}",
@@ -115,8 +119,8 @@ def _visible_dirs(directory: str) -> list[str]:
     )
 
 
-def _cache_key(root: str, files: dict[str, list[tuple[str, int]]]) -> str:
-    digest = hashlib.sha256(f"v{_CACHE_VERSION}\0{root}".encode())
+def _cache_key(root: str, files: dict[str, list[tuple[str, int]]], image_size: int) -> str:
+    digest = hashlib.sha256(f"v{_CACHE_VERSION}\0{root}\0{image_size}".encode())
     for split, pairs in files.items():
         for path, label in pairs:
             stat = os.stat(path)
@@ -136,17 +140,34 @@ def _decode_image(path: str) -> np.ndarray:
         raise DataError(f"folder: cannot decode {path}: {e}") from e
 
 
-def _decode_splits(files: dict[str, list[tuple[str, int]]]) -> dict[str, np.ndarray]:
+def _fit(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W[, 3]) -> (size, size[, 3]): shorter side resized to ``size`` (bicubic), centre crop."""
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    resized = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def _decode_splits(
+    files: dict[str, list[tuple[str, int]]], image_size: int
+) -> dict[str, np.ndarray]:
     paths = [path for pairs in files.values() for path, _ in pairs]
     with concurrent.futures.ThreadPoolExecutor(min(32, (os.cpu_count() or 1) + 4)) as pool:
         decoded = list(pool.map(_decode_image, paths))
     first_size = decoded[0].shape[:2]
-    for path, image in zip(paths, decoded, strict=True):
-        if image.shape[:2] != first_size:
-            raise DataError(
-                f"folder: {path} is {image.shape[1]}x{image.shape[0]} (WxH) but {paths[0]} is "
-                f"{first_size[1]}x{first_size[0]}; all images must share one size"
-            )
+    mixed = [(p, x) for p, x in zip(paths, decoded, strict=True) if x.shape[:2] != first_size]
+    if mixed and not image_size:
+        path, image = mixed[0]
+        raise DataError(
+            f"folder: {path} is {image.shape[1]}x{image.shape[0]} (WxH) but {paths[0]} is "
+            f"{first_size[1]}x{first_size[0]}; images of several sizes need "
+            "config.input.image_size=S (each is then resized on decode: shorter side S, "
+            "centre crop S x S)"
+        )
+    if mixed:
+        decoded = [_fit(image, image_size) for image in decoded]
     rgb = any(image.ndim == 3 for image in decoded)
     arrays, start = {}, 0
     for split, pairs in files.items():

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dcjax.core.errors import ConfigError
 from dcjax.data import augment
 
 __all__ = ["Pipeline", "make_pipeline"]
@@ -104,7 +105,7 @@ def make_pipeline(config: ml_collections.ConfigDict, train_images: np.ndarray) -
     size = int(inputs.image_size) or train_images.shape[1]
     eval_resize = int(inputs.get("eval_resize", 0))
     if eval_resize and eval_resize < size:
-        raise ValueError(
+        raise ConfigError(
             f"config.input.eval_resize={eval_resize} must be 0 or >= image_size ({size})"
         )
     return Pipeline(
@@ -124,7 +125,7 @@ def _given_or(inputs, name: str, measured, channels: int) -> tuple[float, ...]:
         return tuple(float(v) for v in measured)
     if len(given) != channels or (name == "std" and min(given) <= 0):
         rule = ", all > 0" if name == "std" else ""
-        raise ValueError(f"config.input.{name}={given} needs {channels} values{rule}")
+        raise ConfigError(f"config.input.{name}={given} needs {channels} values{rule}")
     return given
 
 

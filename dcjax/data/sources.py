@@ -19,6 +19,7 @@ Config fields (the `data` sub-config; a missing field takes the default below):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +82,15 @@ def load_digits(test_fraction: float, seed: int) -> Dataset:
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = bunch.target.astype(np.int32)
     test_images = test_labels = None
+    n, classes = len(labels), len(np.unique(labels))
+    num_test = math.ceil(test_fraction * n)
+    if test_fraction > 0.0 and min(num_test, n - num_test) < classes:
+        raise DataError(
+            f"digits: data.test_fraction={test_fraction} leaves {num_test} test and "
+            f"{n - num_test} training images; a stratified split needs at least {classes} in "
+            f"each: use 0 (no test split) or a value in [{classes / n:.4f}, "
+            f"{1 - classes / n:.4f}]"
+        )
     if test_fraction > 0.0:
         images, test_images, labels, test_labels = train_test_split(
             images, labels, test_size=test_fraction, random_state=seed, stratify=labels
@@ -95,30 +105,34 @@ def load_digits(test_fraction: float, seed: int) -> Dataset:
     )
 
 
-def _digits(config: ml_collections.ConfigDict) -> Dataset:
+def _digits(config: ml_collections.ConfigDict, image_size: int) -> Dataset:
+    del image_size  # decoded images of one size already
     return load_digits(float(_get(config, "test_fraction")), int(_get(config, "seed")))
 
 
-def _idx(config: ml_collections.ConfigDict) -> Dataset:
+def _idx(config: ml_collections.ConfigDict, image_size: int) -> Dataset:
+    del image_size  # decoded images of one size already
     return load_idx(_get(config, "path") or DEFAULT_IDX_DIR)
 
 
-def _folder(config: ml_collections.ConfigDict) -> Dataset:
+def _folder(config: ml_collections.ConfigDict, image_size: int) -> Dataset:
     root = _required_path(config, "folder", "the image root")
     cache_dir = os.path.expanduser(_get(config, "cache_dir") or DEFAULT_CACHE_DIR)
-    return load_folder(root, cache_dir)
+    return load_folder(root, cache_dir, image_size)
 
 
-def _npz(config: ml_collections.ConfigDict) -> Dataset:
+def _npz(config: ml_collections.ConfigDict, image_size: int) -> Dataset:
+    del image_size  # decoded images of one size already
     return load_npz(_required_path(config, "npz", "the .npz file"))
 
 
-def _tfds(config: ml_collections.ConfigDict) -> Dataset:
+def _tfds(config: ml_collections.ConfigDict, image_size: int) -> Dataset:
+    del image_size  # decoded images of one size already
     path = _get(config, "path")
     return load_tfds(_get(config, "name"), os.path.expanduser(path) if path else None)
 
 
-SOURCES: dict[str, Callable[[ml_collections.ConfigDict], Dataset]] = {
+SOURCES: dict[str, Callable[[ml_collections.ConfigDict, int], Dataset]] = {
     "digits": _digits,
     "idx": _idx,
     "folder": _folder,
@@ -127,11 +141,13 @@ SOURCES: dict[str, Callable[[ml_collections.ConfigDict], Dataset]] = {
 }
 
 
-def load(config: ml_collections.ConfigDict) -> Dataset:
+def load(config: ml_collections.ConfigDict, image_size: int = 0) -> Dataset:
     """Loads the data set `config.source` names, capped at the configured example counts.
 
     Args:
       config: the `data` sub-config (fields in the module docstring).
+      image_size: ``config.input.image_size``: a folder of images of several sizes is resized
+        to it on decode (0: such a folder is refused).
 
     Returns:
       Dataset with train_images (N, H, W, C) uint8, N <= max_train_examples when that is > 0,
@@ -149,7 +165,7 @@ def load(config: ml_collections.ConfigDict) -> Dataset:
     for field, value in (("max_train_examples", max_train), ("max_test_examples", max_test)):
         if value < 0:
             raise DataError(f"{source}: data.{field} must be >= 0 (0 = all), got {value}")
-    dataset = SOURCES[source](config)
+    dataset = SOURCES[source](config, image_size)
     rng = np.random.default_rng(int(_get(config, "seed")))
     dataset = _imbalance(dataset, tuple(_get(config, "class_fractions")), rng, source)
     return _cap(dataset, max_train, max_test, rng)

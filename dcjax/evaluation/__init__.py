@@ -1,4 +1,8 @@
-"""Evaluation of frozen features: clustering scores, linear probe and k-NN accuracy."""
+"""Evaluation kernels on arrays: clustering scores, linear probes, k-NN accuracy, figures.
+
+They take features and labels, never a run: ``dcjax.training.evaluator`` feeds them a state's
+features.
+"""
 
 from dcjax.evaluation.knn import knn_accuracy, knn_predict
 from dcjax.evaluation.linear_probe import ProbeResult, linear_probe

@@ -30,6 +30,8 @@ import numpy as np
 import optax
 from absl import logging
 
+from dcjax.core.errors import ConfigError
+
 __all__ = [
     "DeepdiveProbeConfig",
     "DeepdiveProbeResult",
@@ -48,7 +50,7 @@ class DeepdiveProbeConfig:
     """The probe's hyper-parameters (``config.eval.deepdive``), the authors' values by default.
 
     Raises:
-      ValueError: naming the ``config.eval.deepdive`` field that is out of range.
+      ConfigError: naming the ``config.eval.deepdive`` field that is out of range.
     """
 
     epochs: int = 20
@@ -62,11 +64,13 @@ class DeepdiveProbeConfig:
     def __post_init__(self):
         for name in ("epochs", "batch_size", "test_batch_size"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"config.eval.deepdive.{name}={getattr(self, name)} must be >= 1")
+                raise ConfigError(f"config.eval.deepdive.{name}={getattr(self, name)} must be >= 1")
         if not self.learning_rate > 0:
-            raise ValueError(f"config.eval.deepdive.learning_rate={self.learning_rate} must be > 0")
+            raise ConfigError(
+                f"config.eval.deepdive.learning_rate={self.learning_rate} must be > 0"
+            )
         if not (0 <= self.momentum < 1 and self.weight_decay >= 0):
-            raise ValueError(
+            raise ConfigError(
                 "config.eval.deepdive: momentum must be in [0, 1) and weight_decay >= 0, got "
                 f"{self.momentum} and {self.weight_decay}"
             )

@@ -1,25 +1,43 @@
-"""Methods, registered by name: ``config.method.name`` picks one."""
+"""Methods, each made by its module's ``make_method(config)``; ``config.method.name`` picks one.
 
+Variants are fields of ``config.method``, not names: DeepCluster-v2 with self-distillation is
+``deepcluster_v2`` with ``self_distillation=True``, CODC is ``odc`` with ``backbones``.
+"""
+
+from collections.abc import Callable
+
+import ml_collections
+
+from dcjax.core.errors import ConfigError
 from dcjax.methods import deepcluster, deepcluster_v2, odc, sela
-from dcjax.methods.base import Context, Method
+from dcjax.methods.base import Context, LabelledState, Method
 
-__all__ = ["METHODS", "Context", "Method", "get_method"]
+__all__ = ["FACTORIES", "Context", "LabelledState", "Method", "make_method"]
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        deepcluster.METHOD,
-        sela.METHOD,
-        deepcluster_v2.METHOD,
-        deepcluster_v2.KD_METHOD,
-        odc.METHOD,
-        odc.CODC_METHOD,
-    )
+FACTORIES: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
+    "deepcluster": deepcluster.make_method,
+    "deepcluster_v2": deepcluster_v2.make_method,
+    "odc": odc.make_method,
+    "sela": sela.make_method,
+}
+
+_RENAMED = {
+    "deepcluster_v2_kd": "method.name='deepcluster_v2' with method.self_distillation=True",
+    "codc": "method.name='odc' with method.backbones naming the trunks",
 }
 
 
-def get_method(name: str) -> Method:
-    """The method registered as ``name``; ValueError naming ``config.method.name`` otherwise."""
-    if name not in METHODS:
-        raise ValueError(f"config.method.name={name!r} is unknown; choose one of {sorted(METHODS)}")
-    return METHODS[name]
+def make_method(config: ml_collections.ConfigDict) -> Method:
+    """The method ``config.method.name`` names, built from ``config``.
+
+    Raises:
+      ConfigError: naming ``config.method.name`` when unknown, or the bad ``config.method`` field.
+    """
+    name = config.method.name
+    if name in _RENAMED:
+        raise ConfigError(f"config.method.name={name!r} is now {_RENAMED[name]}")
+    if name not in FACTORIES:
+        raise ConfigError(
+            f"config.method.name={name!r} is unknown; choose one of {sorted(FACTORIES)}"
+        )
+    return FACTORIES[name](config)

@@ -1,15 +1,17 @@
 """What a method is: a bundle of pure functions over the training state.
 
-The loop (``dcjax/training/loop.py``) knows nothing method-specific: it asks the method for its
-model and initial state, runs the feature pass when the method wants features, hands them to
-``recluster``, draws the epoch's indices with ``sample`` and trains with ``loss_fn``.
+Each method module exposes one factory, ``make_method(config) -> Method``, that reads and checks
+its ``config.method`` fields and binds them into the hooks. The loop (``dcjax/training/loop.py``)
+knows nothing method-specific: it takes the method's model and initial state, runs the feature
+pass when the method wants features, hands them to ``recluster``, draws the epoch's indices with
+``sample`` and trains with ``loss_fn``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import flax.linen as nn
 import jax
@@ -20,13 +22,16 @@ import optax
 from jax.sharding import Mesh
 
 from dcjax.clustering import kmeans, settings, sinkhorn
+from dcjax.core.distributed import to_host
+from dcjax.core.errors import ConfigError
 from dcjax.data import sampler
-from dcjax.distributed import to_host
 from dcjax.evaluation import scores
 
 __all__ = [
     "Context",
+    "LabelledState",
     "Method",
+    "int_field",
     "kmeans_config",
     "label_stats",
     "no_online_update",
@@ -66,38 +71,74 @@ class Context:
     mesh: Mesh | None = None
 
 
-class Method(NamedTuple):
-    """A self-supervised method as pure functions.
+@runtime_checkable
+class LabelledState(Protocol):
+    """What every method state exposes to the loop, the reports, the label export and figures.
 
     Attributes:
-      name: registry key.
-      build_model: ``(config) -> nn.Module``; its outputs dict has ``"logits"`` and the trunk's
-        named features.
-      init_state: ``(ctx) -> method state``, a pytree of arrays.
-      loss_fn: ``(method_state, outputs, indices) -> (loss, metrics)``; ``indices`` (B,) are the
-        batch's example indices; pure and traced inside the train step.
-      online_update: ``(method_state, outputs, indices) -> (method_state, metrics)``, per step
-        inside the train step after the gradient (memories, online labels); identity and no
-        metrics for methods without one.
-      wants_features: ``(ctx, cycle) -> bool``: whether ``recluster`` needs a feature pass.
-      recluster: ``(ctx, state, features | None) -> (state, stats)`` at the start of a cycle.
-      sample: ``(ctx, state, seed) -> (num_samples,) int32`` indices for the epoch.
-      state_sharding: ``(mesh, method_state) -> pytree of shardings`` for the method state, or
-        None to replicate it (large memories split their example axis over the mesh).
-      init_variables: ``(config, variables) -> variables`` applied to the freshly initialised
-        model variables (e.g. trunks loaded from earlier runs), or None.
+      pseudo_labels: (N,) int32 in [0, ``Method.num_clusters``): the labels that are scored
+        (NMI to the classes, figures); for several heads or prototype sets, the first.
+      label_sets: (H, N) int32: every head's or prototype set's labels (H = 1 for one), what
+        ``pseudo_labels/cycle_<c>.npz`` holds.
+    """
+
+    @property
+    def pseudo_labels(self) -> jax.Array: ...
+
+    @property
+    def label_sets(self) -> jax.Array: ...
+
+
+class Method(NamedTuple):
+    """A self-supervised method as pure functions, made by its module's ``make_method(config)``.
+
+    The factory reads and checks every ``config.method`` field the method uses and closes its
+    hooks over them: no hook reads the config, and no hyper-parameter lives in the state. Two
+    kinds of hooks:
+
+    - step hooks, traced inside the jitted train step: ``(method_state, outputs, indices)``;
+    - host hooks, called by the loop between steps: ``(ctx, ...)``.
+
+    Contracts the rest of the package relies on (and nothing else):
+    - the method state is a ``LabelledState`` (``pseudo_labels`` (N,), ``label_sets`` (H, N));
+    - the model's params are exactly the groups ``{"trunk", "head"}`` (each its own optimizer;
+      ``models.pretrained.restore_trunk`` and the export read ``trunk``), and its outputs dict
+      holds ``"logits"`` or ``"scores"`` and the trunk's named features;
+    - ``num_clusters`` is the K of ``pseudo_labels`` (the chance-level loss, the figures).
+
+    Attributes:
+      name: ``config.method.name``.
+      model: the Flax module (``apply(variables, images, train=...) -> outputs dict``).
+      num_clusters: K of ``pseudo_labels``.
+      init_state: ``(ctx) -> method state``, a pytree of arrays (a ``LabelledState``); checks
+        what needs the data (K against N, PCA against the feature width).
+      loss_fn: step hook ``(method_state, outputs, indices) -> (loss, metrics)``; ``indices``
+        (B,) are the batch's example indices.
+      online_update: step hook ``(method_state, outputs, indices) -> (method_state, metrics)``,
+        after the gradient (memories, online labels); the state unchanged and no metrics for
+        methods without one (``no_online_update``).
+      wants_features: host hook ``(ctx, cycle) -> bool``: whether ``recluster`` needs a feature
+        pass at the start of ``cycle``.
+      recluster: host hook ``(ctx, state, features | None) -> (state, stats)`` at the start of a
+        cycle; ``state`` is the whole ``TrainState``, ``features`` (N, ...) the cluster layer's.
+      sample: host hook ``(ctx, state, rng) -> (samples_per_epoch,) int32`` indices of an epoch.
+      state_sharding: host hook ``(ctx, method_state) -> pytree of shardings``, or None to
+        replicate the method state (large memories split their example axis over the mesh).
+      init_variables: host hook ``(ctx, variables) -> variables`` on the freshly initialised
+        model variables (trunks loaded from earlier runs), or None.
     """
 
     name: str
-    build_model: Callable[[ml_collections.ConfigDict], nn.Module]
-    init_state: Callable[[Context], PyTree]
+    model: nn.Module
+    num_clusters: int
+    init_state: Callable[[Context], LabelledState]
     loss_fn: Callable[[PyTree, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
-    online_update: Callable[[PyTree, dict[str, jax.Array], jax.Array], PyTree]
+    online_update: Callable[[PyTree, dict[str, jax.Array], jax.Array], tuple[PyTree, dict]]
     wants_features: Callable[[Context, int], bool]
     recluster: Callable[[Context, Any, jax.Array | None], tuple[Any, dict[str, float]]]
     sample: Callable[[Context, Any, np.random.Generator], np.ndarray]
-    state_sharding: Callable[[Mesh, PyTree], PyTree] | None = None
-    init_variables: Callable[[ml_collections.ConfigDict, PyTree], PyTree] | None = None
+    state_sharding: Callable[[Context, PyTree], PyTree] | None = None
+    init_variables: Callable[[Context, PyTree], PyTree] | None = None
 
 
 def kmeans_config(config: ml_collections.ConfigDict) -> kmeans.KMeansConfig:
@@ -112,6 +153,24 @@ def sinkhorn_config(config: ml_collections.ConfigDict) -> sinkhorn.SinkhornConfi
     return settings.settings(
         sinkhorn.SinkhornConfig, config.method.get("sinkhorn"), "config.method.sinkhorn"
     )
+
+
+def int_field(
+    method: ml_collections.ConfigDict, field: str, low: int, default: int | None = None
+) -> int:
+    """``config.method.<field>`` as an int >= ``low`` (``default`` when absent, if given).
+
+    Raises:
+      ConfigError: naming ``config.method.<field>`` when it is missing, not an int or too small.
+    """
+    if field not in method and default is not None:
+        return default
+    if field not in method:
+        raise ConfigError(f"config.method.{field} is missing")
+    value = method[field]
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        raise ConfigError(f"config.method.{field}={value!r} must be an int >= {low}")
+    return int(value)
 
 
 def pseudo_label_loss(

@@ -18,6 +18,7 @@ State kept: the pseudo-labels (N,) and the k-means centroids (K, D').
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax
@@ -28,20 +29,22 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dcjax.clustering import kmeans, pca
+from dcjax.core.distributed import to_host
+from dcjax.core.errors import ConfigError
+from dcjax.core.mesh import example_sharded, replicated
 from dcjax.data import sampler
-from dcjax.distributed import to_host
 from dcjax.methods.base import (
     Context,
     Method,
+    int_field,
     kmeans_config,
     label_stats,
     no_online_update,
     pseudo_label_loss,
 )
 from dcjax.models.network import ClassifierHead, Network, build_trunk
-from dcjax.training.mesh import example_sharded, replicated
 
-__all__ = ["DeepClusterState", "METHOD"]
+__all__ = ["DeepClusterState", "Settings", "make_method", "preprocess", "read_settings"]
 
 
 @flax.struct.dataclass
@@ -49,23 +52,33 @@ class DeepClusterState:
     pseudo_labels: jax.Array  # (N,) int32, the current cluster of every training example
     centroids: jax.Array  # (K, D') float32, k-means centroids in the whitened, L2-normalised space
 
+    @property
+    def label_sets(self) -> jax.Array:
+        """(1, N) the pseudo-labels as the one label set."""
+        return self.pseudo_labels[None]
 
-def build_model(config: ml_collections.ConfigDict) -> Network:
-    return Network(trunk=build_trunk(config.model), num_classes=config.method.num_clusters)
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The ``config.method`` fields DeepCluster reads, checked (``make_method``)."""
+
+    num_clusters: int  # K
+    pca_dim: int  # D' of the PCA-whitening, 0 = off
+    kmeans: kmeans.KMeansConfig  # ``method.kmeans``
+    halt_clustering_after: int  # 0 = never halt
+    truncate_epoch: bool  # False: the deep-dive authors' un-truncated uniform sampler
 
 
-def init_state(ctx: Context) -> DeepClusterState:
-    method = ctx.config.method
-    if method.pca_dim > min(ctx.feature_dim, ctx.num_examples):
-        raise ValueError(
-            f"config.method.pca_dim={method.pca_dim} exceeds the {ctx.feature_dim}-d "
+def init_state(settings: Settings, ctx: Context) -> DeepClusterState:
+    if settings.pca_dim > min(ctx.feature_dim, ctx.num_examples):
+        raise ConfigError(
+            f"config.method.pca_dim={settings.pca_dim} exceeds the {ctx.feature_dim}-d "
             f"'{ctx.cluster_layer}' features (or the {ctx.num_examples} examples); 0 turns PCA off"
         )
-    kmeans_config(ctx.config)  # its fields are checked now, not at the first clustering
-    dim = method.pca_dim or ctx.feature_dim
+    dim = settings.pca_dim or ctx.feature_dim
     return DeepClusterState(
         pseudo_labels=jnp.zeros((ctx.num_examples,), jnp.int32),
-        centroids=jnp.zeros((method.num_clusters, dim), jnp.float32),
+        centroids=jnp.zeros((settings.num_clusters, dim), jnp.float32),
     )
 
 
@@ -77,14 +90,14 @@ def loss_fn(
     return pseudo_label_loss(outputs["logits"], labels)
 
 
-def is_halted(config: ml_collections.ConfigDict, cycle: int) -> bool:
+def is_halted(halt_clustering_after: int, cycle: int) -> bool:
     """Whether clustering has halted at ``cycle`` (``halt_clustering_after`` = 0 never halts)."""
-    halt = config.method.halt_clustering_after
-    return 0 < halt <= cycle
+    return 0 < halt_clustering_after <= cycle
 
 
-def wants_features(ctx: Context, cycle: int) -> bool:
-    return not is_halted(ctx.config, cycle)
+def wants_features(settings: Settings, ctx: Context, cycle: int) -> bool:
+    del ctx
+    return not is_halted(settings.halt_clustering_after, cycle)
 
 
 @functools.partial(jax.jit, static_argnames=("pca_dim", "mesh"))
@@ -99,9 +112,11 @@ def preprocess(features: jax.Array, pca_dim: int, mesh: Mesh | None = None) -> j
     return pca.l2_normalize(x)
 
 
-def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, dict[str, float]]:
+def recluster(
+    settings: Settings, ctx: Context, state, features: jax.Array | None
+) -> tuple[object, dict[str, float]]:
     """New pseudo-labels by k-means (unless halted) and a freshly initialised head."""
-    config = ctx.config.method
+    k = settings.num_clusters
     cycle = int(state.cycle)
     key_kmeans, key_head = jax.random.split(jax.random.fold_in(state.rng, cycle))
     stats: dict[str, float] = {}
@@ -109,50 +124,70 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
     if features is not None:
         result = kmeans.fit(
             key_kmeans,
-            preprocess(features, config.pca_dim, ctx.mesh),
-            config.num_clusters,
-            kmeans_config(ctx.config),
+            preprocess(features, settings.pca_dim, ctx.mesh),
+            k,
+            settings.kmeans,
             mesh=ctx.mesh,
         )
         previous = method_state.pseudo_labels if cycle > 0 else None
         labels = to_host(result.assignments)
-        stats.update(label_stats(ctx, previous, labels, config.num_clusters))
+        stats.update(label_stats(ctx, previous, labels, k))
         stats["kmeans_inertia"] = float(result.inertia)
         stats["kmeans_empty_splits"] = float(result.n_empty_splits)
         method_state = method_state.replace(
             pseudo_labels=result.assignments, centroids=result.centroids
         )
-    head = ClassifierHead(config.num_clusters).init(key_head, jnp.zeros((1, ctx.feature_dim)))
+    head = ClassifierHead(k).init(key_head, jnp.zeros((1, ctx.feature_dim)))
     params = {**state.params, "head": head["params"]}
     opt_state = {**state.opt_state, "head": ctx.optimizers["head"].init(head["params"])}
     return state.replace(params=params, opt_state=opt_state, method=method_state), stats
 
 
-def sample(ctx: Context, state, rng: np.random.Generator) -> np.ndarray:
+def sample(settings: Settings, ctx: Context, state, rng: np.random.Generator) -> np.ndarray:
     """N indices drawn uniformly over the non-empty clusters (DeepCluster's sampler).
 
     ``method.truncate_epoch=False`` keeps all ``K' * (N // K' + 1)`` draws, as the deep-dive
     authors' sampler does.
     """
     labels = to_host(state.method.pseudo_labels)
-    truncate = ctx.config.method.get("truncate_epoch", True)
-    return sampler.uniform_over_labels(rng, labels, ctx.samples_per_epoch, truncate=truncate)
+    return sampler.uniform_over_labels(
+        rng, labels, ctx.samples_per_epoch, truncate=settings.truncate_epoch
+    )
 
 
-def state_sharding(mesh: Mesh, method_state: DeepClusterState) -> DeepClusterState:
+def state_sharding(ctx: Context, method_state: DeepClusterState) -> DeepClusterState:
     """Pseudo-labels split over the data axis (when N divides evenly), centroids replicated."""
     n = method_state.pseudo_labels.shape[0]
-    return method_state.replace(pseudo_labels=example_sharded(mesh, n), centroids=replicated(mesh))
+    return method_state.replace(
+        pseudo_labels=example_sharded(ctx.mesh, n), centroids=replicated(ctx.mesh)
+    )
 
 
-METHOD = Method(
-    name="deepcluster",
-    build_model=build_model,
-    init_state=init_state,
-    loss_fn=loss_fn,
-    online_update=no_online_update,
-    wants_features=wants_features,
-    recluster=recluster,
-    sample=sample,
-    state_sharding=state_sharding,
-)
+def read_settings(config: ml_collections.ConfigDict) -> Settings:
+    """``config.method``'s DeepCluster fields; ConfigError naming a bad one."""
+    method = config.method
+    return Settings(
+        num_clusters=int_field(method, "num_clusters", 2),
+        pca_dim=int_field(method, "pca_dim", 0),
+        kmeans=kmeans_config(config),
+        halt_clustering_after=int_field(method, "halt_clustering_after", 0, default=0),
+        truncate_epoch=bool(method.get("truncate_epoch", True)),
+    )
+
+
+def make_method(config: ml_collections.ConfigDict) -> Method:
+    """DeepCluster from ``config`` (``config.model`` for the trunk, ``config.method`` fields)."""
+    settings = read_settings(config)
+    bind = functools.partial
+    return Method(
+        name=config.method.name,
+        model=Network(trunk=build_trunk(config.model), num_classes=settings.num_clusters),
+        num_clusters=settings.num_clusters,
+        init_state=bind(init_state, settings),
+        loss_fn=loss_fn,
+        online_update=no_online_update,
+        wants_features=bind(wants_features, settings),
+        recluster=bind(recluster, settings),
+        sample=bind(sample, settings),
+        state_sharding=state_sharding,
+    )

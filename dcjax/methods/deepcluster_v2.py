@@ -1,9 +1,10 @@
 """DeepCluster-v2 (Caron et al. 2020, SwAV's repository), alone or with self-distillation.
 
 Network (``dcjax.models.prototypes``): trunk -> projection head -> L2-normalised embedding ->
-prototypes, one set per entry of ``num_prototypes``. With self-distillation (method
-``deepcluster_v2_kd``, Adnan et al. 2021) a ResNet's three bottleneck branches each get their own
-projection head and prototypes: C = 4 classifiers, classifier 0 (the deepest) the teacher.
+prototypes, one set per entry of ``num_prototypes``. With self-distillation
+(``method.self_distillation=True``, Adnan et al. 2021) a ResNet's three bottleneck branches each
+get their own projection head and prototypes: C = 4 classifiers, classifier 0 (the deepest) the
+teacher.
 
 State: a feature memory (C, N, D) holding every example's latest embedding from each
 classifier, written inside the jitted train step at the batch's indices and filled by a feature
@@ -32,86 +33,107 @@ so BYOT's T = 3 (and its T^2 factor) is not applied.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
 
 from dcjax.clustering import kmeans
 from dcjax.clustering.pca import l2_normalize
-from dcjax.distributed import to_host
-from dcjax.methods.base import Context, Method, kmeans_config, label_stats, shuffled_sample
+from dcjax.core.distributed import to_host
+from dcjax.core.errors import ConfigError
+from dcjax.core.mesh import example_sharded
+from dcjax.methods.base import (
+    Context,
+    Method,
+    int_field,
+    kmeans_config,
+    label_stats,
+    shuffled_sample,
+)
 from dcjax.methods.distillation import hint_loss, kl_to_teacher
 from dcjax.models.network import build_trunk
 from dcjax.models.prototypes import BRANCH_KEYS, EmbeddingTrunk, PrototypeNetwork
-from dcjax.training.mesh import example_sharded
 
-__all__ = ["DCv2State", "METHOD", "KD_METHOD", "set_prototypes"]
-
-KD_NAME = "deepcluster_v2_kd"
+__all__ = ["DCv2State", "Settings", "make_method", "read_settings", "set_prototypes"]
 
 
 @flax.struct.dataclass
 class DCv2State:
     memory: jax.Array  # (C, N, D) float32, every classifier's latest embedding of each example
     labels: jax.Array  # (S, N) int32, each prototype set's cluster of each example
-    # The loss's hyper-parameters, static (not arrays, not checkpointed: they come from config).
-    sizes: tuple[int, ...] = flax.struct.field(pytree_node=False, default=(1,))
-    temperature: float = flax.struct.field(pytree_node=False, default=1.0)
-    distill_alpha: float = flax.struct.field(pytree_node=False, default=0.0)
-    hint_weight: float = flax.struct.field(pytree_node=False, default=0.0)
 
     @property
     def pseudo_labels(self) -> jax.Array:
         """(N,) the first prototype set's labels (what the reports score)."""
         return self.labels[0]
 
-
-def num_classifiers(config: ml_collections.ConfigDict) -> int:
-    """1 for DeepCluster-v2, 4 (deepest + 3 branches) with self-distillation."""
-    return 1 + len(BRANCH_KEYS) if config.method.name == KD_NAME else 1
-
-
-def _num_prototypes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    sizes = tuple(int(k) for k in config.method.num_prototypes)
-    if not sizes or min(sizes) < 1:
-        raise ValueError(
-            f"config.method.num_prototypes must be a non-empty list of positive sizes, got "
-            f"{tuple(config.method.num_prototypes)}"
-        )
-    return sizes
+    @property
+    def label_sets(self) -> jax.Array:
+        """(S, N) every prototype set's labels."""
+        return self.labels
 
 
-def build_model(config: ml_collections.ConfigDict) -> PrototypeNetwork:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The ``config.method`` fields DeepCluster-v2 reads, checked (``make_method``)."""
+
+    sizes: tuple[int, ...]  # K_j of each prototype set
+    temperature: float  # tau of the softmax over prototype scores
+    num_classifiers: int  # C: 1, or 4 with self-distillation (the deepest + 3 branches)
+    distill_alpha: float  # alpha of the self-distillation loss (0 without it)
+    hint_weight: float  # lambda of the hint loss (0 without it)
+    feat_dim: int  # D of the embeddings
+    hidden_dim: int  # width of the projection head's hidden layer
+    kmeans: kmeans.KMeansConfig  # ``method.kmeans``
+
+
+def read_settings(config: ml_collections.ConfigDict) -> Settings:
+    """``config.method``'s DeepCluster-v2 fields; ConfigError naming a bad one."""
     method = config.method
-    trunk = EmbeddingTrunk(
-        build_trunk(config.model), method.hidden_dim, method.feat_dim, num_classifiers(config)
+    sizes = tuple(int(k) for k in method.num_prototypes)
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(
+            f"config.method.num_prototypes must be a non-empty list of positive sizes, got "
+            f"{tuple(method.num_prototypes)}"
+        )
+    if method.temperature <= 0:
+        raise ConfigError(f"config.method.temperature must be > 0, got {method.temperature}")
+    distill = bool(method.get("self_distillation", False))
+    return Settings(
+        sizes=sizes,
+        temperature=float(method.temperature),
+        num_classifiers=1 + len(BRANCH_KEYS) if distill else 1,
+        distill_alpha=float(method.distill_alpha) if distill else 0.0,
+        hint_weight=float(method.hint_weight) if distill else 0.0,
+        feat_dim=int_field(method, "feat_dim", 1),
+        hidden_dim=int_field(method, "hidden_dim", 1),
+        kmeans=kmeans_config(config),
     )
-    return PrototypeNetwork(trunk, _num_prototypes(config))
 
 
-def init_state(ctx: Context) -> DCv2State:
-    config = ctx.config
-    kmeans_config(config)  # its fields are checked now, not at the first clustering
-    sizes = _num_prototypes(config)
+def build_model(config: ml_collections.ConfigDict, settings: Settings) -> PrototypeNetwork:
+    """Trunk -> projection head(s) -> prototypes; one head per classifier."""
+    trunk = EmbeddingTrunk(
+        build_trunk(config.model), settings.hidden_dim, settings.feat_dim, settings.num_classifiers
+    )
+    return PrototypeNetwork(trunk, settings.sizes)
+
+
+def init_state(settings: Settings, ctx: Context) -> DCv2State:
+    sizes = settings.sizes
     if max(sizes) > ctx.num_examples:
-        raise ValueError(
+        raise ConfigError(
             f"config.method.num_prototypes={sizes} has more prototypes than the "
             f"{ctx.num_examples} training examples"
         )
-    if config.method.temperature <= 0:
-        raise ValueError(f"config.method.temperature must be > 0, got {config.method.temperature}")
-    method = config.method
-    distill = num_classifiers(config) > 1
     return DCv2State(
-        memory=jnp.zeros((num_classifiers(config), ctx.num_examples, method.feat_dim)),
+        memory=jnp.zeros((settings.num_classifiers, ctx.num_examples, settings.feat_dim)),
         labels=jnp.zeros((len(sizes), ctx.num_examples), jnp.int32),
-        sizes=sizes,
-        temperature=float(method.temperature),
-        distill_alpha=float(method.distill_alpha) if distill else 0.0,
-        hint_weight=float(method.hint_weight) if distill else 0.0,
     )
 
 
@@ -137,9 +159,11 @@ def classifier_losses(
     return jnp.mean(jnp.stack(losses), axis=0)
 
 
-def loss_fn(method_state: DCv2State, outputs: dict[str, jax.Array], indices: jax.Array):
+def loss_fn(
+    settings: Settings, method_state: DCv2State, outputs: dict[str, jax.Array], indices: jax.Array
+):
     """L_0 alone (C = 1) or the self-distillation total (C = 4); see the module docstring."""
-    scores, sizes, temperature = outputs["scores"], method_state.sizes, method_state.temperature
+    scores, sizes, temperature = outputs["scores"], settings.sizes, settings.temperature
     labels = method_state.labels[:, indices]
     per_classifier = classifier_losses(scores, labels, sizes, temperature)
     first = _set_slices(sizes)[0]
@@ -154,9 +178,9 @@ def loss_fn(method_state: DCv2State, outputs: dict[str, jax.Array], indices: jax
     ) / len(sizes)
     hints = sum(hint_loss(outputs[f"{b}_map"], outputs["stage4"]) for b in BRANCH_KEYS)
     students = jnp.sum(per_classifier[1:])
-    alpha = method_state.distill_alpha
+    alpha = settings.distill_alpha
     loss = per_classifier[0] + (1 - alpha) * students + alpha * kl
-    loss = loss + method_state.hint_weight * hints
+    loss = loss + settings.hint_weight * hints
     metrics.update(loss_students=students, loss_kl=kl, loss_hints=hints)
     return loss, metrics
 
@@ -170,6 +194,7 @@ def online_update(method_state: DCv2State, outputs, indices) -> tuple[DCv2State,
 
 def wants_features(ctx: Context, cycle: int) -> bool:
     """Only before the first epoch: the pass that fills the memory."""
+    del ctx
     return cycle == 0
 
 
@@ -205,20 +230,21 @@ def set_prototypes(
     return prototypes.at[:, :, columns].set(new)
 
 
-def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, dict[str, float]]:
+def recluster(
+    settings: Settings, ctx: Context, state, features: jax.Array | None
+) -> tuple[object, dict[str, float]]:
     """Fills the memory (first cycle), clusters it, sets labels and prototypes."""
-    config = ctx.config
     cycle = int(state.cycle)
     memory = state.method.memory
     if features is not None:
         memory = jnp.swapaxes(features.astype(memory.dtype), 0, 1)
     head = dict(state.params["head"])
     prototypes = head["prototypes"]
-    sizes = _num_prototypes(config)
+    sizes = settings.sizes
     labels, stats = [], {}
     for j, (k, columns) in enumerate(zip(sizes, _set_slices(sizes), strict=True)):
         key = jax.random.fold_in(jax.random.fold_in(state.rng, cycle), j)
-        result = kmeans.fit(key, memory[0], k, kmeans_config(config), mesh=ctx.mesh)
+        result = kmeans.fit(key, memory[0], k, settings.kmeans, mesh=ctx.mesh)
         assignments = result.assignments
         prototypes = set_prototypes(prototypes, memory, assignments, result.centroids, columns)
         labels.append(assignments)
@@ -232,29 +258,29 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
     return state.replace(params=params, method=method_state), stats
 
 
-def state_sharding(mesh: Mesh, method_state: DCv2State) -> DCv2State:
+def state_sharding(ctx: Context, method_state: DCv2State) -> DCv2State:
     """The (C, N, D) memory and (S, N) labels split over the data axis along N (when N divides
     evenly)."""
     n = method_state.labels.shape[1]
     return method_state.replace(
-        memory=example_sharded(mesh, n, axis=1, ndim=3),
-        labels=example_sharded(mesh, n, axis=1, ndim=2),
+        memory=example_sharded(ctx.mesh, n, axis=1, ndim=3),
+        labels=example_sharded(ctx.mesh, n, axis=1, ndim=2),
     )
 
 
-def _method(name: str) -> Method:
+def make_method(config: ml_collections.ConfigDict) -> Method:
+    """DeepCluster-v2 from ``config``; ``method.self_distillation`` adds the branch students."""
+    settings = read_settings(config)
+    bind = functools.partial
     return Method(
-        name=name,
-        build_model=build_model,
-        init_state=init_state,
-        loss_fn=loss_fn,
+        name=config.method.name,
+        model=build_model(config, settings),
+        num_clusters=settings.sizes[0],
+        init_state=bind(init_state, settings),
+        loss_fn=bind(loss_fn, settings),
         online_update=online_update,
         wants_features=wants_features,
-        recluster=recluster,
+        recluster=bind(recluster, settings),
         sample=shuffled_sample,
         state_sharding=state_sharding,
     )
-
-
-METHOD = _method("deepcluster_v2")
-KD_METHOD = _method(KD_NAME)

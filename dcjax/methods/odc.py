@@ -20,7 +20,7 @@ Each train step (``online_update`` runs after the gradient, on the same forward'
 Batches must hold distinct examples (the shuffled sampler's do): the class counts are updated
 incrementally from the batch's old and new labels.
 
-CODC (method ``codc``): ``config.method.backbones`` names several trunks trained together. Each
+CODC (``config.method.backbones`` not empty): several trunks trained together. Each
 has its own head (and so its own optimizer state, all in one pytree); the memory holds the
 concatenation of their L2-normalised features (re-normalised), and the labels it gives are the
 targets of every head. A backbone can start from an earlier dcjax run's checkpoint
@@ -29,23 +29,33 @@ targets of every head. A backbone can start from an earlier dcjax run's checkpoi
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
 
 from dcjax.clustering import kmeans, online
 from dcjax.clustering.pca import l2_normalize
-from dcjax.distributed import to_host
-from dcjax.methods.base import Context, Method, kmeans_config, label_stats, shuffled_sample
+from dcjax.core.distributed import to_host
+from dcjax.core.errors import ConfigError
+from dcjax.core.mesh import example_sharded, replicated
+from dcjax.methods.base import (
+    Context,
+    Method,
+    int_field,
+    kmeans_config,
+    label_stats,
+    shuffled_sample,
+)
 from dcjax.models.collaborative import CollaborativeNetwork, MultiTrunk
 from dcjax.models.network import Network, build_trunk
-from dcjax.training import checkpoint
-from dcjax.training.mesh import example_sharded, replicated
+from dcjax.models.pretrained import restore_trunk
 
-__all__ = ["ODCState", "METHOD", "CODC_METHOD", "check_sizes"]
+__all__ = ["ODCState", "Settings", "check_sizes", "make_method", "read_settings"]
 
 
 @flax.struct.dataclass
@@ -56,19 +66,15 @@ class ODCState:
     counts: jax.Array  # (K,) int32 members per cluster
     step: jax.Array  # () int32 online updates done
     epoch_labels: jax.Array  # (N,) int32 the labels when the current epoch began
-    # Static hyper-parameters (from the config, not checkpointed).
-    momentum: float = flax.struct.field(pytree_node=False, default=0.5)
-    reweight_pow: float = flax.struct.field(pytree_node=False, default=0.5)
-    centroids_interval: int = flax.struct.field(pytree_node=False, default=10)
-    small_interval: int = flax.struct.field(pytree_node=False, default=1)
-    min_cluster_size: int = flax.struct.field(pytree_node=False, default=20)
-    max_small: int = flax.struct.field(pytree_node=False, default=16)
-    split_iters: int = flax.struct.field(pytree_node=False, default=20)
-    seed: int = flax.struct.field(pytree_node=False, default=0)
 
     @property
     def pseudo_labels(self) -> jax.Array:
         return self.labels
+
+    @property
+    def label_sets(self) -> jax.Array:
+        """(1, N) the labels as the one label set."""
+        return self.labels[None]
 
     @property
     def clusters(self) -> online.OnlineClusters:
@@ -80,63 +86,111 @@ class ODCState:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The ``config.method`` fields ODC reads, checked (``make_method``)."""
+
+    num_clusters: int  # K
+    momentum: float  # ``memory_momentum``: the weight of the new feature in a memory row
+    reweight_pow: float  # the loss's class weights are (1 / count) ** reweight_pow
+    centroids_interval: int  # ``centroids_update_interval`` steps between member means
+    small_interval: int  # ``small_cluster_interval`` steps between small-cluster checks
+    min_cluster_size: int  # clusters below it are dissolved and refilled
+    max_small: int  # ``max_small_clusters`` handled per check
+    split_iters: int  # Lloyd iterations of each refill's 2-means split
+    kmeans: kmeans.KMeansConfig  # ``method.kmeans``: the initial clustering
+    backbones: tuple[str, ...]  # CODC: the trunks' names (empty: ODC, one ``config.model``)
+    init_workdirs: tuple[str, ...]  # CODC: a run per trunk to start it from ("" = random init)
+    seed: int  # ``config.seed``: the small-cluster splits' keys
+
+
 def check_sizes(num_examples: int, k: int, min_cluster_size: int) -> None:
-    """Raises ValueError naming the fields unless N >= 2 K ``min_cluster_size`` (see splits)."""
+    """Raises ConfigError naming the fields unless N >= 2 K ``min_cluster_size`` (see splits)."""
     if k < 2:
-        raise ValueError(f"config.method.num_clusters must be >= 2, got {k}")
+        raise ConfigError(f"config.method.num_clusters must be >= 2, got {k}")
     if min_cluster_size < 0:
-        raise ValueError(f"config.method.min_cluster_size must be >= 0, got {min_cluster_size}")
+        raise ConfigError(f"config.method.min_cluster_size must be >= 0, got {min_cluster_size}")
     if num_examples < 2 * k * max(min_cluster_size, 1):
-        raise ValueError(
+        raise ConfigError(
             f"config.method.num_clusters={k} and min_cluster_size={min_cluster_size} need at "
             f"least 2 * K * min_cluster_size = {2 * k * max(min_cluster_size, 1)} training "
             f"examples, got {num_examples}: lower one of them"
         )
 
 
-def build_model(config: ml_collections.ConfigDict):
+def read_settings(config: ml_collections.ConfigDict) -> Settings:
+    """``config.method``'s ODC / CODC fields; ConfigError naming a bad one."""
     method = config.method
-    if method.name == "codc":
-        names, kwargs = tuple(method.backbones), tuple(method.backbone_kwargs)
-        if len(names) < 1 or len(kwargs) != len(names):
-            raise ValueError(
-                f"config.method.backbones={names} and backbone_kwargs={kwargs} must be "
-                "non-empty and of the same length"
-            )
-        trunks = []
-        for name, extra in zip(names, kwargs, strict=True):
-            model = ml_collections.ConfigDict(
-                dict(name=name, sobel=config.model.sobel, kwargs=dict(extra))
-            )
-            trunks.append(build_trunk(model))
-        return CollaborativeNetwork(MultiTrunk(tuple(trunks)), method.num_clusters)
-    return Network(trunk=build_trunk(config.model), num_classes=method.num_clusters)
+    if not 0.0 < method.memory_momentum <= 1.0:
+        raise ConfigError(
+            f"config.method.memory_momentum must be in (0, 1], got {method.memory_momentum}"
+        )
+    backbones = tuple(method.get("backbones", ()))
+    init_workdirs = tuple(method.get("init_workdirs", ()))
+    if init_workdirs and len(init_workdirs) != len(backbones):
+        raise ConfigError(
+            f"config.method.init_workdirs={init_workdirs} must have one entry per backbone "
+            f"(config.method.backbones={backbones})"
+        )
+    return Settings(
+        num_clusters=int_field(method, "num_clusters", 2),
+        momentum=float(method.memory_momentum),
+        reweight_pow=float(method.reweight_pow),
+        centroids_interval=int_field(method, "centroids_update_interval", 1),
+        small_interval=int_field(method, "small_cluster_interval", 1),
+        min_cluster_size=int_field(method, "min_cluster_size", 0),
+        max_small=int_field(method, "max_small_clusters", 1),
+        split_iters=int_field(method, "split_iters", 1),
+        kmeans=kmeans_config(config),
+        backbones=backbones,
+        init_workdirs=init_workdirs,
+        seed=int(config.seed),
+    )
 
 
-def init_variables(config: ml_collections.ConfigDict, variables: dict) -> dict:
+def build_model(config: ml_collections.ConfigDict, settings: Settings):
+    """ODC: ``config.model``'s trunk and one head; CODC: one trunk and head per backbone."""
+    if not settings.backbones:
+        return Network(trunk=build_trunk(config.model), num_classes=settings.num_clusters)
+    kwargs = tuple(config.method.get("backbone_kwargs", ()))
+    if len(kwargs) != len(settings.backbones):
+        raise ConfigError(
+            f"config.method.backbones={settings.backbones} and backbone_kwargs={kwargs} must "
+            "be of the same length"
+        )
+    trunks = []
+    for name, extra in zip(settings.backbones, kwargs, strict=True):
+        model = ml_collections.ConfigDict(
+            dict(name=name, sobel=config.model.sobel, kwargs=dict(extra))
+        )
+        trunks.append(build_trunk(model))
+    return CollaborativeNetwork(MultiTrunk(tuple(trunks)), settings.num_clusters)
+
+
+def init_variables(settings: Settings, ctx: Context, variables: dict) -> dict:
     """CODC: trunk i from the latest checkpoint of ``config.method.init_workdirs[i]`` if set.
 
     Raises:
-      ValueError: naming the workdir when its trunk's parameter shapes differ from trunk i's.
+      ConfigError: naming the workdir when its trunk's parameter shapes differ from trunk i's.
     """
-    workdirs = tuple(config.method.get("init_workdirs", ()))
+    del ctx
     params = {**variables["params"], "trunk": dict(variables["params"]["trunk"])}
     stats = dict(variables.get("batch_stats", {}))
     if "trunk" in stats:
         stats["trunk"] = dict(stats["trunk"])
-    for i, workdir in enumerate(workdirs):
+    for i, workdir in enumerate(settings.init_workdirs):
         if not workdir:
             continue
         key = f"trunks_{i}"
-        loaded, loaded_stats = checkpoint.restore_trunk(workdir)
+        loaded, loaded_stats = restore_trunk(workdir)
         mine = params["trunk"][key]
         shapes = jax.tree.map(jnp.shape, loaded)
         if jax.tree.structure(loaded) != jax.tree.structure(mine) or shapes != jax.tree.map(
             jnp.shape, mine
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"config.method.init_workdirs[{i}]={workdir!r}: its trunk does not have the "
-                f"architecture of backbone {i} ({config.method.backbones[i]!r})"
+                f"architecture of backbone {i} ({settings.backbones[i]!r})"
             )
         params["trunk"][key] = jax.tree.map(jnp.asarray, loaded)
         if loaded_stats:
@@ -144,18 +198,9 @@ def init_variables(config: ml_collections.ConfigDict, variables: dict) -> dict:
     return {**variables, "params": params, "batch_stats": stats}
 
 
-def init_state(ctx: Context) -> ODCState:
-    method = ctx.config.method
-    k = method.num_clusters
-    kmeans_config(ctx.config)  # its fields are checked now, not at the first clustering
-    check_sizes(ctx.num_examples, k, method.min_cluster_size)
-    for field in ("centroids_update_interval", "small_cluster_interval", "max_small_clusters"):
-        if method[field] < 1:
-            raise ValueError(f"config.method.{field} must be >= 1, got {method[field]}")
-    if not 0.0 < method.memory_momentum <= 1.0:
-        raise ValueError(
-            f"config.method.memory_momentum must be in (0, 1], got {method.memory_momentum}"
-        )
+def init_state(settings: Settings, ctx: Context) -> ODCState:
+    k = settings.num_clusters
+    check_sizes(ctx.num_examples, k, settings.min_cluster_size)
     d = ctx.feature_dim
     return ODCState(
         memory=jnp.zeros((ctx.num_examples, d), jnp.float32),
@@ -164,14 +209,6 @@ def init_state(ctx: Context) -> ODCState:
         counts=jnp.zeros((k,), jnp.int32),
         step=jnp.zeros((), jnp.int32),
         epoch_labels=jnp.zeros((ctx.num_examples,), jnp.int32),
-        momentum=float(method.memory_momentum),
-        reweight_pow=float(method.reweight_pow),
-        centroids_interval=int(method.centroids_update_interval),
-        small_interval=int(method.small_cluster_interval),
-        min_cluster_size=int(method.min_cluster_size),
-        max_small=int(method.max_small_clusters),
-        split_iters=int(method.split_iters),
-        seed=int(ctx.config.seed),
     )
 
 
@@ -183,10 +220,12 @@ def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Ar
     return -jnp.sum(w * picked) / jnp.sum(w)
 
 
-def loss_fn(method_state: ODCState, outputs: dict[str, jax.Array], indices: jax.Array):
+def loss_fn(
+    settings: Settings, method_state: ODCState, outputs: dict[str, jax.Array], indices: jax.Array
+):
     """Re-weighted CE of each head ((B, K) logits, or (B, M, K) for CODC's M heads), summed."""
     labels = method_state.labels[indices]
-    weights = online.reweight(method_state.counts, method_state.reweight_pow)
+    weights = online.reweight(method_state.counts, settings.reweight_pow)
     logits = outputs["logits"]
     heads = logits[:, None] if logits.ndim == 2 else logits
     losses = [weighted_cross_entropy(heads[:, m], labels, weights) for m in range(heads.shape[1])]
@@ -197,11 +236,13 @@ def loss_fn(method_state: ODCState, outputs: dict[str, jax.Array], indices: jax.
     return sum(losses), metrics
 
 
-def online_update(method_state: ODCState, outputs: dict[str, jax.Array], indices: jax.Array):
+def online_update(
+    settings: Settings, method_state: ODCState, outputs: dict[str, jax.Array], indices: jax.Array
+):
     """Memory write, batch re-labelling, periodic centroids and small clusters; see the module."""
-    s = method_state
+    hp, s = settings, method_state
     features = l2_normalize(jax.lax.stop_gradient(outputs["features"]))
-    memory, rows = online.momentum_write(s.memory, indices, features, s.momentum)
+    memory, rows = online.momentum_write(s.memory, indices, features, hp.momentum)
     old = s.labels[indices]
     new = online.nearest_centroid(rows, s.centroids)
     k = s.counts.shape[0]
@@ -214,21 +255,21 @@ def online_update(method_state: ODCState, outputs: dict[str, jax.Array], indices
         centroids, counts = online.cluster_means(s.memory, s.labels, s.centroids)
         return s.replace(centroids=centroids, counts=counts)
 
-    s = jax.lax.cond(s.step % s.centroids_interval == 0, update_centroids, lambda s: s, s)
+    s = jax.lax.cond(s.step % hp.centroids_interval == 0, update_centroids, lambda s: s, s)
 
     def small_clusters(s):
-        key = jax.random.fold_in(jax.random.PRNGKey(s.seed), s.step)
+        key = jax.random.fold_in(jax.random.PRNGKey(hp.seed), s.step)
         clusters, found = online.handle_small_clusters(
             key,
             s.memory,
             s.clusters,
-            min_size=s.min_cluster_size,
-            max_small=s.max_small,
-            split_iters=s.split_iters,
+            min_size=hp.min_cluster_size,
+            max_small=hp.max_small,
+            split_iters=hp.split_iters,
         )
         return s.with_clusters(clusters), found
 
-    check = (s.step % s.small_interval == 0) & jnp.any(s.counts < s.min_cluster_size)
+    check = (s.step % hp.small_interval == 0) & jnp.any(s.counts < hp.min_cluster_size)
     s, found = jax.lax.cond(check, small_clusters, lambda s: (s, jnp.int32(0)), s)
     metrics = {
         "change_ratio": jnp.mean(old != new),
@@ -241,20 +282,21 @@ def online_update(method_state: ODCState, outputs: dict[str, jax.Array], indices
 
 def wants_features(ctx: Context, cycle: int) -> bool:
     """Only before the first epoch: the pass that initialises the memories."""
+    del ctx
     return cycle == 0
 
 
-def recluster(ctx: Context, state, features: jax.Array | None):
+def recluster(settings: Settings, ctx: Context, state, features: jax.Array | None):
     """Cycle 0: memory = the normalised features, k-means labels, centroids = member means.
 
     Later cycles change nothing in the clustering (it is online); they report the labels'
     health, their NMI with the labels one epoch earlier and the share that changed since.
     """
-    method = ctx.config.method
+    k = settings.num_clusters
     s = state.method
     if features is None:
         labels, previous = to_host(s.labels), to_host(s.epoch_labels)
-        stats = label_stats(ctx, previous, labels, method.num_clusters)
+        stats = label_stats(ctx, previous, labels, k)
         stats["changed_since_previous"] = float(np.mean(labels != previous))
         # A copy: the train step donates the state, and one buffer may not be donated twice.
         return state.replace(method=s.replace(epoch_labels=jnp.copy(s.labels))), stats
@@ -262,8 +304,8 @@ def recluster(ctx: Context, state, features: jax.Array | None):
     result = kmeans.fit(
         jax.random.fold_in(state.rng, 0),
         memory,
-        method.num_clusters,
-        kmeans_config(ctx.config),
+        k,
+        settings.kmeans,
         mesh=ctx.mesh,
     )
     centroids, counts = online.cluster_means(memory, result.assignments, result.centroids)
@@ -275,13 +317,14 @@ def recluster(ctx: Context, state, features: jax.Array | None):
         counts=counts,
         epoch_labels=jnp.copy(labels),
     )
-    stats = label_stats(ctx, None, to_host(result.assignments), method.num_clusters)
+    stats = label_stats(ctx, None, to_host(result.assignments), k)
     stats["kmeans_inertia"] = float(result.inertia)
     return state.replace(method=s), stats
 
 
-def state_sharding(mesh: Mesh, method_state: ODCState):
+def state_sharding(ctx: Context, method_state: ODCState):
     """The (N, D) memory and (N,) labels split over the data axis when N divides evenly."""
+    mesh = ctx.mesh
     whole = replicated(mesh)
     n = method_state.labels.shape[0]
     return method_state.replace(
@@ -294,20 +337,20 @@ def state_sharding(mesh: Mesh, method_state: ODCState):
     )
 
 
-def _method(name: str) -> Method:
+def make_method(config: ml_collections.ConfigDict) -> Method:
+    """ODC from ``config``; CODC when ``config.method.backbones`` names trunks."""
+    settings = read_settings(config)
+    bind = functools.partial
     return Method(
-        name=name,
-        build_model=build_model,
-        init_state=init_state,
-        loss_fn=loss_fn,
-        online_update=online_update,
+        name=config.method.name,
+        model=build_model(config, settings),
+        num_clusters=settings.num_clusters,
+        init_state=bind(init_state, settings),
+        loss_fn=bind(loss_fn, settings),
+        online_update=bind(online_update, settings),
         wants_features=wants_features,
-        recluster=recluster,
+        recluster=bind(recluster, settings),
         sample=shuffled_sample,
         state_sharding=state_sharding,
-        init_variables=init_variables if name == "codc" else None,
+        init_variables=bind(init_variables, settings) if settings.init_workdirs else None,
     )
-
-
-METHOD = _method("odc")
-CODC_METHOD = _method("codc")

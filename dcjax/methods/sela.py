@@ -26,6 +26,7 @@ transfer: with ``num_label_steps=1`` it is plain supervised training on them).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax
@@ -33,13 +34,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
 
 from dcjax.clustering import sinkhorn
-from dcjax.distributed import to_host
+from dcjax.core.distributed import to_host
+from dcjax.core.errors import ConfigError
+from dcjax.core.mesh import example_sharded
+from dcjax.data import label_export
 from dcjax.methods.base import (
     Context,
     Method,
+    int_field,
     label_stats,
     no_online_update,
     pseudo_label_loss,
@@ -47,10 +51,15 @@ from dcjax.methods.base import (
     sinkhorn_config,
 )
 from dcjax.models.network import Network, build_trunk, head_logits
-from dcjax.training import label_export
-from dcjax.training.mesh import example_sharded
 
-__all__ = ["SeLaState", "METHOD", "label_step_cycles", "random_equal_labels"]
+__all__ = [
+    "SeLaState",
+    "Settings",
+    "label_step_cycles",
+    "make_method",
+    "random_equal_labels",
+    "read_settings",
+]
 
 _SCHEDULE_POWERS = {"linear": 1, "quadratic": 2}
 
@@ -64,20 +73,25 @@ class SeLaState:
         """(N,) head 0's labels (what the reports score)."""
         return self.labels[0]
 
+    @property
+    def label_sets(self) -> jax.Array:
+        """(H, N) every head's labels."""
+        return self.labels
+
 
 def label_step_cycles(num_cycles: int, num_label_steps: int, schedule: str) -> list[int]:
     """Sorted cycles at which the labels are optimised (see the module docstring).
 
     Raises:
-      ValueError: naming ``config.method.schedule`` or ``num_label_steps`` when invalid.
+      ConfigError: naming ``config.method.schedule`` or ``num_label_steps`` when invalid.
     """
     if schedule not in _SCHEDULE_POWERS:
-        raise ValueError(
+        raise ConfigError(
             f"config.method.schedule={schedule!r} is unknown; choose one of "
             f"{sorted(_SCHEDULE_POWERS)}"
         )
     if num_label_steps < 1:
-        raise ValueError(f"config.method.num_label_steps must be >= 1, got {num_label_steps}")
+        raise ConfigError(f"config.method.num_label_steps must be >= 1, got {num_label_steps}")
     power = _SCHEDULE_POWERS[schedule]
     steps = (int(num_cycles * (j / num_label_steps) ** power) for j in range(1, num_label_steps))
     return sorted({c for c in steps if c < num_cycles})
@@ -89,34 +103,51 @@ def random_equal_labels(seed: int, num_heads: int, n: int, k: int) -> np.ndarray
     return np.stack([rng.permutation(np.arange(n) % k) for _ in range(num_heads)]).astype(np.int32)
 
 
-def build_model(config: ml_collections.ConfigDict) -> Network:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The ``config.method`` fields SeLa reads, checked (``make_method``)."""
+
+    num_clusters: int  # K per head
+    num_heads: int  # H
+    sinkhorn: sinkhorn.SinkhornConfig  # ``method.sinkhorn``
+    label_cycles: tuple[int, ...]  # the cycles whose start optimises the labels
+    cluster_prior: np.ndarray | None  # (K,) cluster marginals, None = uniform
+    labels_from: str  # a pseudo_labels/cycle_<c>.npz to start from, "" = random
+    seed: int  # ``config.seed``: the random equal-size start
+
+
+def read_settings(config: ml_collections.ConfigDict) -> Settings:
+    """``config.method``'s SeLa fields; ConfigError naming a bad one."""
     method = config.method
-    return Network(
-        trunk=build_trunk(config.model),
-        num_classes=method.num_clusters,
-        num_heads=method.num_heads,
+    return Settings(
+        num_clusters=int_field(method, "num_clusters", 2),
+        num_heads=int_field(method, "num_heads", 1),
+        sinkhorn=sinkhorn_config(config),
+        label_cycles=tuple(
+            label_step_cycles(config.num_cycles, method.num_label_steps, method.schedule)
+        ),
+        cluster_prior=cluster_prior(config),
+        labels_from=str(method.get("labels_from", "") or ""),
+        seed=int(config.seed),
     )
 
 
-def init_state(ctx: Context) -> SeLaState:
-    method = ctx.config.method
-    sinkhorn_config(ctx.config)  # its fields are checked now, not at the first label step
-    if method.num_clusters > ctx.num_examples:
-        raise ValueError(
-            f"config.method.num_clusters={method.num_clusters} exceeds the {ctx.num_examples} "
+def init_state(settings: Settings, ctx: Context) -> SeLaState:
+    k, heads = settings.num_clusters, settings.num_heads
+    if k > ctx.num_examples:
+        raise ConfigError(
+            f"config.method.num_clusters={k} exceeds the {ctx.num_examples} "
             "training examples: an equipartition needs K <= N"
         )
-    if method.labels_from:  # label transfer: train on another run's exported labels
-        labels = label_export.load_labels(method.labels_from, ctx.num_examples, method.num_clusters)
-        if labels.shape[0] != method.num_heads:
-            raise ValueError(
-                f"config.method.num_heads={method.num_heads} but {method.labels_from} holds "
+    if settings.labels_from:  # label transfer: train on another run's exported labels
+        labels = label_export.load_labels(settings.labels_from, ctx.num_examples, k)
+        if labels.shape[0] != heads:
+            raise ConfigError(
+                f"config.method.num_heads={heads} but {settings.labels_from} holds "
                 f"labels of {labels.shape[0]} heads"
             )
     else:
-        labels = random_equal_labels(
-            ctx.config.seed, method.num_heads, ctx.num_examples, method.num_clusters
-        )
+        labels = random_equal_labels(settings.seed, heads, ctx.num_examples, k)
     return SeLaState(labels=jnp.asarray(labels))
 
 
@@ -128,11 +159,9 @@ def loss_fn(
     return pseudo_label_loss(outputs["logits"], labels)
 
 
-def wants_features(ctx: Context, cycle: int) -> bool:
-    method = ctx.config.method
-    return cycle in label_step_cycles(
-        ctx.config.num_cycles, method.num_label_steps, method.schedule
-    )
+def wants_features(settings: Settings, ctx: Context, cycle: int) -> bool:
+    del ctx
+    return cycle in settings.label_cycles
 
 
 def cluster_prior(config: ml_collections.ConfigDict) -> np.ndarray | None:
@@ -143,7 +172,7 @@ def cluster_prior(config: ml_collections.ConfigDict) -> np.ndarray | None:
     k = config.method.num_clusters
     prior = np.asarray(prior, np.float64)
     if prior.shape != (k,) or not np.isfinite(prior).all() or (prior < 0).any() or prior.sum() <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"config.method.cluster_prior must be empty or {k} non-negative finite weights, "
             f"got {tuple(config.method.cluster_prior)}"
         )
@@ -157,17 +186,19 @@ def _head_log_probs(head_params, features, head: int, num_classes: int) -> jax.A
     return jax.nn.log_softmax(head_logits(head_params, x, head, num_classes), axis=-1)
 
 
-def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, dict[str, float]]:
+def recluster(
+    settings: Settings, ctx: Context, state, features: jax.Array | None
+) -> tuple[object, dict[str, float]]:
     """New labels for every head by Sinkhorn on the schedule's cycles; otherwise unchanged."""
     if features is None:
         return state, {}
-    method = ctx.config.method
-    config = sinkhorn_config(ctx.config)
-    prior = cluster_prior(ctx.config)
+    k = settings.num_clusters
     labels, iterations, converged, errors = [], [], [], []
-    for head in range(method.num_heads):
-        log_probs = _head_log_probs(state.params["head"], features, head, method.num_clusters)
-        out = sinkhorn.solve(log_probs, config, cluster_marginals=prior, mesh=ctx.mesh)
+    for head in range(settings.num_heads):
+        log_probs = _head_log_probs(state.params["head"], features, head, k)
+        out = sinkhorn.solve(
+            log_probs, settings.sinkhorn, cluster_marginals=settings.cluster_prior, mesh=ctx.mesh
+        )
         labels.append(out.labels)
         iterations.append(int(out.num_iters))
         converged.append(bool(out.converged))
@@ -175,27 +206,37 @@ def recluster(ctx: Context, state, features: jax.Array | None) -> tuple[object, 
         errors.append(checked[-1] if checked else float("nan"))
     new_labels = jnp.stack(labels)
     first = to_host(new_labels)[0]
-    stats = label_stats(ctx, state.method.labels[0], first, method.num_clusters)
+    stats = label_stats(ctx, state.method.labels[0], first, k)
     stats["sinkhorn_iters"] = float(np.mean(iterations))
     stats["sinkhorn_converged"] = float(np.mean(converged))
     stats["sinkhorn_error"] = float(np.max(errors))  # the worst head's last error
     return state.replace(method=state.method.replace(labels=new_labels)), stats
 
 
-def state_sharding(mesh: Mesh, method_state: SeLaState) -> SeLaState:
+def state_sharding(ctx: Context, method_state: SeLaState) -> SeLaState:
     """The (H, N) labels split over the data axis along N (when N divides evenly)."""
     n = method_state.labels.shape[1]
-    return method_state.replace(labels=example_sharded(mesh, n, axis=1, ndim=2))
+    return method_state.replace(labels=example_sharded(ctx.mesh, n, axis=1, ndim=2))
 
 
-METHOD = Method(
-    name="sela",
-    build_model=build_model,
-    init_state=init_state,
-    loss_fn=loss_fn,
-    online_update=no_online_update,
-    wants_features=wants_features,
-    recluster=recluster,
-    sample=shuffled_sample,
-    state_sharding=state_sharding,
-)
+def make_method(config: ml_collections.ConfigDict) -> Method:
+    """SeLa from ``config`` (``config.model`` for the trunk, ``config.method`` fields)."""
+    settings = read_settings(config)
+    bind = functools.partial
+    model = Network(
+        trunk=build_trunk(config.model),
+        num_classes=settings.num_clusters,
+        num_heads=settings.num_heads,
+    )
+    return Method(
+        name=config.method.name,
+        model=model,
+        num_clusters=settings.num_clusters,
+        init_state=bind(init_state, settings),
+        loss_fn=loss_fn,
+        online_update=no_online_update,
+        wants_features=bind(wants_features, settings),
+        recluster=bind(recluster, settings),
+        sample=shuffled_sample,
+        state_sharding=state_sharding,
+    )

@@ -19,6 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dcjax.core.errors import ConfigError
+
 __all__ = ["INIT_SCHEMES", "apply_init_scheme"]
 
 INIT_SCHEMES = ("flax", "pytorch", "deepcluster")
@@ -52,10 +54,10 @@ def apply_init_scheme(key: jax.Array, params: dict, scheme: str) -> dict:
     depend on the other layers.
 
     Raises:
-      ValueError: naming ``config.model.init`` when ``scheme`` is unknown.
+      ConfigError: naming ``config.model.init`` when ``scheme`` is unknown.
     """
     if scheme not in INIT_SCHEMES:
-        raise ValueError(f"config.model.init={scheme!r} is unknown; choose one of {INIT_SCHEMES}")
+        raise ConfigError(f"config.model.init={scheme!r} is unknown; choose one of {INIT_SCHEMES}")
     if scheme == "flax":
         return params
 

@@ -6,11 +6,25 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from dcjax.core.errors import ConfigError
 from dcjax.models.backbones import LeNet5, MiniAlexNet, SmallCNN
 from dcjax.models.resnet import ResNet18, ResNet50
 from dcjax.models.sobel import sobel
 
-__all__ = ["BACKBONES", "Trunk", "ClassifierHead", "MultiHead", "Network", "build_trunk"]
+__all__ = [
+    "BACKBONES",
+    "HEAD_DENSE",
+    "Trunk",
+    "ClassifierHead",
+    "MultiHead",
+    "Network",
+    "build_trunk",
+    "head_logits",
+]
+
+# The heads' one Dense layer, named explicitly (``head_logits`` and the tests read its params;
+# the name is Flax's automatic one, so checkpoints of earlier runs still restore).
+HEAD_DENSE = "Dense_0"
 
 BACKBONES: dict[str, type[nn.Module]] = {
     "small_cnn": SmallCNN,
@@ -47,6 +61,7 @@ class ClassifierHead(nn.Module):
             self.num_classes,
             kernel_init=nn.initializers.normal(stddev=0.01),
             bias_init=nn.initializers.zeros,
+            name=HEAD_DENSE,
         )
         return dense(nn.relu(features))
 
@@ -68,6 +83,7 @@ class MultiHead(nn.Module):
             self.num_heads * self.num_classes,
             kernel_init=nn.initializers.normal(stddev=0.01),
             bias_init=nn.initializers.zeros,
+            name=HEAD_DENSE,
         )
         logits = dense(nn.relu(features))
         return logits.reshape(features.shape[0], self.num_heads, self.num_classes)
@@ -76,7 +92,7 @@ class MultiHead(nn.Module):
 def head_logits(head_params: dict, features: jax.Array, head: int, num_classes: int) -> jax.Array:
     """Head ``head`` of a ``MultiHead``'s params applied to (N, D) features: (N, K) logits."""
     columns = slice(head * num_classes, (head + 1) * num_classes)
-    kernel, bias = head_params["Dense_0"]["kernel"], head_params["Dense_0"]["bias"]
+    kernel, bias = head_params[HEAD_DENSE]["kernel"], head_params[HEAD_DENSE]["bias"]
     return nn.relu(features) @ kernel[:, columns] + bias[columns]
 
 
@@ -84,7 +100,7 @@ def build_trunk(model_config: ml_collections.ConfigDict) -> Trunk:
     """Builds the trunk named by ``model_config.name`` (one of BACKBONES)."""
     name = model_config.name
     if name not in BACKBONES:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.name={name!r} is unknown; choose one of {sorted(BACKBONES)}"
         )
     kwargs = dict(model_config.get("kwargs", {}))

@@ -1,4 +1,4 @@
-"""Training: state, train step, loop, mesh, checkpoints, metric writers.
+"""Training: state, train step, loop, checkpoints, metric writers, the run's evaluation.
 
 clu's ``metric_writers`` package imports TensorFlow eagerly for its SummaryWriter, although only
 that one writer needs it. dcjax writes TensorBoard files through tensorboardX instead, so when

@@ -11,18 +11,38 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
-from dcjax import distributed
+from dcjax.core import distributed
+from dcjax.core.errors import UserError
+from dcjax.models.pretrained import checkpoints_dir
 from dcjax.training.state import TrainState
 
-__all__ = ["first_non_finite", "make_manager", "restore_latest", "restore_trunk", "save"]
+__all__ = ["check_writable", "first_non_finite", "make_manager", "restore_latest", "save"]
 
 
 def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     """A manager under ``workdir/checkpoints`` keeping the last ``keep`` checkpoints."""
+    # Synchronous: every save is waited for anyway, and a failing write then raises at once
+    # instead of after orbax's background-thread timeout (minutes).
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        checkpoints_dir(workdir),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False
+        ),
     )
+
+
+def check_writable(workdir: str) -> None:
+    """Raises ``UserError`` naming the path and the OS error unless a file can be created in
+    ``<workdir>/checkpoints``: checked before training, so no cycle is trained in vain."""
+    directory = checkpoints_dir(workdir)
+    probe = os.path.join(directory, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f"cannot write checkpoints to {directory}: {error}") from None
 
 
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -83,6 +103,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState, first_step: int | No
     """Saves ``state`` under its cycle number and waits, so a kill never loses a finished cycle.
 
     Raises:
+      UserError: the checkpoint cannot be written (the path and the OS error).
       FloatingPointError: a leaf of ``state`` is not finite; nothing is saved, so the workdir
         resumes from its last good checkpoint. The message names the cycle, the optimiser steps
         since ``first_step`` and the leaf.
@@ -96,21 +117,11 @@ def save(manager: ocp.CheckpointManager, state: TrainState, first_step: int | No
             " not saved; the workdir resumes from its last good checkpoint"
             + (f" (cycle {cycle - 1})" if cycle > 1 else " (none: it starts afresh)")
         )
-    manager.save(int(state.cycle), args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
-
-
-def restore_trunk(workdir: str) -> tuple[dict, dict]:
-    """The trunk's (params, batch_stats) from the latest checkpoint of the run in ``workdir``.
-
-    Any method's run works: only ``params["trunk"]`` and ``batch_stats["trunk"]`` are read.
-
-    Raises:
-      FileNotFoundError: naming ``workdir`` when it holds no checkpoint.
-    """
-    manager = make_manager(workdir, keep=1)
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{workdir} holds no checkpoint under checkpoints/")
-    state = manager.restore(step, args=ocp.args.StandardRestore())
-    return state["params"]["trunk"], state.get("batch_stats", {}).get("trunk", {})
+    try:
+        manager.save(int(state.cycle), args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+    except OSError as error:
+        raise UserError(
+            f"could not save the checkpoint of cycle {int(state.cycle)} in {manager.directory}: "
+            f"{error}; the workdir resumes from its last good checkpoint"
+        ) from error

@@ -17,14 +17,14 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import periodic_actions
 
-from dcjax import distributed
-from dcjax.data import sampler
-from dcjax.evaluation.report import Evaluator
-from dcjax.training import checkpoint, label_export, metrics, run_warnings
+from dcjax.core import distributed
+from dcjax.core.errors import ConfigError
+from dcjax.core.mesh import replicated
+from dcjax.data import label_export, sampler
+from dcjax.training import checkpoint, console, metrics, run_warnings
 from dcjax.training import workdir as workdir_files
-from dcjax.training.mesh import replicated
+from dcjax.training.evaluator import Evaluator
 from dcjax.training.setup import Run, build_run, fresh_initial_state
 from dcjax.training.state import TrainState
 from dcjax.training.step import extract_features, make_feature_fn, make_train_steps
@@ -82,7 +82,7 @@ def check_workdir_config(
             if key.split(".")[0] not in _RESUMABLE_FIELDS and saved.get(key) != now.get(key)
         )
         if changed:
-            raise ValueError(
+            raise ConfigError(
                 f"--workdir={workdir} holds a run with a different config (fields {changed}); "
                 "use a new --workdir or the same config"
             )
@@ -158,7 +158,8 @@ def train_phase(
 
     ``train_steps`` is ``make_train_steps``'s function: each call runs ``config.steps_per_call``
     steps (0 = the whole epoch) on the device and returns every step's metrics, which are
-    fetched once per call, checked and summed on the host.
+    fetched once per call, checked and summed on the host; ``progress`` (a
+    ``console.Progress``) hears of each call.
 
     Raises:
       FloatingPointError: a step's metric is NaN or infinite (the run stops before it saves).
@@ -184,16 +185,14 @@ def train_phase(
                 totals[name] = totals.get(name, 0.0) + float(np.sum(values, dtype=np.float64))
             num_steps += len(block)
             if progress is not None:
-                progress(first_step + num_steps)
+                progress.update(num_steps, float(np.mean(block_metrics["loss"])))
     return state, {f"train/{k}": v / num_steps for k, v in totals.items()}
 
 
-def _warning_settings(config: ml_collections.ConfigDict) -> tuple[int, float | None]:
+def _warning_settings(run: Run) -> tuple[int, float | None]:
     """(K for the chance-level loss, Sinkhorn's threshold) for ``run_warnings``."""
-    method = config.method
-    k = method.get("num_clusters") or (tuple(method.get("num_prototypes", ())) or (0,))[0]
-    sinkhorn = method.get("sinkhorn")
-    return int(k), None if sinkhorn is None else sinkhorn.get("threshold")
+    sinkhorn = run.config.method.get("sinkhorn")
+    return run.method.num_clusters, None if sinkhorn is None else sinkhorn.get("threshold")
 
 
 def _warn(writer, step: int, warnings: dict[str, str]) -> None:
@@ -231,6 +230,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str,
     check_workdir_config(config, workdir, write=False)
     built = build_run(config)
     check_workdir_config(config, workdir)
+    checkpoint.check_writable(workdir)
     writer = metrics.create_writer(workdir)
     manager = checkpoint.make_manager(workdir, config.checkpoint.keep)
     initial = built.initial_state
@@ -246,6 +246,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str,
     if int(state.cycle) > 0:
         logging.info("Resumed from %s at cycle %d", workdir, int(state.cycle))
         print(f"Resumed from checkpoint {int(state.cycle)} in {workdir}")
+    if distributed.is_main():
+        print(console.banner(built, workdir, int(state.cycle), state.params), flush=True)
     train_steps = make_train_steps(
         built.ctx.model,
         built.ctx.optimizers,
@@ -257,17 +259,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str,
     feature_fn = make_feature_fn(
         built.ctx.model, built.pipeline, [built.ctx.cluster_layer], built.mesh
     )
-    progress = periodic_actions.ReportProgress(
-        num_train_steps=config.num_cycles * _steps_per_cycle(built), writer=writer, every_secs=30
-    )
+    progress = console.Progress(_steps_per_cycle(built), config.batch_size)
     history: list[dict[str, float]] = []  # this sitting's cycles, for the warnings
-    warning_settings = _warning_settings(config)
+    warning_settings = _warning_settings(built)
     for cycle in range(int(state.cycle), config.num_cycles):
         start = time.perf_counter()
         first_step = int(state.step)
         state, cluster_stats = recluster_phase(built, state, feature_fn)
         recluster_seconds = time.perf_counter() - start
+        progress.start(cycle + 1, config.num_cycles)
         state, train_stats = train_phase(built, state, train_steps, progress)
+        train_seconds = time.perf_counter() - start - recluster_seconds
+        images = (int(state.step) - first_step) * config.batch_size
         state = state.replace(cycle=state.cycle + 1)
         checkpoint.save(manager, state, first_step)
         label_export.export_labels(workdir, state, config.checkpoint.keep)
@@ -275,18 +278,22 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str,
             **{f"cluster/{k}": v for k, v in cluster_stats.items()},
             **train_stats,
             "time/recluster_seconds": recluster_seconds,
+            "time/train_seconds": train_seconds,
+            "time/images_per_second": images / train_seconds,
             "time/cycle_seconds": time.perf_counter() - start,
         }
         every = config.eval_every_cycles
         if every and (cycle + 1) % every == 0 and cycle + 1 < config.num_cycles:
             scalars.update({f"eval/{k}": v for k, v in evaluator(state).items()})
         writer.write_scalars(cycle + 1, scalars)
+        if distributed.is_main():
+            print(console.cycle_line(cycle + 1, config.num_cycles, scalars), flush=True)
         history.append(scalars)
         _warn(writer, cycle + 1, run_warnings.cycle_warnings(history, *warning_settings))
         writer.flush()
     results = {"random_init": random_init, "trained": evaluator(state)}
     if config.get("figures", True):
-        from dcjax.evaluation.run_figures import write_run_figures  # matplotlib only when asked
+        from dcjax.training.run_figures import write_run_figures  # matplotlib only when asked
 
         initial = fresh_initial_state(built)  # made again: the t-SNE's random-init panel
         paths = write_run_figures(built, evaluator, initial, state, workdir)

@@ -13,7 +13,7 @@ import numpy as np
 from clu import metric_writers
 from clu.metric_writers import interface
 
-from dcjax.distributed import is_main
+from dcjax.core.distributed import is_main
 
 __all__ = ["JsonlWriter", "TensorboardXWriter", "create_writer", "read_jsonl"]
 

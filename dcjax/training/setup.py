@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,15 +11,24 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from dcjax.core.errors import ConfigError
+from dcjax.core.mesh import make_mesh, replicated
 from dcjax.data import sources
 from dcjax.data.bank import ImageBank, place_bank
 from dcjax.data.pipeline import Pipeline, make_pipeline
-from dcjax.methods import Context, Method, get_method
+from dcjax.methods import Context, Method, make_method
 from dcjax.models.init import apply_init_scheme
-from dcjax.training.mesh import make_mesh, replicated
 from dcjax.training.state import TrainState, make_optimizers
 
-__all__ = ["Run", "build_run", "check_fields", "fresh_initial_state", "init_variables"]
+__all__ = [
+    "Run",
+    "build_run",
+    "check_config",
+    "check_fields",
+    "check_numbers",
+    "fresh_initial_state",
+    "init_variables",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +59,7 @@ def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh, num_examples: in
     for field in ("batch_size", "eval_batch_size"):
         size = config[field]
         if size < 1 or size % num_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"config.{field}={size} must be a positive multiple of the {num_devices} devices"
             )
     steps_per_call = config.get("steps_per_call", 0)
@@ -58,24 +68,69 @@ def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh, num_examples: in
         or not isinstance(steps_per_call, int)
         or steps_per_call < 0
     ):
-        raise ValueError(
+        raise ConfigError(
             f"config.steps_per_call={steps_per_call!r} must be an int >= 0 (0 = a whole epoch)"
         )
     if config.batch_size > num_examples:
-        raise ValueError(
+        raise ConfigError(
             f"config.batch_size={config.batch_size} exceeds the {num_examples} training examples"
         )
 
 
 def _int_in(config: ml_collections.ConfigDict, field: str, low: int, high: int | None = None):
-    """Raises ValueError naming ``config.<field>`` unless it is an int in [low, high]."""
+    """Raises ConfigError naming ``config.<field>`` unless it is an int in [low, high]."""
     value = config
     for part in field.split("."):
         value = value[part]
     bad = isinstance(value, bool) or not isinstance(value, int | np.integer)
     if bad or value < low or (high is not None and value > high):
         allowed = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
-        raise ValueError(f"config.{field}={value!r} must be {allowed}")
+        raise ConfigError(f"config.{field}={value!r} must be {allowed}")
+
+
+# The one number that may be negative (a log-ratio); every other one must be >= 0 (seeds too:
+# NumPy's generators refuse negative ones).
+_SIGNED_FIELDS = frozenset({"method.sinkhorn.min_log_ratio"})
+# Fields confined to an interval: (low, high, whether high is allowed).
+_INTERVALS = {
+    "optim.momentum": (0.0, 1.0, False),
+    "optim.head_momentum": (0.0, 1.0, False),
+    "method.distill_alpha": (0.0, 1.0, True),
+    "data.test_fraction": (0.0, 1.0, False),
+    # Sides in pixels: far beyond any data set here, small enough that one batch cannot take
+    # the whole memory before the first step.
+    "input.image_size": (0, 4097, False),
+    "input.eval_resize": (0, 4097, False),
+}
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Every number in the config is finite, >= 0 (but the few signed fields) and within its
+    interval where it has one.
+
+    Raises:
+      ConfigError: naming the first field that is not.
+    """
+    for field, value in _leaves(config):
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            continue
+        if not np.isfinite(value):
+            raise ConfigError(f"config.{field}={value!r} must be a finite number")
+        if value < 0 and field not in _SIGNED_FIELDS:
+            raise ConfigError(f"config.{field}={value!r} must be >= 0")
+        if field in _INTERVALS:
+            low, high, closed = _INTERVALS[field]
+            if not (low <= value < high or (closed and value == high)):
+                bracket = "]" if closed else ")"
+                raise ConfigError(f"config.{field}={value!r} must be in [{low}, {high}{bracket}")
 
 
 def check_fields(config: ml_collections.ConfigDict, dataset: sources.Dataset) -> None:
@@ -87,7 +142,7 @@ def check_fields(config: ml_collections.ConfigDict, dataset: sources.Dataset) ->
     width) are checked by the methods' ``init_state``.
 
     Raises:
-      ValueError: naming the field, its value and what is allowed.
+      ConfigError: naming the field, its value and what is allowed.
     """
     n = len(dataset.train_images)
     _int_in(config, "num_cycles", 0)
@@ -102,26 +157,44 @@ def check_fields(config: ml_collections.ConfigDict, dataset: sources.Dataset) ->
     _int_in(config, "eval.probe_epochs", 0)
     _int_in(config, "eval.probe_batch_size", 1)
     if dataset.train_labels is not None and len(np.unique(dataset.train_labels)) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"the training data ({dataset.name}) has labels of a single class: the probes need "
             "at least 2 (check config.data)"
         )
 
 
-def init_variables(model, key: jax.Array, dummy: jax.Array, scheme: str = "flax") -> dict:
-    """The model's variables from ``key``, with ``config.model.init``'s scheme on the params."""
-    variables = jax.jit(lambda k: model.init(k, dummy, train=False))(key)
+def init_variables(
+    model, key: jax.Array, dummy: jax.Array | jax.ShapeDtypeStruct, scheme: str = "flax"
+) -> dict:
+    """The model's variables from ``key`` for inputs shaped like ``dummy``, with
+    ``config.model.init``'s scheme on the params."""
+    zeros = functools.partial(jnp.zeros, dummy.shape, dummy.dtype)
+    variables = jax.jit(lambda k: model.init(k, zeros(), train=False))(key)
     params = apply_init_scheme(jax.random.fold_in(key, 1), variables["params"], scheme)
     return {**variables, "params": params}
 
 
-def _random_variables(config, model, method: Method, dummy: jax.Array) -> dict:
-    """The model's variables at random init, from ``config.seed`` (then the method's changes)."""
+def _random_variables(config, model, dummy: jax.Array) -> dict:
+    """The model's variables at random init, from ``config.seed``."""
     key_params, _ = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = init_variables(model, key_params, dummy, config.model.get("init", "flax"))
-    if method.init_variables is not None:
-        variables = method.init_variables(config, variables)
-    return variables
+    return init_variables(model, key_params, dummy, config.model.get("init", "flax"))
+
+
+def _initial_variables(method: Method, ctx: Context, variables: dict) -> dict:
+    """The method's changes to the random-init variables (trunks from earlier runs), if any."""
+    if method.init_variables is None:
+        return variables
+    return method.init_variables(ctx, variables)
+
+
+def _check_param_groups(variables: dict) -> None:
+    """The methods' contract: the model's params are the groups ``trunk`` and ``head``."""
+    groups = set(variables["params"])
+    if groups != {"trunk", "head"}:
+        raise ConfigError(
+            f"the model's parameter groups are {sorted(groups)}; a method's model must name "
+            "its submodules 'trunk' and 'head' (each gets its own optimizer)"
+        )
 
 
 def _train_state(config, variables: dict, method: Method, ctx: Context) -> TrainState:
@@ -139,38 +212,90 @@ def _train_state(config, variables: dict, method: Method, ctx: Context) -> Train
     )
 
 
-def _dummy_batch(pipeline: Pipeline, images: np.ndarray) -> jax.Array:
-    return jnp.zeros((1, *pipeline.out_size, images.shape[-1]), jnp.float32)
+def _dummy_batch(pipeline: Pipeline, images: np.ndarray) -> jax.ShapeDtypeStruct:
+    """The shape of one input batch (1, H, W, C): nothing is allocated for it."""
+    return jax.ShapeDtypeStruct((1, *pipeline.out_size, images.shape[-1]), jnp.float32)
 
 
 def fresh_initial_state(run: Run) -> TrainState:
     """The random-init state again, equal to ``build_run``'s (the same keys), placed."""
     dummy = _dummy_batch(run.pipeline, run.dataset.train_images)
-    variables = _random_variables(run.config, run.ctx.model, run.method, dummy)
+    variables = _random_variables(run.config, run.ctx.model, dummy)
+    variables = _initial_variables(run.method, run.ctx, variables)
     state = _train_state(run.config, variables, run.method, run.ctx)
     return jax.device_put(state, run.state_sharding)
 
 
-def build_run(config: ml_collections.ConfigDict) -> Run:
-    """Loads the data, places it on the devices and initialises model, optimizers and state."""
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What ``check_config`` establishes without allocating a parameter or compiling a step."""
+
+    mesh: Mesh
+    method: Method
+    dataset: sources.Dataset
+    pipeline: Pipeline
+    ctx: Context
+    dummy: jax.Array  # (1, H, W, C) the model's input shape
+
+
+def _eval_layers(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(field, layer) of every layer ``config.eval`` names (probes, kNN)."""
+    eval_config = config.eval
+    named = [
+        ("eval.probe_layer", eval_config.probe_layer),
+        ("eval.knn_layer", eval_config.knn_layer),
+    ]
+    named += [("eval.extra_probe_layers", x) for x in eval_config.get("extra_probe_layers", ())]
+    return [(field, part) for field, probe in named for part in str(probe).split("+")]
+
+
+def _model_shapes(config, model, dummy: jax.Array):
+    """(abstract variables, abstract outputs) of ``model`` on ``dummy``, traced only.
+
+    Raises:
+      ConfigError: naming ``config.model`` and the input size when the backbone cannot take it.
+    """
+    key = jax.random.PRNGKey(0)
+    try:
+        variables = jax.eval_shape(lambda k, x: model.init(k, x, train=False), key, dummy)
+        outputs = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, dummy)
+    except (ArithmeticError, TypeError, ValueError) as error:
+        kwargs = dict(config.model.get("kwargs", {}))
+        raise ConfigError(
+            f"config.model.name={config.model.name!r} with config.model.kwargs={kwargs} cannot "
+            f"take {dummy.shape[1]}x{dummy.shape[2]}x{dummy.shape[3]} inputs "
+            f"(config.input.image_size and the data set's images): {type(error).__name__}: "
+            f"{' '.join(str(error).split())[:200]}"
+        ) from error
+    return variables, outputs
+
+
+def _plan(config: ml_collections.ConfigDict) -> _Plan:
+    """Every check of the config against the data and the model's shapes, in order: the
+    method's fields, the data, sizes against N, the pipeline, the optimizers, the model on the
+    input size, the named layers, the parameter groups and the method's initial state (traced)."""
+    check_numbers(config)
     mesh = make_mesh(config.get("num_devices", 0))
-    dataset = sources.load(config.data)
+    method = make_method(config)  # checks the method's fields before the data is read
+    dataset = sources.load(config.data, int(config.input.image_size))
     num_examples = len(dataset.train_images)
     _check_batch(config, mesh, num_examples)
     check_fields(config, dataset)
     pipeline = make_pipeline(config, dataset.train_images)
-    method = get_method(config.method.name)
-    model = method.build_model(config)
     samples_per_epoch = config.method.get("samples_per_epoch", 0) or num_examples
     optimizers = make_optimizers(config, samples_per_epoch // config.batch_size)
-
     dummy = _dummy_batch(pipeline, dataset.train_images)
-    variables = _random_variables(config, model, method, dummy)
-    outputs = jax.eval_shape(lambda v: model.apply(v, dummy, train=False), variables)
+    variables, outputs = _model_shapes(config, method.model, dummy)
+    _check_param_groups(variables)
     cluster_layer = config.method.get("cluster_layer", "features")
+    for field, layer in [("method.cluster_layer", cluster_layer), *_eval_layers(config)]:
+        if layer not in outputs:
+            raise ConfigError(
+                f"config.{field}={layer!r} is not an output of the model; it has {sorted(outputs)}"
+            )
     ctx = Context(
         config=config,
-        model=model,
+        model=method.model,
         optimizers=optimizers,
         num_examples=num_examples,
         feature_dim=int(np.prod(outputs[cluster_layer].shape[1:])),
@@ -179,16 +304,38 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
         true_labels=dataset.train_labels,
         mesh=mesh,
     )
+    jax.eval_shape(lambda: method.init_state(ctx))  # its checks need N and the feature width
+    return _Plan(mesh, method, dataset, pipeline, ctx, dummy)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks ``config`` against its data and its model's shapes; nothing is allocated,
+    compiled or written (the model is traced only).
+
+    Raises:
+      UserError: ``ConfigError`` naming the field, its value and what is allowed, or
+        ``DataError`` naming the data file.
+    """
+    _plan(config)
+
+
+def build_run(config: ml_collections.ConfigDict) -> Run:
+    """Checks the config (``check_config``), then loads the data, places it on the devices and
+    initialises model, optimizers and state."""
+    plan = _plan(config)
+    mesh, method, dataset, ctx = plan.mesh, plan.method, plan.dataset, plan.ctx
+    variables = _random_variables(config, method.model, plan.dummy)
+    variables = _initial_variables(method, ctx, variables)
     state = _train_state(config, variables, method, ctx)
     sharding = jax.tree.map(lambda _: replicated(mesh), state)
     if method.state_sharding is not None:
-        sharding = sharding.replace(method=method.state_sharding(mesh, state.method))
+        sharding = sharding.replace(method=method.state_sharding(ctx, state.method))
     test_images = dataset.test_images
     return Run(
         config=config,
         mesh=mesh,
         dataset=dataset,
-        pipeline=pipeline,
+        pipeline=plan.pipeline,
         method=method,
         ctx=ctx,
         train_images=place_bank(dataset.train_images, mesh),

@@ -14,6 +14,8 @@ import jax
 import ml_collections
 import optax
 
+from dcjax.core.errors import ConfigError
+
 __all__ = ["TrainState", "learning_rate_schedule", "make_optimizers"]
 
 PyTree = Any
@@ -42,14 +44,14 @@ def learning_rate_schedule(
     ``final_learning_rate`` at the end of the run (``num_cycles * epochs_per_cycle`` epochs).
 
     Raises:
-      ValueError: naming ``config.optim.schedule`` when unknown.
+      ConfigError: naming ``config.optim.schedule`` when unknown.
     """
     optim = config.optim
     schedule = optim.get("schedule", "constant")
     if schedule == "constant":
         return optim.learning_rate
     if schedule != "warmup_cosine":
-        raise ValueError(
+        raise ConfigError(
             f"config.optim.schedule={schedule!r} is unknown; choose constant or warmup_cosine"
         )
     total = max(1, config.num_cycles * config.epochs_per_cycle * steps_per_epoch)
@@ -70,9 +72,9 @@ def freeze_head_steps(optim: ml_collections.ConfigDict, steps_per_epoch: int) ->
     epochs = optim.get("freeze_head_epochs", 0.0)
     for name, value in (("freeze_head_steps", steps), ("freeze_head_epochs", epochs)):
         if value < 0:
-            raise ValueError(f"config.optim.{name}={value} must be >= 0")
+            raise ConfigError(f"config.optim.{name}={value} must be >= 0")
     if steps and epochs:
-        raise ValueError(
+        raise ConfigError(
             f"config.optim.freeze_head_steps={steps} and freeze_head_epochs={epochs}: set one"
         )
     return int(steps) if steps else round(epochs * steps_per_epoch)
@@ -94,7 +96,7 @@ def make_optimizers(
       ``{"trunk": tx, "head": tx}``.
 
     Raises:
-      ValueError: naming the field, for a negative duration or both set.
+      ConfigError: naming the field, for a negative duration or both set.
     """
     optim = config.optim
     learning_rate = learning_rate_schedule(config, steps_per_epoch)

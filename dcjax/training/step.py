@@ -11,10 +11,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from dcjax.core.mesh import data_sharded, replicated
 from dcjax.data.bank import ImageBank
 from dcjax.data.pipeline import Pipeline
 from dcjax.methods.base import Method
-from dcjax.training.mesh import data_sharded, replicated
 from dcjax.training.state import TrainState
 
 __all__ = ["make_train_step", "make_train_steps", "make_feature_fn", "extract_features"]

@@ -10,6 +10,8 @@ import time
 import jax
 import ml_collections
 
+from dcjax.training import loop
+
 __all__ = ["print_results", "run_row", "machine_line", "write_table"]
 
 _ROWS = (
@@ -38,8 +40,6 @@ def run_row(config: ml_collections.ConfigDict, workdir: str, **tags) -> dict[str
     Returns:
       ``{**tags, "seconds": wall time, "<figure>_random_init": .., "<figure>_trained": ..}``.
     """
-    from dcjax.training import loop  # the loop imports this module for print_results
-
     start = time.perf_counter()
     results = loop.run(config, workdir)
     flat = {f"{k}_{part}": v for part, figures in results.items() for k, v in figures.items()}

@@ -11,14 +11,15 @@ from collections.abc import Iterator
 
 from absl import logging
 
-from dcjax import distributed
+from dcjax.core import distributed
+from dcjax.core.errors import UserError
 
 __all__ = ["LOCK_FILE", "WorkdirInUse", "locked", "write_json"]
 
 LOCK_FILE = "run.lock"
 
 
-class WorkdirInUse(RuntimeError):
+class WorkdirInUse(UserError):
     """Another live run holds the workdir's lock."""
 
 
@@ -76,15 +77,34 @@ def _take(path: str) -> None:
 
 @contextlib.contextmanager
 def locked(workdir: str) -> Iterator[None]:
-    """Holds ``workdir``'s lock file for the block (process 0 of a multi-host run takes it)."""
+    """Holds ``workdir``'s lock file for the block (process 0 of a multi-host run takes it).
+
+    A workdir the block created and left empty (a run refused before writing anything) is
+    removed again, so a bad command leaves nothing behind.
+    """
     path = os.path.join(workdir, LOCK_FILE)
     main = distributed.is_main()
+    created = main and not os.path.exists(workdir)
+    refusal = ""
     if main:
         os.makedirs(workdir, exist_ok=True)
-        _take(path)
+        try:
+            _take(path)
+        except WorkdirInUse as error:
+            refusal = str(error)
+    # Every process learns process 0's answer, so that all of them stop when it is refused.
+    refusal = distributed.broadcast_text(refusal)
+    if refusal:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(workdir)
+        raise WorkdirInUse(refusal)
     try:
         yield
     finally:
         if main:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
+            if created:
+                with contextlib.suppress(OSError):  # not empty: the run wrote its files
+                    os.rmdir(workdir)

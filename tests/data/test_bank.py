@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
+from dcjax.core.mesh import make_mesh
 from dcjax.data.bank import place_bank
-from dcjax.training.mesh import make_mesh
 
 
 @pytest.mark.parametrize("num_devices", [1, 3, 8])

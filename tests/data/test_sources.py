@@ -333,6 +333,18 @@ def test_folder_mixed_sizes_name_file_and_sizes(tmp_path, rng):
         sources.load(_folder_config(root, tmp_path))
     message = str(info.value)
     assert str(root / "b" / "1.png") in message and "7x6" in message and "7x5" in message
+    assert "config.input.image_size" in message  # how to load it instead
+
+
+def test_folder_of_mixed_sizes_is_resized_on_decode(tmp_path, rng):
+    root = tmp_path / "mixed"
+    tall = rng.integers(0, 256, (8, 4), dtype=np.uint8)  # shorter side already 4: a pure crop
+    _write_image(root / "a" / "0.png", tall)
+    _write_image(root / "b" / "1.png", np.full((9, 13), 77, np.uint8))  # constant: stays 77
+    data = sources.load(_folder_config(root, tmp_path), image_size=4)
+    assert data.train_images.shape == (2, 4, 4, 1)
+    np.testing.assert_array_equal(data.train_images[0, ..., 0], tall[2:6])  # centre rows
+    np.testing.assert_array_equal(data.train_images[1], 77)
 
 
 def test_folder_corrupt_image_is_named(tmp_path, rng):

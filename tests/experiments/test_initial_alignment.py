@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dcjax.evaluation import alignment
+from dcjax.analysis import alignment
 from tests.helpers import load_experiment
 
 EXPERIMENT = load_experiment("initial_alignment")

@@ -24,8 +24,9 @@ def test_both_methods_get_identical_budgets_seeds_and_data(setting):
     assert only_branches.pop("num_branches") == 3
     assert only_branches == dict(dc.model.kwargs)
     assert dc.eval.probe_layer == kd.eval.probe_layer == "pooled"  # the backbone, branches dropped
-    assert {k: v for k, v in dc.method.items() if k != "name"} == {
-        k: v for k, v in kd.method.items() if k != "name"
+    assert not dc.method.self_distillation and kd.method.self_distillation  # the one switch
+    assert {k: v for k, v in dc.method.items() if k != "self_distillation"} == {
+        k: v for k, v in kd.method.items() if k != "self_distillation"
     }
 
 

@@ -7,7 +7,7 @@ import pytest
 from sklearn.decomposition import PCA
 
 from dcjax.clustering import kmeans
-from dcjax.methods import METHODS, get_method
+from dcjax.methods import FACTORIES, make_method
 from dcjax.methods import deepcluster as dc
 from dcjax.methods.base import kmeans_config
 from dcjax.training.setup import build_run
@@ -35,7 +35,7 @@ def test_recluster_labels_equal_the_composed_kernels(run, rng):
     features = jnp.asarray(
         rng.normal(size=(run.ctx.num_examples, run.ctx.feature_dim)), jnp.float32
     )
-    state, stats = dc.recluster(run.ctx, run.initial_state, features)
+    state, stats = run.method.recluster(run.ctx, run.initial_state, features)
     k = run.config.method.num_clusters
     key, _ = jax.random.split(jax.random.fold_in(run.initial_state.rng, 0))
     x = dc.preprocess(features, run.config.method.pca_dim, run.mesh)
@@ -60,7 +60,7 @@ def test_recluster_reinitialises_the_head_and_its_optimizer(run, rng):
     features = jnp.asarray(
         rng.normal(size=(run.ctx.num_examples, run.ctx.feature_dim)), jnp.float32
     )
-    new, _ = dc.recluster(run.ctx, state, features)
+    new, _ = run.method.recluster(run.ctx, state, features)
     kernel = np.asarray(new.params["head"]["Dense_0"]["kernel"])
     assert abs(kernel.std() - 0.01) < 2e-3
     np.testing.assert_array_equal(new.params["head"]["Dense_0"]["bias"], 0.0)
@@ -70,26 +70,30 @@ def test_recluster_reinitialises_the_head_and_its_optimizer(run, rng):
     ):
         np.testing.assert_array_equal(a, b)
     # A new seed each cycle: cycle 1's head differs from cycle 0's.
-    other, _ = dc.recluster(run.ctx, new.replace(cycle=new.cycle + 1), features)
+    other, _ = run.method.recluster(run.ctx, new.replace(cycle=new.cycle + 1), features)
     assert not np.allclose(other.params["head"]["Dense_0"]["kernel"], kernel)
+
+
+def _variant(run, **fields):
+    """DeepCluster made from the run's config with ``config.method`` fields changed."""
+    config = run.config.copy_and_resolve_references()
+    config.method.update(fields)
+    return dc.make_method(config)
 
 
 def test_halting_keeps_labels_and_skips_features(run):
     ctx = run.ctx
-    ctx.config.unlock()
-    ctx.config.method.halt_clustering_after = 2
-    try:
-        assert dc.wants_features(ctx, 1) and not dc.wants_features(ctx, 2)
-        labels = jnp.arange(ctx.num_examples, dtype=jnp.int32) % 3
-        state = run.initial_state.replace(
-            cycle=jnp.asarray(2, jnp.int32),
-            method=run.initial_state.method.replace(pseudo_labels=labels),
-        )
-        new, stats = dc.recluster(ctx, state, None)
-        np.testing.assert_array_equal(new.method.pseudo_labels, labels)
-        assert stats == {}
-    finally:
-        ctx.config.method.halt_clustering_after = 0
+    halted = _variant(run, halt_clustering_after=2)
+    assert halted.wants_features(ctx, 1) and not halted.wants_features(ctx, 2)
+    assert run.method.wants_features(ctx, 2)  # 0: never halts
+    labels = jnp.arange(ctx.num_examples, dtype=jnp.int32) % 3
+    state = run.initial_state.replace(
+        cycle=jnp.asarray(2, jnp.int32),
+        method=run.initial_state.method.replace(pseudo_labels=labels),
+    )
+    new, stats = halted.recluster(ctx, state, None)
+    np.testing.assert_array_equal(new.method.pseudo_labels, labels)
+    assert stats == {}
 
 
 def test_loss_is_cross_entropy_on_pseudo_labels(rng):
@@ -110,20 +114,38 @@ def test_sampler_balances_clusters(run):
     state = run.initial_state.replace(
         method=run.initial_state.method.replace(pseudo_labels=jnp.asarray(labels))
     )
-    indices = dc.sample(run.ctx, state, np.random.default_rng(0))
+    indices = run.method.sample(run.ctx, state, np.random.default_rng(0))
     assert len(indices) == run.ctx.num_examples
     share_small = np.mean(labels[indices] == 1)
     assert abs(share_small - 0.5) < 0.02
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_registry(name):
-    assert get_method(name).name == name
+    method = make_method(load_config(name, "smoke"))
+    assert method.name == name and method.num_clusters >= 2
 
 
-def test_unknown_method_names_the_field():
-    with pytest.raises(ValueError, match="config.method.name='nope'"):
-        get_method("nope")
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [("nope", "unknown"), ("codc", "backbones"), ("deepcluster_v2_kd", "self_distillation")],
+)
+def test_unknown_or_renamed_method_names_the_field(name, field):
+    config = load_config("deepcluster", "smoke")
+    config.method.name = name
+    with pytest.raises(ValueError, match=f"config.method.name='{name}'.*{field}"):
+        make_method(config)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("num_clusters", 1), ("pca_dim", -1), ("halt_clustering_after", 1.5)]
+)
+def test_factory_names_a_bad_field(field, value):
+    config = load_config("deepcluster", "smoke")
+    with config.ignore_type():
+        config.method[field] = value
+    with pytest.raises(ValueError, match=f"config.method.{field}="):
+        make_method(config)
 
 
 def _flat(config) -> dict:
@@ -161,14 +183,10 @@ def test_untruncated_sampler_epoch_has_the_full_quota_of_every_cluster(run):
     state = run.initial_state.replace(
         method=run.initial_state.method.replace(pseudo_labels=jnp.asarray(labels))
     )
-    run.config.method.truncate_epoch = False
-    try:
-        indices = dc.sample(run.ctx, state, np.random.default_rng(0))
-    finally:
-        run.config.method.truncate_epoch = True
+    indices = _variant(run, truncate_epoch=False).sample(run.ctx, state, np.random.default_rng(0))
     n = run.ctx.num_examples
     assert len(indices) == 3 * (n // 3 + 1) > n
-    assert len(dc.sample(run.ctx, state, np.random.default_rng(0))) == n
+    assert len(run.method.sample(run.ctx, state, np.random.default_rng(0))) == n
 
 
 @pytest.mark.parametrize("head_momentum", [0.0, 0.1])

@@ -86,7 +86,7 @@ def test_prototypes_are_the_centroids_after_reclustering(kd_run, rng):
     memory = _unit_rows(rng, (c, n, d))
     state = _copy(run.initial_state)
     state = state.replace(method=state.method.replace(memory=jnp.asarray(memory)), cycle=3)
-    new, stats = dcv2.recluster(run.ctx, state, None)
+    new, stats = run.method.recluster(run.ctx, state, None)
 
     (k,) = run.config.method.num_prototypes
     key = jax.random.fold_in(jax.random.fold_in(state.rng, 3), 0)
@@ -118,9 +118,9 @@ def test_first_cycle_fills_the_memory_from_the_feature_pass(kd_run, rng):
     run = kd_run
     c, n, d = run.initial_state.method.memory.shape
     features = _unit_rows(rng, (n, c, d))  # the feature pass's (N, C, D) "embeddings"
-    new, _ = dcv2.recluster(run.ctx, _copy(run.initial_state), jnp.asarray(features))
+    new, _ = run.method.recluster(run.ctx, _copy(run.initial_state), jnp.asarray(features))
     np.testing.assert_array_equal(new.method.memory, np.swapaxes(features, 0, 1))
-    assert dcv2.wants_features(run.ctx, 0) and not dcv2.wants_features(run.ctx, 1)
+    assert run.method.wants_features(run.ctx, 0) and not run.method.wants_features(run.ctx, 1)
 
 
 def test_prototypes_stay_frozen_then_train(rng):
@@ -185,7 +185,8 @@ def test_kl_and_hint_match_numpy(rng):
 
 def test_total_kd_loss_matches_numpy(kd_run, rng):
     state = kd_run.initial_state.method
-    b, sizes, tau = 6, state.sizes, state.temperature
+    settings = dcv2.read_settings(kd_run.config)
+    b, sizes, tau = 6, settings.sizes, settings.temperature
     c = state.memory.shape[0]
     scores = rng.normal(size=(b, c, sum(sizes)))
     maps = {k: rng.normal(size=(b, 1, 1, 8)) for k in ("stage4", "branch1_map")}
@@ -195,7 +196,7 @@ def test_total_kd_loss_matches_numpy(kd_run, rng):
     indices = rng.choice(state.labels.shape[1], b, replace=False)
     outputs = {k: jnp.asarray(v, jnp.float32) for k, v in maps.items()}
     outputs["scores"] = jnp.asarray(scores, jnp.float32)
-    loss, metrics = dcv2.loss_fn(method_state, outputs, jnp.asarray(indices))
+    loss, metrics = kd_run.method.loss_fn(method_state, outputs, jnp.asarray(indices))
 
     log_p = _log_softmax64(scores / tau)  # one prototype set
     ce = -log_p[np.arange(b), :, labels[0, indices]].mean(0)  # (C,)
@@ -206,7 +207,7 @@ def test_total_kd_loss_matches_numpy(kd_run, rng):
         np.mean(np.sum(((maps[f"branch{i}_map"] - maps["stage4"]) ** 2).reshape(b, -1), -1))
         for i in (1, 2, 3)
     )
-    alpha, lam = state.distill_alpha, state.hint_weight
+    alpha, lam = settings.distill_alpha, settings.hint_weight
     assert (alpha, lam) == (0.9, 1e-5)
     expected = ce[0] + (1 - alpha) * ce[1:].sum() + alpha * kl + lam * hints
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
@@ -231,8 +232,9 @@ def test_distillation_terms_leave_the_teacher_classifier_untouched(kd_run, rng):
     run = kd_run
     state = run.initial_state
     labels = rng.integers(0, run.config.method.num_prototypes[0], state.method.labels.shape)
-    method_state = state.method.replace(
-        labels=jnp.asarray(labels, jnp.int32), distill_alpha=1.0, hint_weight=1.0
+    method_state = state.method.replace(labels=jnp.asarray(labels, jnp.int32))
+    settings = dataclasses.replace(
+        dcv2.read_settings(run.config), distill_alpha=1.0, hint_weight=1.0
     )
     indices = jnp.arange(8)
     x = run.pipeline.eval_batch(run.dataset.train_images[indices])
@@ -244,7 +246,7 @@ def test_distillation_terms_leave_the_teacher_classifier_untouched(kd_run, rng):
             train=True,
             mutable=["batch_stats"],
         )
-        _, metrics = dcv2.loss_fn(method_state, outputs, indices)
+        _, metrics = dcv2.loss_fn(settings, method_state, outputs, indices)
         return metrics["loss_kl"] + metrics["loss_hints"]
 
     grads = jax.jit(jax.grad(distill_only))(state.params)
@@ -267,7 +269,7 @@ def test_one_device_equals_eight_devices_for_one_step(kd_run, kd_step, rng):
         if memory is None:
             memory = _unit_rows(rng, state.method.memory.shape)  # NumPy: the step donates
         state = state.replace(method=state.method.replace(memory=jnp.asarray(memory)))
-        state, _ = dcv2.recluster(run.ctx, state, None)
+        state, _ = run.method.recluster(run.ctx, state, None)
         state = jax.device_put(state, run.state_sharding)  # as the loop's recluster phase
         step = kd_step if run is kd_run else _train_step(run)
         results.append(step(state, run.train_images, indices)[0])

@@ -2,12 +2,16 @@
 labels every CODC backbone trains on, trunks loaded from earlier runs, 1 device against 8 and
 named errors for bad fields."""
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from dcjax.core.errors import UserError
 from dcjax.methods import odc
 from dcjax.training import checkpoint
 from dcjax.training.setup import build_run
@@ -19,6 +23,22 @@ def _config(name="odc", **method):
     config = load_config(name, "smoke")
     config.method.update(method)
     return config
+
+
+def _settings(**fields) -> odc.Settings:
+    """The smoke config's ODC settings with ``fields`` changed."""
+    return dataclasses.replace(odc.read_settings(_config()), **fields)
+
+
+def _empty_state(n, d, k) -> odc.ODCState:
+    return odc.ODCState(
+        memory=jnp.zeros((n, d)),
+        labels=jnp.zeros((n,), jnp.int32),
+        centroids=jnp.zeros((k, d)),
+        counts=jnp.zeros((k,), jnp.int32),
+        step=jnp.int32(0),
+        epoch_labels=jnp.zeros((n,), jnp.int32),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,26 +74,20 @@ def _random_memory_state(rng, state, k):
 
 def test_online_update_writes_relabels_and_counts_like_numpy(rng):
     k, n, d, b = 6, 120, 10, 16
-    state = odc.ODCState(
-        memory=jnp.zeros((n, d)),
-        labels=jnp.zeros((n,), jnp.int32),
-        centroids=jnp.zeros((k, d)),
-        counts=jnp.zeros((k,), jnp.int32),
-        step=jnp.int32(0),
-        epoch_labels=jnp.zeros((n,), jnp.int32),
+    settings = _settings(
         momentum=float(rng.uniform(0.2, 0.9)),
         centroids_interval=2,
         small_interval=1000,
         min_cluster_size=5,
     )
-    state = _random_memory_state(rng, state, k)
+    state = _random_memory_state(rng, _empty_state(n, d, k), k)
     before = jax.tree.map(np.asarray, state)
     indices = rng.choice(n, b, replace=False).astype(np.int32)
     features = rng.normal(size=(b, d)).astype(np.float32) * 3  # normalised by the update
-    update = jax.jit(odc.online_update)
+    update = jax.jit(functools.partial(odc.online_update, settings))
     state, metrics = update(state, {"features": jnp.asarray(features)}, jnp.asarray(indices))
 
-    m = state.momentum
+    m = settings.momentum
     unit = features / np.linalg.norm(features, axis=-1, keepdims=True)
     mixed = (1 - m) * before.memory[indices].astype(np.float64) + m * unit
     rows = mixed / np.linalg.norm(mixed, axis=-1, keepdims=True)
@@ -101,18 +115,13 @@ def test_reweighted_loss_matches_the_weighted_mean_cross_entropy(rng):
     counts = rng.integers(1, 30, k)
     labels = rng.integers(0, k, n).astype(np.int32)
     power = float(rng.uniform(0.2, 1.0))
-    state = odc.ODCState(
-        memory=jnp.zeros((n, 3)),
-        labels=jnp.asarray(labels),
-        centroids=jnp.zeros((k, 3)),
-        counts=jnp.asarray(counts, jnp.int32),
-        step=jnp.int32(0),
-        epoch_labels=jnp.asarray(labels),
-        reweight_pow=power,
+    state = _empty_state(n, 3, k).replace(
+        labels=jnp.asarray(labels), counts=jnp.asarray(counts, jnp.int32)
     )
     indices = rng.choice(n, b, replace=False)
     logits = rng.normal(size=(b, k)).astype(np.float32)
-    loss, _ = odc.loss_fn(state, {"logits": jnp.asarray(logits)}, jnp.asarray(indices))
+    settings = _settings(reweight_pow=power)
+    loss, _ = odc.loss_fn(settings, state, {"logits": jnp.asarray(logits)}, jnp.asarray(indices))
     weights = (1.0 / (counts + 1e-5)) ** power
     weights /= weights.sum()
     y = labels[indices]
@@ -132,8 +141,9 @@ def test_codc_backbones_all_train_on_the_memory_labels(rng):
         run.pipeline.eval_batch(run.dataset.train_images[indices]),
     )
     assert outputs["logits"].shape == (16, 2, k)
-    loss, metrics = odc.loss_fn(method_state, outputs, jnp.asarray(indices))
-    weights = np.asarray(odc.online.reweight(method_state.counts, method_state.reweight_pow))
+    loss, metrics = run.method.loss_fn(method_state, outputs, jnp.asarray(indices))
+    power = odc.read_settings(run.config).reweight_pow
+    weights = np.asarray(odc.online.reweight(method_state.counts, power))
     y = np.asarray(method_state.labels)[indices]  # one label per example, for every backbone
     for m in range(2):
         ce = -_log_softmax64(outputs["logits"][:, m])[np.arange(16), y]
@@ -178,7 +188,7 @@ def test_codc_trunk_starts_from_an_earlier_runs_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"init_workdirs\[1\].*architecture of backbone 1"):
         build_run(config)
     config.method.init_workdirs = (str(tmp_path / "none"), "")
-    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    with pytest.raises(UserError, match="holds no checkpoint"):
         build_run(config)
 
 
@@ -234,7 +244,7 @@ def test_one_device_equals_eight_devices_for_three_steps(odc_run, rng):
     [
         ("num_clusters", 20, "need at least 2 \\* K \\* min_cluster_size = 320"),
         ("memory_momentum", 0.0, "memory_momentum must be in"),
-        ("centroids_update_interval", 0, "centroids_update_interval must be >= 1"),
+        ("centroids_update_interval", 0, "centroids_update_interval=0 must be an int >= 1"),
     ],
 )
 def test_bad_method_fields_are_named(field, value, match):

@@ -67,7 +67,7 @@ def test_model_heads_are_the_sliced_dense(run, rng):
 def test_label_step_equals_sinkhorn_on_each_head(run, rng):
     n, d = run.ctx.num_examples, run.ctx.feature_dim
     features = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-    state, stats = sela.recluster(run.ctx, run.initial_state, features)
+    state, stats = run.method.recluster(run.ctx, run.initial_state, features)
     method = run.config.method
     config = sinkhorn_config(run.config)
     assert (config.epsilon, config.threshold) == (1 / 10, 0.01)  # the reference's CIFAR solve
@@ -83,7 +83,7 @@ def test_label_step_equals_sinkhorn_on_each_head(run, rng):
 
 
 def test_no_features_keeps_the_labels(run):
-    state, stats = sela.recluster(run.ctx, run.initial_state, None)
+    state, stats = run.method.recluster(run.ctx, run.initial_state, None)
     assert stats == {} and state is run.initial_state
 
 
@@ -92,10 +92,10 @@ def test_cluster_prior_shapes_the_sizes(run, rng):
     k = config.method.num_clusters
     prior = np.linspace(1.0, 3.0, k)
     config.method.cluster_prior = tuple(prior)
-    ctx = run.ctx.__class__(**{**run.ctx.__dict__, "config": config})
+    ctx = run.ctx
     n = ctx.num_examples
     features = jnp.asarray(rng.normal(size=(n, ctx.feature_dim)), jnp.float32)
-    state, _ = sela.recluster(ctx, run.initial_state, features)
+    state, _ = sela.make_method(config).recluster(ctx, run.initial_state, features)
     sizes = np.bincount(np.asarray(state.method.labels[0]), minlength=k)
     # The argmax of the plan rounds each example to one cluster (+-7 around N/K at this N), so
     # the sizes follow the 1:3 prior in trend: strongly correlated, largest share 3x smallest.
@@ -123,6 +123,5 @@ def test_loss_averages_the_heads_cross_entropy(rng):
 def test_more_clusters_than_examples_is_refused(run):
     config = run.config.copy_and_resolve_references()
     config.method.num_clusters = run.ctx.num_examples + 1
-    ctx = run.ctx.__class__(**{**run.ctx.__dict__, "config": config})
     with pytest.raises(ValueError, match="config.method.num_clusters"):
-        sela.init_state(ctx)
+        sela.make_method(config).init_state(run.ctx)

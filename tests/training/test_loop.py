@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from dcjax.core.errors import UserError
 from dcjax.data.dataset import DataError
 from dcjax.data.idx import DEFAULT_IDX_DIR
 from dcjax.evaluate import evaluate_workdir
@@ -50,16 +51,28 @@ def _save_then_stop(manager, state, *args):
 
 
 @pytest.mark.parametrize("name", config_files())
-def test_smoke_variant_trains_resumes_and_writes_outputs(name, tmp_path, monkeypatch):
+def test_smoke_variant_trains_resumes_and_writes_outputs(name, tmp_path, monkeypatch, capsys):
     config = load_config(name, "smoke")
     workdir = str(tmp_path / "run")
     results = loop.run(config, workdir)
+    out = capsys.readouterr().out
+    # The console: the banner's fields, then one line per cycle (no progress lines: not a tty
+    # and the cycles are short).
+    method = config.method.name
+    for field in (f"dcjax {method}: K=", "devices", "data     digits: N=", "parameters", "fresh"):
+        assert field in out, out
+    lines = [line for line in out.splitlines() if line.startswith("cycle ")]
+    assert [line.split()[1] for line in lines] == [f"{c}/{config.num_cycles}" for c in (1, 2)]
+    assert all("loss " in line and " s" in line for line in lines)
     assert set(results) == {"random_init", "trained"}
     assert 0.0 <= results["trained"]["probe_accuracy"] <= 1.0
     records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     cycles = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in cycles] == list(range(1, config.num_cycles + 1))
     assert all(np.isfinite(r["train/loss"]) for r in cycles)
+    # One step axis: every record is keyed by its cycle, throughput included.
+    assert {r["step"] for r in records} <= set(range(0, config.num_cycles + 1))
+    assert all(r["time/images_per_second"] > 0 for r in cycles)
     assert "cluster/nmi_true" in cycles[0] and "cluster/nmi_previous" in cycles[1]
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert os.path.exists(os.path.join(workdir, "config.json"))
@@ -116,7 +129,7 @@ def test_cifar10_smoke_on_real_cifar10_subset(name, tmp_path):
 
 
 def test_evaluate_needs_a_run(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(UserError, match="config.json"):
         evaluate_workdir(str(tmp_path))
 
 

@@ -6,6 +6,7 @@ Each process loads only its half of the image bank; k-means, PCA-whitening (Deep
 Sinkhorn (SeLa) run over points sharded across both processes.
 """
 
+import json
 import os
 import signal
 import socket
@@ -75,6 +76,7 @@ def _launch(method: str, workdir: str) -> list[subprocess.Popen]:
 
 
 def _wait(procs: list[subprocess.Popen], timeout: float = 400) -> None:
+    """Waits for both processes; each must end with status 0."""
     for proc in procs:
         _, err = proc.communicate(timeout=timeout)
         assert proc.returncode == 0, err[-3000:]
@@ -139,3 +141,17 @@ def test_killed_two_process_deepcluster_resumes_to_the_one_process_run(tmp_path)
     _wait(_launch("deepcluster", two))  # resumes from checkpoint 1
     _one_process_run("deepcluster", one)
     _assert_same_run(two, one)
+
+
+def test_a_held_workdir_stops_both_processes_at_once(tmp_path):
+    # Process 0 takes the lock for the run; it is held (by this test's own live process), so
+    # both processes must stop with the holder's name, not hang at the next barrier.
+    workdir = tmp_path / "held"
+    workdir.mkdir()
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": "earlier"}
+    (workdir / "run.lock").write_text(json.dumps(holder))
+    for proc in _launch("deepcluster", str(workdir)):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err[-3000:]
+        assert f"in use by process {os.getpid()}" in err
+    assert not (workdir / "config.json").exists()

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from dcjax.core.distributed import to_host
+from dcjax.core.errors import ConfigError
 from dcjax.data.bank import place_bank
-from dcjax.distributed import to_host
 from dcjax.evaluation import deepdive_probe, scores
 from dcjax.evaluation.knn import knn_accuracy
 from dcjax.evaluation.linear_probe import linear_probe
@@ -40,7 +41,7 @@ class Evaluator:
         self._feature_fn = make_feature_fn(run.ctx.model, run.pipeline, self._layers, run.mesh)
         protocol = cfg.get("protocol", "dcjax")
         if protocol not in ("dcjax", "deepdive"):
-            raise ValueError(f"config.eval.protocol={protocol!r} must be 'dcjax' or 'deepdive'")
+            raise ConfigError(f"config.eval.protocol={protocol!r} must be 'dcjax' or 'deepdive'")
         self._deepdive = None
         if protocol == "deepdive":
             self._deepdive = deepdive_probe.DeepdiveProbeConfig(**cfg.deepdive.to_dict())
@@ -100,7 +101,7 @@ class Evaluator:
         )
         if self._deepdive is not None:
             results.update(self._deepdive_figures(state, train, test, test_labels, num_classes))
-        if int(state.cycle) > 0 and hasattr(state.method, "pseudo_labels"):
+        if int(state.cycle) > 0:
             labels = to_host(state.method.pseudo_labels)
             results["nmi_pseudo_labels"] = scores.nmi(data.train_labels, labels)
         return results

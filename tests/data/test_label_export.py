@@ -5,8 +5,9 @@ import os
 import numpy as np
 import pytest
 
+from dcjax.data import label_export
 from dcjax.methods.sela import SeLaState
-from dcjax.training import label_export, loop
+from dcjax.training import loop
 from dcjax.training.checkpoint import make_manager, restore_latest
 from dcjax.training.setup import build_run
 from tests.helpers import load_config

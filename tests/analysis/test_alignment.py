@@ -15,8 +15,9 @@ from scipy import stats
 from sklearn.decomposition import PCA
 from sklearn.metrics import normalized_mutual_info_score
 
+from dcjax.analysis import alignment
 from dcjax.clustering import kmeans
-from dcjax.evaluation import alignment, figures
+from dcjax.evaluation import figures
 from dcjax.models.init import apply_init_scheme
 from dcjax.training import loop
 from dcjax.training.metrics import read_jsonl

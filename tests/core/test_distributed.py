@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from dcjax import distributed
+from dcjax.core import distributed
+from dcjax.core.mesh import make_mesh
 from dcjax.data.bank import place_bank
-from dcjax.training.mesh import make_mesh
 from dcjax.training.setup import build_run
 from tests.helpers import load_config
 

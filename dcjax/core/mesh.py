@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from dcjax.core.errors import ConfigError
+
 __all__ = ["DATA_AXIS", "make_mesh", "replicated", "data_sharded", "example_sharded"]
 
 DATA_AXIS = "data"
@@ -14,7 +16,7 @@ def make_mesh(num_devices: int = 0) -> Mesh:
     """A 1-D mesh over the first ``num_devices`` devices (0 = all), axis ``"data"``."""
     devices = jax.devices()
     if num_devices < 0 or num_devices > len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"config.num_devices={num_devices} but {len(devices)} devices are visible "
             "(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)"
         )

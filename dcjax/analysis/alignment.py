@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from dcjax.clustering import kmeans
+from dcjax.core.errors import ConfigError
 from dcjax.data import sources
 from dcjax.data.pipeline import Pipeline, make_pipeline
 from dcjax.evaluation import scores
@@ -49,12 +50,12 @@ def alignment_setup(config: ml_collections.ConfigDict) -> AlignmentSetup:
     Raises:
       ValueError: naming ``config.data`` when the data set has no labels.
     """
-    dataset = sources.load(config.data)
+    dataset = sources.load(config.data, int(config.input.image_size))
     if dataset.train_labels is None:
-        raise ValueError(f"config.data ({dataset.name}) has no labels: IA needs the true classes")
+        raise ConfigError(f"config.data ({dataset.name}) has no labels: IA needs the true classes")
     return AlignmentSetup(
         config=config,
-        model=deepcluster.build_model(config),
+        model=deepcluster.make_method(config).model,
         pipeline=make_pipeline(config, dataset.train_images),
         images=dataset.train_images,
         labels=np.asarray(dataset.train_labels),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from dcjax.distributed import is_main, to_host
+from dcjax.core.distributed import is_main, to_host
 from dcjax.evaluation import figures
-from dcjax.evaluation.report import Evaluator
+from dcjax.training.evaluator import Evaluator
 from dcjax.training.metrics import read_jsonl
 from dcjax.training.setup import Run
 from dcjax.training.state import TrainState
@@ -21,11 +21,10 @@ def write_run_figures(
     the ``eval.knn_layer`` features at random init and trained; returns the PNG paths (none on
     processes other than 0).
 
-    Figures that need pseudo-labels or true labels are skipped when the run has none.
+    The t-SNE needs true labels: it is skipped when the run has none.
     """
     # Every process takes part in gathering labels and features; process 0 draws.
-    labels = getattr(state.method, "pseudo_labels", None)
-    labels = None if labels is None else to_host(labels)
+    labels = to_host(state.method.pseudo_labels)
     true_labels = run.dataset.train_labels
     panels = {}
     if true_labels is not None:
@@ -42,14 +41,11 @@ def write_run_figures(
         figures.loss_per_cycle(records, os.path.join(out, "loss.png")),
         figures.nmi_per_cycle(records, os.path.join(out, "nmi.png")),
     ]
-    if labels is not None:
-        k = int(run.config.method.get("num_clusters", labels.max() + 1))
-        paths.append(figures.cluster_sizes(labels, k, os.path.join(out, "cluster_sizes.png")))
-        paths.append(
-            figures.cluster_gallery(
-                run.dataset.train_images, labels, os.path.join(out, "clusters.png")
-            )
-        )
+    k = run.method.num_clusters
+    paths.append(figures.cluster_sizes(labels, k, os.path.join(out, "cluster_sizes.png")))
+    paths.append(
+        figures.cluster_gallery(run.dataset.train_images, labels, os.path.join(out, "clusters.png"))
+    )
     if panels:
         paths.append(figures.tsne_embedding(panels, true_labels, os.path.join(out, "tsne.png")))
     return paths

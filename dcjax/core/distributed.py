@@ -2,7 +2,7 @@
 
 One process runs per host (per GPU node, per TPU VM worker). `initialize` joins them through
 `jax.distributed.initialize`; afterwards `jax.devices()` lists every device of every host and the
-run's mesh (`dcjax.training.mesh.make_mesh`) spans them all. Every process runs the same program
+run's mesh (`dcjax.core.mesh.make_mesh`) spans them all. Every process runs the same program
 on the same config: the host-side work (sampling, label statistics) is deterministic, so every
 process computes the same thing and no broadcast is needed.
 
@@ -20,7 +20,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dcjax.core.errors import ConfigError
+
 __all__ = [
+    "broadcast_text",
     "initialize",
     "is_main",
     "is_multiprocess",
@@ -78,7 +81,7 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
                 f"num_processes={num_processes}, process_id={process_id}"
             )
         if ":" not in coordinator:
-            raise ValueError(f"--coordinator={coordinator!r} must be host:port")
+            raise ConfigError(f"--coordinator={coordinator!r} must be host:port")
     cluster = launched_by_cluster()
     if not (explicit or cluster or _on_tpu_vm()):
         return False
@@ -111,6 +114,18 @@ def sync(name: str) -> None:
     """Waits until every process reaches the barrier ``name`` (a no-op in one process)."""
     if is_multiprocess():
         multihost_utils.sync_global_devices(name)
+
+
+def broadcast_text(text: str, size: int = 2048) -> str:
+    """Process 0's ``text`` on every process (its first ``size`` UTF-8 bytes); a collective:
+    every process calls it at the same point. One process: ``text`` itself."""
+    if not is_multiprocess():
+        return text
+    buffer = np.zeros(size, np.uint8)
+    data = text.encode()[:size]
+    buffer[: len(data)] = np.frombuffer(data, np.uint8)
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    return bytes(received[received != 0].astype(np.uint8)).decode(errors="replace")
 
 
 def to_host(x) -> np.ndarray:

@@ -14,7 +14,8 @@ import re
 
 import numpy as np
 
-from dcjax.distributed import is_main, to_host
+from dcjax.core.distributed import is_main, to_host
+from dcjax.core.errors import ConfigError
 
 __all__ = ["export_labels", "load_labels", "labels_dir", "method_labels"]
 
@@ -25,24 +26,17 @@ def labels_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "pseudo_labels")
 
 
-def method_labels(method_state) -> np.ndarray | None:
-    """(H, N) int32 host copy of a method state's ``labels`` (H, N), else ``pseudo_labels``
-    (N,) as one row; None if it keeps neither. Collective: every process must call it."""
-    labels = getattr(method_state, "labels", None)
-    if labels is None:
-        labels = getattr(method_state, "pseudo_labels", None)
-    if labels is None:
-        return None
-    return to_host(labels).astype(np.int32).reshape(-1, np.shape(labels)[-1])
+def method_labels(method_state) -> np.ndarray:
+    """(H, N) int32 host copy of a method state's ``label_sets`` (see ``methods.LabelledState``).
+    Collective: every process must call it."""
+    return to_host(method_state.label_sets).astype(np.int32)
 
 
 def export_labels(workdir: str, state, keep: int) -> str | None:
-    """Writes the labels of ``state.method`` (``labels`` (H, N), else ``pseudo_labels`` (N,))
-    for ``state.cycle`` atomically; returns the path, or None if the method keeps no labels or
-    this is not process 0 (every process must call it: the labels may be sharded over hosts)."""
+    """Writes the (H, N) ``label_sets`` of ``state.method`` for ``state.cycle`` atomically;
+    returns the path, or None if this is not process 0 (every process must call it: the labels
+    may be sharded over hosts)."""
     labels = method_labels(state.method)
-    if labels is None:
-        return None
     directory = labels_dir(workdir)
     if not is_main():  # every process gathers the labels above; process 0 writes them
         return None
@@ -68,11 +62,11 @@ def load_labels(path: str, num_examples: int, num_clusters: int) -> np.ndarray:
     """(H, N) int32 labels from an exported file, checked against the training set.
 
     Raises:
-      ValueError: naming ``path`` if the file is missing or unreadable, has no ``labels``, or
+      ConfigError: naming ``path`` if the file is missing or unreadable, has no ``labels``, or
         its labels do not fit ``num_examples`` examples and ``num_clusters`` clusters.
     """
     if not path or not os.path.isfile(path):
-        raise ValueError(
+        raise ConfigError(
             f"config.method.labels_from={path!r} is not a file; name a pseudo_labels/cycle_<c>.npz "
             "exported by an earlier run"
         )
@@ -80,14 +74,14 @@ def load_labels(path: str, num_examples: int, num_clusters: int) -> np.ndarray:
         with np.load(path) as data:
             labels = np.asarray(data["labels"])
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: not an exported pseudo-label file ({e})") from e
+        raise ConfigError(f"{path}: not an exported pseudo-label file ({e})") from e
     if labels.ndim != 2 or labels.shape[1] != num_examples:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: labels have shape {labels.shape}, expected (heads, {num_examples}) for "
             "this training set"
         )
     if labels.min() < 0 or labels.max() >= num_clusters:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: labels span [{labels.min()}, {labels.max()}], outside "
             f"[0, config.method.num_clusters={num_clusters})"
         )

@@ -1,0 +1,1 @@
+"""Analyses built on the methods (the deep-dive's Initial Alignment); above ``methods``."""
