@@ -72,8 +72,15 @@ def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh, num_examples: in
             f"config.steps_per_call={steps_per_call!r} must be an int >= 0 (0 = a whole epoch)"
         )
     if config.batch_size > num_examples:
+        data = config.data
+        shaping = ", ".join(
+            f"{field}={data[field]}"
+            for field in ("source", "test_fraction", "max_train_examples", "class_fractions")
+            if field in data
+        )
         raise ConfigError(
-            f"config.batch_size={config.batch_size} exceeds the {num_examples} training examples"
+            f"config.batch_size={config.batch_size} exceeds the {num_examples} training "
+            f"examples left by config.data ({shaping})"
         )
 
 

@@ -177,16 +177,27 @@ def test_fresh_initial_state_equals_the_built_one():
     _assert_trees_equal(fresh_initial_state(run), run.initial_state)
 
 
-def test_a_state_that_diverged_in_the_last_step_is_never_saved(tmp_path):
-    # One step per epoch: its loss is computed before the update, so the step's metrics are
-    # finite while the NaN learning rate leaves every parameter NaN (the reproduction).
+def test_a_state_that_diverged_in_the_last_step_is_never_saved(tmp_path, monkeypatch):
+    # The reproduction (a NaN learning rate) is now refused by the config check, so
+    # the last step's update is made to leave a NaN parameter: its loss, computed before the
+    # update, stays finite, and only the state check before the save can catch it.
     config = load_config("sela", "smoke")
-    config.optim.learning_rate = float("nan")
     config.method.samples_per_epoch = 32
     workdir = str(tmp_path / "run")
+    train_phase = loop.train_phase
+
+    def diverging(run, state, *args):
+        state, stats = train_phase(run, state, *args)
+        head = jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan), state.params["head"])
+        return state.replace(params={**state.params, "head": head}), stats
+
+    monkeypatch.setattr(loop, "train_phase", diverging)
     with pytest.raises(FloatingPointError, match=r"cycle 1 \(steps 1-1\).*params.*not saved"):
         loop.run(config, workdir)
     assert checkpoint.make_manager(workdir, 2).latest_step() is None
+    config.optim.learning_rate = float("nan")  # the reproduction, refused up front
+    with pytest.raises(UserError, match="config.optim.learning_rate=nan must be a finite"):
+        loop.run(config, str(tmp_path / "nan"))
 
 
 def test_first_non_finite_names_the_leaf():
