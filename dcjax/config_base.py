@@ -22,6 +22,18 @@ __all__ = [
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+def dotted_fields(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict (``config.to_dict()`` or config.json) as ``{"method.pca_dim": 32,
+    ...}``; empty dicts stay leaves."""
+    flat = {}
+    for name, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(dotted_fields(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
 def parse_variants(arg: str | None, allowed: set[str], config_file: str) -> set[str]:
     """The comma-separated variants after ``configs/<file>.py:``.
 

@@ -70,12 +70,12 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
     backend cross-process collectives go through gloo.
 
     Raises:
-      ValueError: naming the flag when the explicit arguments are incomplete or inconsistent.
+      ConfigError: naming the flags when the explicit arguments are incomplete or inconsistent.
     """
     explicit = bool(coordinator) or num_processes > 0 or process_id >= 0
     if explicit:
         if not coordinator or num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ValueError(
+            raise ConfigError(
                 "a multi-process launch needs --coordinator=host:port, --num_processes=N >= 1 "
                 f"and 0 <= --process_id < N; got coordinator={coordinator!r}, "
                 f"num_processes={num_processes}, process_id={process_id}"

@@ -31,6 +31,7 @@ __all__ = [
     "Context",
     "LabelledState",
     "Method",
+    "first_cycle_only",
     "int_field",
     "kmeans_config",
     "label_stats",
@@ -203,6 +204,13 @@ def label_stats(
         stats["nmi_true"] = scores.nmi(ctx.true_labels, labels)
     stats.update(scores.cluster_stats(labels, k))
     return stats
+
+
+def first_cycle_only(ctx: Context, cycle: int) -> bool:
+    """``Method.wants_features`` of methods that fill their memories by one feature pass before
+    the first epoch and keep them up to date in the train step afterwards (DC-v2, ODC)."""
+    del ctx
+    return cycle == 0
 
 
 def shuffled_sample(ctx: Context, state, rng: np.random.Generator) -> np.ndarray:

@@ -50,6 +50,7 @@ from dcjax.core.mesh import example_sharded
 from dcjax.methods.base import (
     Context,
     Method,
+    first_cycle_only,
     int_field,
     kmeans_config,
     label_stats,
@@ -192,12 +193,6 @@ def online_update(method_state: DCv2State, outputs, indices) -> tuple[DCv2State,
     return method_state.replace(memory=memory), {}
 
 
-def wants_features(ctx: Context, cycle: int) -> bool:
-    """Only before the first epoch: the pass that fills the memory."""
-    del ctx
-    return cycle == 0
-
-
 @jax.jit
 def _cluster_means(memory: jax.Array, labels: jax.Array, old: jax.Array) -> jax.Array:
     """(C, D, K) normalised per-cluster means of each (N, D) memory; empty clusters keep ``old``."""
@@ -279,7 +274,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
         init_state=bind(init_state, settings),
         loss_fn=bind(loss_fn, settings),
         online_update=online_update,
-        wants_features=wants_features,
+        wants_features=first_cycle_only,
         recluster=bind(recluster, settings),
         sample=shuffled_sample,
         state_sharding=state_sharding,

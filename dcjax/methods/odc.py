@@ -46,6 +46,7 @@ from dcjax.core.mesh import example_sharded, replicated
 from dcjax.methods.base import (
     Context,
     Method,
+    first_cycle_only,
     int_field,
     kmeans_config,
     label_stats,
@@ -280,12 +281,6 @@ def online_update(
     return s, metrics
 
 
-def wants_features(ctx: Context, cycle: int) -> bool:
-    """Only before the first epoch: the pass that initialises the memories."""
-    del ctx
-    return cycle == 0
-
-
 def recluster(settings: Settings, ctx: Context, state, features: jax.Array | None):
     """Cycle 0: memory = the normalised features, k-means labels, centroids = member means.
 
@@ -348,7 +343,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
         init_state=bind(init_state, settings),
         loss_fn=bind(loss_fn, settings),
         online_update=bind(online_update, settings),
-        wants_features=wants_features,
+        wants_features=first_cycle_only,
         recluster=bind(recluster, settings),
         sample=shuffled_sample,
         state_sharding=state_sharding,

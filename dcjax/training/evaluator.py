@@ -8,12 +8,11 @@ import numpy as np
 from absl import logging
 
 from dcjax.core.distributed import to_host
-from dcjax.core.errors import ConfigError
 from dcjax.data.bank import place_bank
 from dcjax.evaluation import deepdive_probe, scores
 from dcjax.evaluation.knn import knn_accuracy
 from dcjax.evaluation.linear_probe import linear_probe
-from dcjax.training.setup import Run
+from dcjax.training.setup import Run, eval_layers, eval_protocol
 from dcjax.training.state import TrainState
 from dcjax.training.step import extract_features, make_feature_fn
 
@@ -36,14 +35,10 @@ class Evaluator:
         self._run = run
         cfg = run.config.eval
         self._probes = (cfg.probe_layer, *cfg.get("extra_probe_layers", ()))
-        names = [part for probe in self._probes for part in probe.split("+")]
-        self._layers = tuple(dict.fromkeys([*names, cfg.knn_layer]))
+        self._layers = tuple(dict.fromkeys(layer for _, layer in eval_layers(run.config)))
         self._feature_fn = make_feature_fn(run.ctx.model, run.pipeline, self._layers, run.mesh)
-        protocol = cfg.get("protocol", "dcjax")
-        if protocol not in ("dcjax", "deepdive"):
-            raise ConfigError(f"config.eval.protocol={protocol!r} must be 'dcjax' or 'deepdive'")
         self._deepdive = None
-        if protocol == "deepdive":
+        if eval_protocol(run.config) == "deepdive":
             self._deepdive = deepdive_probe.DeepdiveProbeConfig(**cfg.deepdive.to_dict())
         self._mirrored = None  # the mirrored training images, placed on first use
 

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from dcjax.config_base import dotted_fields
 from dcjax.core import distributed
 from dcjax.core.errors import ConfigError
 from dcjax.core.mesh import replicated
@@ -75,7 +76,7 @@ def check_workdir_config(
                 ) from None
     distributed.sync("workdir config read")  # before process 0 rewrites it below
     if saved is not None:
-        saved, now = _dotted(saved), _dotted(current)
+        saved, now = dotted_fields(saved), dotted_fields(current)
         changed = sorted(
             key
             for key in set(saved) | set(now)
@@ -90,17 +91,6 @@ def check_workdir_config(
         os.makedirs(workdir, exist_ok=True)
         workdir_files.write_json(path, current)
     distributed.sync("workdir config written")
-
-
-def _dotted(tree: dict, prefix: str = "") -> dict:
-    """A nested config dict as ``{"method.pca_dim": 32, ...}`` (empty dicts stay leaves)."""
-    flat = {}
-    for name, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_dotted(value, f"{prefix}{name}."))
-        else:
-            flat[f"{prefix}{name}"] = value
-    return flat
 
 
 def random_init_results(

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from dcjax.config_base import dotted_fields
 from dcjax.core.errors import ConfigError
 from dcjax.core.mesh import make_mesh, replicated
 from dcjax.data import sources
@@ -26,6 +27,8 @@ __all__ = [
     "check_config",
     "check_fields",
     "check_numbers",
+    "eval_layers",
+    "eval_protocol",
     "fresh_initial_state",
     "init_variables",
 ]
@@ -111,14 +114,6 @@ _INTERVALS = {
 }
 
 
-def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 def check_numbers(config: ml_collections.ConfigDict) -> None:
     """Every number in the config is finite, >= 0 (but the few signed fields) and within its
     interval where it has one.
@@ -126,7 +121,7 @@ def check_numbers(config: ml_collections.ConfigDict) -> None:
     Raises:
       ConfigError: naming the first field that is not.
     """
-    for field, value in _leaves(config):
+    for field, value in dotted_fields(config.to_dict()).items():
         if isinstance(value, bool) or not isinstance(value, int | float | np.number):
             continue
         if not np.isfinite(value):
@@ -144,9 +139,9 @@ def check_fields(config: ml_collections.ConfigDict, dataset: sources.Dataset) ->
     """The fields whose bad values would otherwise fail deep inside JAX or only after training.
 
     Checked against the loaded data, before the model is built: cycles and epochs, K against N,
-    PCA and head counts, the probes' and kNN's sizes, and that the evaluation has at least two
-    classes. Method-specific limits known only from the model's shapes (PCA against the feature
-    width) are checked by the methods' ``init_state``.
+    the probes' and kNN's sizes, and that the evaluation has at least two classes. The methods'
+    own fields are checked by their ``make_method`` (before the data is read), and limits known
+    only from the model's shapes (PCA against the feature width) by their ``init_state``.
 
     Raises:
       ConfigError: naming the field, its value and what is allowed.
@@ -157,9 +152,6 @@ def check_fields(config: ml_collections.ConfigDict, dataset: sources.Dataset) ->
     method = config.method
     if "num_clusters" in method:
         _int_in(config, "method.num_clusters", 2, n)
-    for field, low in (("pca_dim", 0), ("num_heads", 1), ("halt_clustering_after", 0)):
-        if field in method:
-            _int_in(config, f"method.{field}", low)
     _int_in(config, "eval.knn_k", 1, n)
     _int_in(config, "eval.probe_epochs", 0)
     _int_in(config, "eval.probe_batch_size", 1)
@@ -181,7 +173,7 @@ def init_variables(
     return {**variables, "params": params}
 
 
-def _random_variables(config, model, dummy: jax.Array) -> dict:
+def _random_variables(config, model, dummy: jax.ShapeDtypeStruct) -> dict:
     """The model's variables at random init, from ``config.seed``."""
     key_params, _ = jax.random.split(jax.random.PRNGKey(config.seed))
     return init_variables(model, key_params, dummy, config.model.get("init", "flax"))
@@ -242,21 +234,33 @@ class _Plan:
     dataset: sources.Dataset
     pipeline: Pipeline
     ctx: Context
-    dummy: jax.Array  # (1, H, W, C) the model's input shape
+    dummy: jax.ShapeDtypeStruct  # (1, H, W, C) the model's input shape
 
 
-def _eval_layers(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
-    """(field, layer) of every layer ``config.eval`` names (probes, kNN)."""
+EVAL_PROTOCOLS = ("dcjax", "deepdive")
+
+
+def eval_layers(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(field, layer) of every layer ``config.eval`` names: the probes' (a probe ``"a+b"``
+    names a and b), then the kNN's."""
     eval_config = config.eval
-    named = [
-        ("eval.probe_layer", eval_config.probe_layer),
-        ("eval.knn_layer", eval_config.knn_layer),
-    ]
+    named = [("eval.probe_layer", eval_config.probe_layer)]
     named += [("eval.extra_probe_layers", x) for x in eval_config.get("extra_probe_layers", ())]
+    named += [("eval.knn_layer", eval_config.knn_layer)]
     return [(field, part) for field, probe in named for part in str(probe).split("+")]
 
 
-def _model_shapes(config, model, dummy: jax.Array):
+def eval_protocol(config: ml_collections.ConfigDict) -> str:
+    """``config.eval.protocol``, checked; ConfigError naming it when unknown."""
+    protocol = config.eval.get("protocol", "dcjax")
+    if protocol not in EVAL_PROTOCOLS:
+        raise ConfigError(
+            f"config.eval.protocol={protocol!r} must be one of {', '.join(EVAL_PROTOCOLS)}"
+        )
+    return protocol
+
+
+def _model_shapes(config, model, dummy: jax.ShapeDtypeStruct):
     """(abstract variables, abstract outputs) of ``model`` on ``dummy``, traced only.
 
     Raises:
@@ -278,9 +282,9 @@ def _model_shapes(config, model, dummy: jax.Array):
 
 
 def _plan(config: ml_collections.ConfigDict) -> _Plan:
-    """Every check of the config against the data and the model's shapes, in order: the
-    method's fields, the data, sizes against N, the pipeline, the optimizers, the model on the
-    input size, the named layers, the parameter groups and the method's initial state (traced)."""
+    """Every check of the config against the data and the model's shapes, in order: numbers,
+    the method's fields, the data, sizes against N, the pipeline, the optimizers, the model on
+    the input size, the parameter groups, the evaluation protocol and the named layers."""
     check_numbers(config)
     mesh = make_mesh(config.get("num_devices", 0))
     method = make_method(config)  # checks the method's fields before the data is read
@@ -295,7 +299,8 @@ def _plan(config: ml_collections.ConfigDict) -> _Plan:
     variables, outputs = _model_shapes(config, method.model, dummy)
     _check_param_groups(variables)
     cluster_layer = config.method.get("cluster_layer", "features")
-    for field, layer in [("method.cluster_layer", cluster_layer), *_eval_layers(config)]:
+    eval_protocol(config)
+    for field, layer in [("method.cluster_layer", cluster_layer), *eval_layers(config)]:
         if layer not in outputs:
             raise ConfigError(
                 f"config.{field}={layer!r} is not an output of the model; it has {sorted(outputs)}"
@@ -311,7 +316,6 @@ def _plan(config: ml_collections.ConfigDict) -> _Plan:
         true_labels=dataset.train_labels,
         mesh=mesh,
     )
-    jax.eval_shape(lambda: method.init_state(ctx))  # its checks need N and the feature width
     return _Plan(mesh, method, dataset, pipeline, ctx, dummy)
 
 
@@ -323,7 +327,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       UserError: ``ConfigError`` naming the field, its value and what is allowed, or
         ``DataError`` naming the data file.
     """
-    _plan(config)
+    plan = _plan(config)
+    # The method's own checks that need N and the feature width. build_run makes the state
+    # itself, before anything is written, so only this check traces it.
+    jax.eval_shape(lambda: plan.method.init_state(plan.ctx))
 
 
 def build_run(config: ml_collections.ConfigDict) -> Run:

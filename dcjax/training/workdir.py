@@ -94,10 +94,7 @@ def locked(workdir: str) -> Iterator[None]:
             refusal = str(error)
     # Every process learns process 0's answer, so that all of them stop when it is refused.
     refusal = distributed.broadcast_text(refusal)
-    if refusal:
-        if created:
-            with contextlib.suppress(OSError):
-                os.rmdir(workdir)
+    if refusal:  # a held lock means the workdir existed before: nothing to remove
         raise WorkdirInUse(refusal)
     try:
         yield

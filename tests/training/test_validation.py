@@ -21,6 +21,7 @@ CASES = [
     ("deepcluster", "method.kmeans.n_redo", 0, r"config.method.kmeans: n_redo must be"),
     ("sela", "method.num_clusters", 1, r"config.method.num_clusters=1 must be an int >= 2"),
     ("sela", "method.num_heads", 0, r"config.method.num_heads=0 must be an int >= 1"),
+    ("deepcluster", "eval.protocol", "nope", r"config.eval.protocol='nope' must be one of"),
     ("sela", "method.sinkhorn.epsilon", 0.0, r"config.method.sinkhorn: epsilon must be > 0"),
 ]
 
