@@ -20,23 +20,41 @@ Variants, comma-separated after a colon (``configs/deepcluster_v2.py:cifar10``):
   cpu      with cifar10: the same recipe cut to a 2-core CPU (ResNet-18 at width 8, 5,000
            training and 2,000 test images, 10 epochs, batch 128, frozen prototypes for 2 epochs,
            probe 50 epochs).
+  imagenet SwAV's DeepCluster-v2 ImageNet recipe (main_deepclusterv2.py and its scripts):
+           ResNet-50, projection 2048 -> 128, 3 x 3,000 prototypes set from spherical k-means
+           (10 iterations) and never trained, temperature 0.1, LARS (trust 0.001) lr 4.8 ->
+           0.0048 cosine after 10 warm-up epochs from 0.3, wd 1e-6, batch 4096 (64 per GPU on
+           64 GPUs), 400 epochs, SwAV's augmentation (crop of area 0.14-1, flip, colour
+           distortion, blur: ``augment="swav"``), one 224-px crop per image and step (the
+           recipe's 2 x 224 trains on two, multi-crop on 2 x 224 + 6 x 96: not built yet).
+           Image folder with train/ and val/; add ``tfds`` for TFDS's imagenet2012.
+             one host:  python -m dcjax.main --config configs/deepcluster_v2.py:imagenet \
+                          --config.data.path=/data/imagenet --workdir=runs/dcv2-imagenet
+             pod:       the same command on every host (experiments/launch/tpu_pod.sh).
+           Expected (swav README, linear top-1): 70.2 % at 400 epochs with 2 x 224 crops,
+           74.3 % with 2 x 160 + 4 x 96, 75.2 % at 800 epochs with 2 x 224 + 6 x 96.
   smoke    a few seconds: tiny data subset and 2 cycles (the tests); with cifar10 a ResNet-18
-           at width 4 with one block per stage.
+           at width 4 with one block per stage, with imagenet a ResNet-50 at width 4 with one
+           block per stage on a tiny 224-px folder.
 """
 
 import ml_collections
 
 from dcjax.clustering import settings
 from dcjax.clustering.kmeans import KMeansConfig
-from dcjax.config_base import apply_smoke, base_config, parse_variants
+from dcjax.config_base import (
+    apply_imagenet,
+    apply_imagenet_smoke,
+    apply_smoke,
+    base_config,
+    parse_variants,
+)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = parse_variants(arg, {"cifar10", "cpu", "smoke"}, "configs/deepcluster_v2.py")
-    if "cpu" in variants and "cifar10" not in variants:
-        raise ValueError(
-            "the cpu variant cuts cifar10 down: use configs/deepcluster_v2.py:cifar10,cpu"
-        )
+    variants = parse_variants(
+        arg, {"cifar10", "cpu", "imagenet", "tfds", "smoke"}, "configs/deepcluster_v2.py"
+    )
 
     config = base_config()
     config.method = ml_collections.ConfigDict(
@@ -99,11 +117,41 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.batch_size = 128
         config.optim.update(warmup_epochs=1, freeze_head_steps=0, freeze_head_epochs=2.0)
         config.eval.probe_epochs = 50
+    if "imagenet" in variants:
+        apply_imagenet(config, variants)
+        config.model.update(name="resnet50", sobel=False, kwargs={})
+        config.method.update(
+            num_prototypes=(3000, 3000, 3000), temperature=0.1, feat_dim=128, hidden_dim=2048
+        )
+        config.augment = "swav"
+        config.input.crop_scale = (0.14, 1.0)  # SwAV's large crops
+        config.batch_size = 4096
+        config.num_cycles = 400
+        config.optim.update(
+            optimizer="lars",
+            learning_rate=4.8,
+            final_learning_rate=0.0048,
+            warmup_epochs=10,
+            warmup_learning_rate=0.3,
+            weight_decay=1e-6,
+            # SwAV's scripts freeze the prototypes for 300,000 iterations, longer than the
+            # run: they are only ever set from the centroids.
+            freeze_head_steps=300_000,
+            freeze_head_epochs=0.0,
+        )
+        config.eval.update(probe_layer="pooled", knn_layer="pooled")
     if "smoke" in variants:
-        apply_smoke(config)
+        if "imagenet" in variants:
+            apply_imagenet_smoke(config)
+            config.optim.freeze_head_steps = 2
+        else:
+            apply_smoke(config)
+            config.optim.update(warmup_epochs=1, freeze_head_steps=2, freeze_head_epochs=0.0)
         config.method.update(num_prototypes=(10,), feat_dim=16, hidden_dim=32)
-        config.optim.update(warmup_epochs=1, freeze_head_steps=2, freeze_head_epochs=0.0)
-        if "cifar10" in variants:  # one block per stage: compiles in seconds
+        if "imagenet" in variants:
+            config.method.num_prototypes = (4, 4)
+            config.optim.warmup_epochs = 0
+        if "cifar10" in variants or "imagenet" in variants:  # one block per stage, thin
             config.model.kwargs = {**config.model.kwargs, "width": 4, "stage_sizes": (1, 1, 1, 1)}
-            config.batch_size = 32
+            config.batch_size = 32 if "cifar10" in variants else config.batch_size
     return config

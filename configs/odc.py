@@ -19,7 +19,21 @@ Variants, comma-separated after a colon (``configs/odc.py:fmnist``):
   cifar10  the deep-dive paper's mini-AlexNet with Sobel on a CIFAR-10 image folder
            (``--config.data.path=...``), trunk and optimiser as configs/deepcluster.py:cifar10,
            K=1000, ODC's augmentation (crop, flip, rotation +-2 degrees, colour jitter, grey).
-  smoke    a few seconds: tiny data subset and 2 epochs (the tests).
+  imagenet OpenSelfSup's ODC (configs/selfsup/odc/r50_v1.py): ResNet-50 with the neck fc
+           2048 -> 512 -> BN -> ReLU -> fc 256 (``model.neck``; its output is what the memory
+           holds and the head reads), K=10,000, memory momentum 0.5, re-weighting power 0.5,
+           clusters under 20 dissolved, SGD lr 0.06, momentum 0.9 (none on the head), wd 1e-5,
+           x0.4 at epoch 400 of 440, batch 512, ODC's augmentation. Image folder with train/
+           and val/; add ``tfds`` for TFDS's imagenet2012. OpenSelfSup samples with
+           replacement, this run one shuffled pass per epoch.
+             one host:  python -m dcjax.main --config configs/odc.py:imagenet \
+                          --config.data.path=/data/imagenet --workdir=runs/odc-imagenet
+             pod:       the same command on every host (experiments/launch/).
+           Expected (OpenSelfSup model zoo, ImageNet linear): avgpool 53.42 % top-1 (stages
+           feat1..feat5: 14.76 / 31.82 / 42.44 / 55.76 / 57.70); the probe here reads the
+           average pool.
+  smoke    a few seconds: tiny data subset and 2 epochs (the tests); with imagenet one epoch
+           of a ResNet-50 at width 4 with one block per stage on a tiny 224-px folder.
 
 Fields of ``config.method``: ``num_clusters`` K; ``memory_momentum``; ``reweight_pow``;
 ``centroids_update_interval``; ``small_cluster_interval``; ``min_cluster_size``;
@@ -33,11 +47,20 @@ import ml_collections
 
 from dcjax.clustering import settings
 from dcjax.clustering.kmeans import KMeansConfig
-from dcjax.config_base import apply_cifar10, apply_smoke, base_config, parse_variants
+from dcjax.config_base import (
+    apply_cifar10,
+    apply_imagenet,
+    apply_imagenet_smoke,
+    apply_smoke,
+    base_config,
+    parse_variants,
+)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = parse_variants(arg, {"fmnist", "cifar10", "smoke"}, "configs/odc.py")
+    variants = parse_variants(
+        arg, {"fmnist", "cifar10", "imagenet", "tfds", "smoke"}, "configs/odc.py"
+    )
     config = base_config()
     # OpenSelfSup's defaults, except K (set per data set).
     config.method = ml_collections.ConfigDict(
@@ -80,7 +103,31 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         apply_cifar10(config)
         config.method.num_clusters = 1000
         config.augment = "odc"
+    if "imagenet" in variants:
+        apply_imagenet(config, variants)
+        config.model.update(name="resnet50", sobel=False, kwargs={}, neck=(512, 256))
+        config.method.num_clusters = 10_000
+        config.augment = "odc"
+        config.input.crop_scale = (0.08, 1.0)
+        config.batch_size = 512
+        config.num_cycles = 440
+        config.optim.update(
+            learning_rate=0.06,
+            momentum=0.9,
+            weight_decay=1e-5,
+            schedule="step",
+            step_epochs=(400,),
+            step_factor=0.4,
+        )
+        config.eval.update(probe_layer="pooled", knn_layer="pooled")
     if "smoke" in variants:
-        apply_smoke(config)
+        if "imagenet" in variants:
+            apply_imagenet_smoke(config)
+            config.model.kwargs = {"width": 4, "stage_sizes": (1, 1, 1, 1)}
+            config.model.neck = (16, 8)
+        else:
+            apply_smoke(config)
         config.method.update(num_clusters=4, min_cluster_size=8, max_small_clusters=2)
+        if "imagenet" in variants:
+            config.method.update(num_clusters=2, min_cluster_size=2, max_small_clusters=1)
     return config

@@ -14,6 +14,8 @@ __all__ = [
     "CONFIG_DIR",
     "base_config",
     "apply_cifar10",
+    "apply_imagenet",
+    "apply_imagenet_smoke",
     "apply_smoke",
     "load_config",
     "parse_variants",
@@ -34,16 +36,27 @@ def dotted_fields(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+# Variants that modify another one, which must be given with them.
+_REQUIRES = {"tfds": "imagenet", "deepdive_code": "fmnist", "cpu": "cifar10"}
+
+
 def parse_variants(arg: str | None, allowed: set[str], config_file: str) -> set[str]:
     """The comma-separated variants after ``configs/<file>.py:``.
 
     Raises:
-      ConfigError: naming ``config_file`` and the variants not in ``allowed``.
+      ConfigError: naming ``config_file`` and the variants not in ``allowed``, or a variant
+        given without the one it modifies (``tfds`` without ``imagenet``, ...).
     """
     variants = {v for v in (arg or "").split(",") if v}
     unknown = variants - allowed
     if unknown:
         raise ConfigError(f"unknown variants {sorted(unknown)} for {config_file}")
+    for variant in sorted(variants):
+        base = _REQUIRES.get(variant)
+        if base and base not in variants:
+            raise ConfigError(
+                f"{config_file}: the {variant} variant modifies {base}: use :{base},{variant}"
+            )
     return variants
 
 
@@ -84,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
             source="digits",
             path="",
             name="",
+            test_split="test",  # tfds: the split scored as test ("validation": imagenet2012)
             cache_dir="",
             max_train_examples=0,
             max_test_examples=0,
@@ -98,11 +112,18 @@ def base_config() -> ml_collections.ConfigDict:
         dict(image_size=0, crop_scale=(0.08, 1.0), eval_resize=0, mean=(), std=())
     )
     # init: flax | pytorch | deepcluster (dcjax/models/init.py); the random filters matter.
+    # neck: () or (hidden, out), an fc-bn-relu-fc on the features (ODC's on ResNet-50).
     config.model = ml_collections.ConfigDict(
-        dict(name="small_cnn", sobel=False, kwargs={}, init="flax")
+        dict(name="small_cnn", sobel=False, kwargs={}, init="flax", neck=())
     )
     config.optim = ml_collections.ConfigDict(
-        dict(learning_rate=0.05, momentum=0.9, head_momentum=0.0, weight_decay=1e-5)
+        dict(
+            optimizer="sgd",  # sgd | lars
+            learning_rate=0.05,
+            momentum=0.9,
+            head_momentum=0.0,
+            weight_decay=1e-5,
+        )
     )
     config.eval = ml_collections.ConfigDict(
         dict(
@@ -114,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
             probe_learning_rate=1e-3,
             # More probes, reported as probe_accuracy/<layer>; "a+b" probes a and b concatenated.
             extra_probe_layers=(),
+            # The probes and kNN fit on this many train examples drawn with the seed (0 = all):
+            # ImageNet's 1.28 M x 9,600 conv features do not fit in memory.
+            train_examples=0,
             # "deepdive" adds the deep-dive authors' probe (dcjax/evaluation/deepdive_probe.py)
             # on probe_layer beside ours: SGD, batch 256, 20 epochs, flipped train views.
             protocol="dcjax",
@@ -161,3 +185,46 @@ def apply_cifar10(config: ml_collections.ConfigDict) -> None:
     config.augment = "crop_flip"
     config.input.update(image_size=32, crop_scale=(0.08, 1.0))
     config.eval.update(probe_layer="relu5", probe_epochs=20, probe_batch_size=256)
+
+
+# torchvision's ImageNet statistics (the seeds' Normalize), so no pass over 1.28 M images.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def apply_imagenet(config: ml_collections.ConfigDict, variants: set[str]) -> None:
+    """Sets ``config`` in place to the seeds' ImageNet data and evaluation.
+
+    ``data.path``: the folder holding ``train/`` and ``val/`` (one sub-folder per class), whose
+    JPEGs are decoded once at 224 x 224 (shorter side 224, centre crop; cached, memory-mapped)
+    or, with the ``tfds`` variant, TFDS's ``imagenet2012`` (``data.path`` = its data_dir, the
+    archives in ``<data_dir>/downloads/manual``). Training crops are RandomResizedCrop(224) of
+    that square (the reference crops the full image); the clustering and probe view is the
+    square itself (the reference's Resize 256 + CenterCrop 224 keeps 87.5 % of the side).
+    ImageNet's normalisation; a jitted call runs 100 steps; the probes and kNN fit on 100,000
+    train images drawn with the seed (eval.train_examples) and score the 50,000 val images.
+    """
+    if "tfds" in variants:
+        config.data.update(source="tfds", name="imagenet2012", test_split="validation")
+    else:
+        config.data.source = "folder"
+    config.input.update(
+        image_size=224, crop_scale=(0.08, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )
+    config.augment = "crop_flip"
+    config.batch_size = 256
+    config.eval_batch_size = 256
+    config.steps_per_call = 100
+    config.figures = False  # t-SNE and cluster grids are for small data
+    config.eval.update(train_examples=100_000, probe_epochs=10, probe_batch_size=1024)
+
+
+def apply_imagenet_smoke(config: ml_collections.ConfigDict) -> None:
+    """The ``imagenet,smoke`` form: the same networks' structure and 224-px inputs on a tiny
+    folder (the tests generate one), 1 cycle, batch 8."""
+    apply_smoke(config)
+    config.num_cycles = 1
+    config.batch_size = 8
+    config.eval_batch_size = 8
+    config.steps_per_call = 0
+    config.eval.update(train_examples=0, probe_batch_size=8)

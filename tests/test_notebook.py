@@ -31,3 +31,12 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     ]
     assert len(images) >= 8  # DeepCluster's five figures, SeLa's two, the IA comparison
     assert os.path.exists(os.path.join(tmp_path, "deepcluster", "figures", "tsne.png"))
+    text = "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+    )
+    assert "warning/sinkhorn_not_converged" in text  # the capped run's warning, read back
+    assert "export equals embed: True" in text
+    assert "\r" in text and "img/s" in text  # the progress bar, redrawn in the cell

@@ -34,6 +34,10 @@ def one_line(error: BaseException) -> str:
 def _fail(message: str, hint: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     print(f"hint: {hint}", file=sys.stderr)
+    if "jax" in sys.modules:  # a multi-process run may have been joined
+        from dcjax.core import distributed
+
+        distributed.exit_process(EXIT_USER_ERROR)
     sys.exit(EXIT_USER_ERROR)
 
 

@@ -34,18 +34,31 @@ __all__ = [
     "random_grayscale",
     "random_resized_crop",
     "random_rotation",
+    "gaussian_blur",
+    "random_gaussian_blur",
     "rgb_to_grayscale",
     "rotate",
     "to_float",
 ]
 
-AUGMENT_MODES = ("none", "flip", "crop", "crop_flip", "odc")
+AUGMENT_MODES = ("none", "flip", "crop", "crop_flip", "odc", "sela", "swav")
 
 # ODC's (OpenSelfSup) training augmentation after the crop and flip: RandomRotation(2),
 # ColorJitter(0.4, 0.4, 1.0, 0.5), RandomGrayscale(0.2).
 _ODC_ROTATION_DEGREES = 2.0
 _ODC_JITTER = dict(brightness=0.4, contrast=0.4, saturation=1.0, hue=0.5)
 _ODC_GRAYSCALE_P = 0.2
+# SeLa's ImageNet augmentation (self-label, augs=3): crop, greyscale 0.2, ColorJitter(0.4 x 4),
+# flip.
+_SELA_JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4)
+# SwAV's (and its DeepCluster-v2's): crop, flip, ColorJitter(0.8, 0.8, 0.8, 0.2) with
+# probability 0.8, greyscale 0.2, Gaussian blur of sigma ~ U(0.1, 2) with probability 0.5.
+_SWAV_JITTER = dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)
+_SWAV_JITTER_P = 0.8
+_SWAV_BLUR_P = 0.5
+_SWAV_BLUR_SIGMA = (0.1, 2.0)
+# Half-width of the blur's kernel: 3 sigma at the largest sigma, so the taps cut off nothing.
+_BLUR_RADIUS = 6
 
 # ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale and PIL's convert("L").
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -464,6 +477,33 @@ def random_grayscale(key: jax.Array, image: jax.Array, p: jax.Array | float) -> 
     return jnp.where(jax.random.bernoulli(key, p), gray, image)
 
 
+def gaussian_blur(image: jax.Array, sigma: jax.Array | float, radius: int = _BLUR_RADIUS):
+    """Separable Gaussian blur of an `(H, W, C)` image, edges replicated.
+
+    The kernel has `2 radius + 1` taps `exp(-x^2 / (2 sigma^2))`, normalised to sum 1 (SciPy's
+    `gaussian_filter(mode="nearest")` with `truncate=radius / sigma`); `sigma` may be traced.
+    """
+    _check_image(image)
+    taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    sigma = jnp.asarray(sigma, jnp.float32)
+    kernel = jnp.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).astype(image.dtype)
+    padded = jnp.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
+    h, w = image.shape[:2]
+    rows = sum(kernel[i] * padded[i : i + h] for i in range(2 * radius + 1))
+    return sum(kernel[i] * rows[:, i : i + w] for i in range(2 * radius + 1))
+
+
+def random_gaussian_blur(key: jax.Array, image: jax.Array) -> jax.Array:
+    """SwAV's blur: with probability 0.5, `gaussian_blur` with sigma ~ U(0.1, 2.0)."""
+    key_apply, key_sigma = jax.random.split(key)
+    sigma = jax.random.uniform(
+        key_sigma, (), minval=_SWAV_BLUR_SIGMA[0], maxval=_SWAV_BLUR_SIGMA[1]
+    )
+    blurred = gaussian_blur(image, sigma)
+    return jnp.where(jax.random.bernoulli(key_apply, _SWAV_BLUR_P), blurred, image)
+
+
 def _view_none(
     key: jax.Array,
     image: jax.Array,
@@ -516,12 +556,39 @@ def _view_odc(
     return random_grayscale(key_gray, image, _ODC_GRAYSCALE_P)
 
 
+def _view_sela(
+    key: jax.Array,
+    image: jax.Array,
+    out_size: tuple[int, int],
+    crop_scale: tuple[float, float],
+) -> jax.Array:
+    key_crop, key_gray, key_jitter, key_flip = jax.random.split(key, 4)
+    image = random_grayscale(key_gray, _view_crop(key_crop, image, out_size, crop_scale), 0.2)
+    return random_flip(key_flip, color_jitter(key_jitter, image, **_SELA_JITTER))
+
+
+def _view_swav(
+    key: jax.Array,
+    image: jax.Array,
+    out_size: tuple[int, int],
+    crop_scale: tuple[float, float],
+) -> jax.Array:
+    key_crop, key_flip, key_apply, key_jitter, key_gray, key_blur = jax.random.split(key, 6)
+    image = random_flip(key_flip, _view_crop(key_crop, image, out_size, crop_scale))
+    jittered = color_jitter(key_jitter, image, **_SWAV_JITTER)
+    image = jnp.where(jax.random.bernoulli(key_apply, _SWAV_JITTER_P), jittered, image)
+    image = random_grayscale(key_gray, image, 0.2)
+    return random_gaussian_blur(key_blur, image)
+
+
 _VIEW_FNS = {
     "none": _view_none,
     "flip": _view_flip,
     "crop": _view_crop,
     "crop_flip": _view_crop_flip,
     "odc": _view_odc,
+    "sela": _view_sela,
+    "swav": _view_swav,
 }
 
 
@@ -537,15 +604,19 @@ def augment_batch(
 
     Args:
       key: PRNG key; split into one key per image.
-      images: `(B, H, W, C)` float images; `"odc"` needs values in `[0, 1]` and `C` in `{1, 3}`.
+      images: `(B, H, W, C)` float images; `"odc"`, `"sela"` and `"swav"` need values in
+        `[0, 1]` and `C` in `{1, 3}`.
       mode: one of `AUGMENT_MODES` (static): `"none"` resizes only (clustering pass, eval and
         the domain-agnostic setting), `"flip"` resizes and randomly mirrors, `"crop"` takes a
         random resized crop (for data a mirror would change, such as digits), `"crop_flip"` a
         random resized crop randomly mirrored (DeepCluster's training augmentation), `"odc"`
         the crop and mirror followed by a rotation within +-2 degrees, `color_jitter(0.4, 0.4,
-        1.0, 0.5)` and greyscale with probability 0.2 (ODC's training augmentation).
+        1.0, 0.5)` and greyscale with probability 0.2 (ODC's training augmentation), `"sela"`
+        the crop, greyscale 0.2, `color_jitter(0.4, 0.4, 0.4, 0.4)` and a mirror (SeLa's
+        ImageNet augmentation), `"swav"` the crop and mirror, `color_jitter(0.8, 0.8, 0.8, 0.2)`
+        with probability 0.8, greyscale 0.2 and `random_gaussian_blur` (SwAV's).
       out_size: static `(out_h, out_w)`.
-      crop_scale: area bounds of the random crop, used by `"crop"`, `"crop_flip"` and `"odc"`.
+      crop_scale: area bounds of the random crop (every mode but `"none"` and `"flip"`).
 
     Returns:
       `(B, out_h, out_w, C)` array with the dtype of `images`.

@@ -1,7 +1,8 @@
 """Image folders: one sub-folder per class of JPEG/PNG files, decoded once and cached as .npy.
 
 Layout `root/<class>/*.{jpg,jpeg,png}` gives a train split only; `root/train/<class>/...` with an
-optional `root/test/<class>/...` gives both splits, the class list coming from `train/` (sorted).
+optional `root/test/<class>/...` (or `root/val/<class>/...`, ImageNet's layout) gives both splits,
+the class list coming from `train/` (sorted).
 Hidden files and folders (leading '.') are skipped.
 
 Decoding runs in a thread pool (PIL releases the GIL while decoding). The result lands in
@@ -24,28 +25,32 @@ from PIL import Image
 
 from dcjax.data.dataset import DataError, Dataset
 
-__all__ = ["IMAGE_SUFFIXES", "load_folder"]
+__all__ = ["IMAGE_SUFFIXES", "fit_square", "load_folder"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 # Bump when the decoded layout changes, so old caches are ignored.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: with image_size, every image is fitted to S x S
 _GREY_MODES = ("1", "L", "LA")
-_SPLITS = ("train", "test")
+# Split name -> the folder names it is read from, first found wins (ImageNet's test split is val/).
+_SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
 
 
 def load_folder(root: str, cache_dir: str, image_size: int = 0) -> Dataset:
     """Loads a class-per-folder image tree, from the cache when the files are unchanged.
 
-    Images of one (H, W) are kept as they are. Images of several sizes need ``image_size`` = S:
-    each is then resized on decode so that its shorter side is S (bicubic) and centre-cropped to
-    S x S. If every image is grey the result has C = 1, otherwise C = 3 (grey images are
-    repeated to RGB; alpha is dropped).
+    Without ``image_size`` the images must share one (H, W) and are kept as they are. With
+    ``image_size`` = S (needed for images of several sizes) every image not already S x S is
+    resized on decode, in the decoding thread, so that its shorter side is S (bicubic) and
+    centre-cropped to S x S: a large folder (ImageNet) is held in memory at S x S only. If
+    every image is grey the result has C = 1, otherwise C = 3 (grey images are repeated to RGB;
+    alpha is dropped).
 
     Args:
       root: the folder to read.
       cache_dir: where decoded arrays are kept; created when missing.
-      image_size: S for folders of mixed sizes (``config.input.image_size``); 0 refuses them.
+      image_size: S (``config.input.image_size``); 0 keeps the images' own size and refuses
+        several sizes.
 
     Returns:
       Dataset named "folder:<absolute root>"; labels index the sorted class names.
@@ -79,8 +84,11 @@ def load_folder(root: str, cache_dir: str, image_size: int = 0) -> Dataset:
 def _list_files(root: str) -> tuple[tuple[str, ...], dict[str, list[tuple[str, int]]]]:
     """Returns the class names and, per split, sorted (path, label) pairs."""
     if os.path.isdir(os.path.join(root, "train")):
-        split_roots = {s: os.path.join(root, s) for s in _SPLITS}
-        split_roots = {s: d for s, d in split_roots.items() if os.path.isdir(d)}
+        split_roots = {}
+        for split, names in _SPLIT_DIRS.items():
+            found = [os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))]
+            if found:
+                split_roots[split] = found[0]
     else:
         split_roots = {"train": root}
     class_names = tuple(_visible_dirs(split_roots["train"]))
@@ -140,7 +148,7 @@ def _decode_image(path: str) -> np.ndarray:
         raise DataError(f"folder: cannot decode {path}: {e}") from e
 
 
-def _fit(image: np.ndarray, size: int) -> np.ndarray:
+def fit_square(image: np.ndarray, size: int) -> np.ndarray:
     """(H, W[, 3]) -> (size, size[, 3]): shorter side resized to ``size`` (bicubic), centre crop."""
     h, w = image.shape[:2]
     scale = size / min(h, w)
@@ -154,8 +162,16 @@ def _decode_splits(
     files: dict[str, list[tuple[str, int]]], image_size: int
 ) -> dict[str, np.ndarray]:
     paths = [path for pairs in files.values() for path, _ in pairs]
+
+    def decode(path: str) -> np.ndarray:
+        # Fitted in the worker, so that a large folder is held at S x S, never at full size.
+        image = _decode_image(path)
+        if image_size and image.shape[:2] != (image_size, image_size):
+            image = fit_square(image, image_size)
+        return image
+
     with concurrent.futures.ThreadPoolExecutor(min(32, (os.cpu_count() or 1) + 4)) as pool:
-        decoded = list(pool.map(_decode_image, paths))
+        decoded = list(pool.map(decode, paths))
     first_size = decoded[0].shape[:2]
     mixed = [(p, x) for p, x in zip(paths, decoded, strict=True) if x.shape[:2] != first_size]
     if mixed and not image_size:
@@ -166,8 +182,6 @@ def _decode_splits(
             "config.input.image_size=S (each is then resized on decode: shorter side S, "
             "centre crop S x S)"
         )
-    if mixed:
-        decoded = [_fit(image, image_size) for image in decoded]
     rgb = any(image.ndim == 3 for image in decoded)
     arrays, start = {}, 0
     for split, pairs in files.items():

@@ -3,9 +3,10 @@ from it by index inside jitted code, then scaled to [0, 1], resized (and for tra
 and normalised there.
 
 Augmentation runs before the per-channel normalisation, as torchvision's ``ToTensor`` ->
-augment -> ``Normalize`` order: the colour operations of the ``odc`` mode need [0, 1] pixels and
-the rotation's fill is black (0) before normalisation. Resizing, cropping and flipping commute with
-the normalisation, so the other modes are unchanged up to float rounding.
+augment -> ``Normalize`` order: the colour operations of the ``odc``, ``sela`` and ``swav`` modes
+need [0, 1] pixels and the rotation's fill is black (0) before normalisation. Resizing, cropping
+and flipping commute with the normalisation, so the other modes are unchanged up to float
+rounding.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class Pipeline:
       mean, std: per-channel statistics of the training images, in [0, 1] units, (C,) tuples.
       out_size: (height, width) given to the network.
       augment: training augmentation mode, one of ``augment.AUGMENT_MODES`` (``none``,
-        ``flip``, ``crop``, ``crop_flip``, ``odc``); evaluation and the clustering pass never
-        augment.
+        ``flip``, ``crop``, ``crop_flip``, ``odc``, ``sela``, ``swav``); evaluation and the
+        clustering pass never augment.
       crop_scale: area range of the random resized crop.
       eval_resize: the deterministic view (clustering pass, probes) resizes the shorter side to
         this and centre-crops ``out_size`` (torchvision's Resize then CenterCrop, the deep-dive

@@ -8,6 +8,7 @@ Config fields (the `data` sub-config; a missing field takes the default below):
   path: digits -- unused; idx -- the directory ('' = DEFAULT_IDX_DIR); folder -- the root;
     npz -- the file; tfds -- the TFDS data_dir ('' = TFDS's default).
   name: the TFDS name (tfds only).
+  test_split: the TFDS split scored as test ('test'; 'validation' for imagenet2012).
   cache_dir: where folder keeps decoded arrays ('' = ~/.cache/dcjax).
   max_train_examples, max_test_examples: keep n examples drawn at random with `seed`, in
     their original order (0 = all). Random, not the first n: a folder lists its classes in order.
@@ -49,6 +50,7 @@ _DEFAULTS: dict[str, Any] = {
     "source": "digits",
     "path": "",
     "name": "",
+    "test_split": "test",
     "cache_dir": "",
     "max_train_examples": 0,
     "max_test_examples": 0,
@@ -127,9 +129,13 @@ def _npz(config: ml_collections.ConfigDict, image_size: int) -> Dataset:
 
 
 def _tfds(config: ml_collections.ConfigDict, image_size: int) -> Dataset:
-    del image_size  # decoded images of one size already
     path = _get(config, "path")
-    return load_tfds(_get(config, "name"), os.path.expanduser(path) if path else None)
+    return load_tfds(
+        _get(config, "name"),
+        os.path.expanduser(path) if path else None,
+        str(_get(config, "test_split")),
+        image_size,
+    )
 
 
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict, int], Dataset]] = {

@@ -1,7 +1,10 @@
 """Any TFDS image-classification data set with `image` and `label` features, read whole.
 
 Uses `tfds.data_source` (random-access ArrayRecord), which needs no TensorFlow. The 'train'
-split is required; 'test' is used when the data set has one.
+split is required; the test split (``data.test_split``: 'test', or 'validation' for
+imagenet2012) is used when the data set has one. Data sets of mixed image sizes (imagenet2012)
+need ``image_size``: each image is fitted to S x S as it is read (shorter side S, centre crop),
+as image folders are.
 """
 
 from __future__ import annotations
@@ -11,18 +14,24 @@ from typing import Any
 import numpy as np
 
 from dcjax.data.dataset import DataError, Dataset
+from dcjax.data.folder import fit_square
 
 __all__ = ["load_tfds"]
 
 
-def load_tfds(name: str, data_dir: str | None) -> Dataset:
-    """Reads the 'train' and, if present, 'test' split of a TFDS data set into memory.
+def load_tfds(
+    name: str, data_dir: str | None, test_split: str = "test", image_size: int = 0
+) -> Dataset:
+    """Reads the 'train' and, if present, the ``test_split`` split of a TFDS data set into memory.
 
     TFDS downloads and prepares the data on first use when it can reach the internet.
 
     Args:
       name: a registered TFDS name, optionally with config and version ("mnist", "cifar10:3.*").
-      data_dir: the TFDS data directory, or None for TFDS's default.
+      data_dir: the TFDS data directory, or None for TFDS's default (imagenet2012 needs its
+        archives in ``<data_dir>/downloads/manual``).
+      test_split: the split scored as the test split.
+      image_size: S: every image not S x S is fitted to it when read; 0 keeps the images.
 
     Returns:
       Dataset named "tfds:<name>"; images (N, H, W, C) uint8, labels (N,) int32, class names
@@ -45,12 +54,12 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
     for key in ("image", "label"):
         if key not in features:
             raise DataError(f"tfds: {name!r} has no {key!r} feature (has {sorted(features)})")
-    train_images, train_labels = _read_split(tfds, name, "train", data_dir)
+    train_images, train_labels = _read_split(tfds, name, "train", data_dir, image_size)
     test_images, test_labels = None, None
     # Splits are known only once prepared, and mocked builders report none; ask then.
     splits = set(tfds.builder(name, data_dir=data_dir).info.splits)
-    if not splits or "test" in splits:
-        test_images, test_labels = _read_split(tfds, name, "test", data_dir)
+    if not splits or test_split in splits:
+        test_images, test_labels = _read_split(tfds, name, test_split, data_dir, image_size)
     label = features["label"]
     class_names = tuple(label.names) if isinstance(label, tfds.features.ClassLabel) else None
     return Dataset(
@@ -64,21 +73,30 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
 
 
 def _read_split(
-    tfds: Any, name: str, split: str, data_dir: str | None
+    tfds: Any, name: str, split: str, data_dir: str | None, image_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir)
     except Exception as e:  # TFDS raises many kinds while downloading or preparing.
         raise DataError(f"tfds: cannot open split {split!r} of {name!r}: {e}") from e
     # One record at a time: the batched __getitems__ is not implemented by tfds' test mocks.
-    records = [source[i] for i in range(len(source))]
+    records = []
+    for i in range(len(source)):
+        record = source[i]
+        image = np.asarray(record["image"])
+        if image_size and image.shape[:2] != (image_size, image_size) and image.dtype == np.uint8:
+            squeeze = image.ndim == 3 and image.shape[2] == 1  # PIL wants (H, W) for grey
+            image = fit_square(image[..., 0] if squeeze else image, image_size)
+            image = image[..., None] if squeeze else image
+        records.append({"image": image, "label": record["label"]})
     if not records:
         raise DataError(f"tfds: split {split!r} of {name!r} is empty")
     kinds = {(np.shape(r["image"]), np.asarray(r["image"]).dtype) for r in records}
     if len(kinds) > 1:
         raise DataError(
             f"tfds: {name!r} split {split!r} mixes image shapes and dtypes, e.g. "
-            f"{sorted(map(str, kinds))[:3]}"
+            f"{sorted(map(str, kinds))[:3]}; set config.input.image_size=S to fit every "
+            "image to S x S as it is read"
         )
     (_, dtype) = kinds.pop()
     if dtype != np.uint8:

@@ -162,7 +162,12 @@ def build_model(config: ml_collections.ConfigDict, settings: Settings):
     trunks = []
     for name, extra in zip(settings.backbones, kwargs, strict=True):
         model = ml_collections.ConfigDict(
-            dict(name=name, sobel=config.model.sobel, kwargs=dict(extra))
+            dict(
+                name=name,
+                sobel=config.model.sobel,
+                kwargs=dict(extra),
+                neck=tuple(config.model.get("neck", ())),  # each trunk its own neck
+            )
         )
         trunks.append(build_trunk(model))
     return CollaborativeNetwork(MultiTrunk(tuple(trunks)), settings.num_clusters)

@@ -8,6 +8,7 @@ import ml_collections
 
 from dcjax.core.errors import ConfigError
 from dcjax.models.backbones import LeNet5, MiniAlexNet, SmallCNN
+from dcjax.models.imagenet_nets import VGG16BN, AlexNet
 from dcjax.models.resnet import ResNet18, ResNet50
 from dcjax.models.sobel import sobel
 
@@ -30,23 +31,41 @@ BACKBONES: dict[str, type[nn.Module]] = {
     "small_cnn": SmallCNN,
     "lenet5": LeNet5,
     "mini_alexnet": MiniAlexNet,
+    "alexnet": AlexNet,
+    "vgg16_bn": VGG16BN,
     "resnet18": ResNet18,
     "resnet50": ResNet50,
 }
 
 
 class Trunk(nn.Module):
-    """Backbone with an optional fixed Sobel front end (grey + Sobel-x/y, 2 channels)."""
+    """Backbone with an optional fixed Sobel front end (grey + Sobel-x/y, 2 channels) and an
+    optional neck.
+
+    ``neck = (hidden, out)``: Linear(hidden) -> BN -> ReLU -> Linear(out) on the backbone's
+    ``"features"`` (OpenSelfSup's ODC neck, 2048 -> 512 -> 256 on ResNet-50); the result
+    replaces ``"features"`` and the backbone's own is kept as ``"backbone_features"``.
+    """
 
     backbone: nn.Module
     use_sobel: bool = False
+    neck: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
         """Maps (B, H, W, C) float images to the backbone's dict of named features."""
         if self.use_sobel:
             x = sobel(x)
-        return self.backbone(x, train=train)
+        out = self.backbone(x, train=train)
+        if self.neck:
+            hidden, width = self.neck
+            out = dict(out, backbone_features=out["features"])
+            h = nn.Dense(hidden, name="neck_fc0")(out["features"])
+            h = nn.BatchNorm(
+                use_running_average=not train, momentum=0.9, epsilon=1e-5, name="neck_bn0"
+            )(h)
+            out["features"] = nn.Dense(width, name="neck_fc1")(nn.relu(h))
+        return out
 
 
 class ClassifierHead(nn.Module):
@@ -104,7 +123,10 @@ def build_trunk(model_config: ml_collections.ConfigDict) -> Trunk:
             f"config.model.name={name!r} is unknown; choose one of {sorted(BACKBONES)}"
         )
     kwargs = dict(model_config.get("kwargs", {}))
-    return Trunk(backbone=BACKBONES[name](**kwargs), use_sobel=bool(model_config.sobel))
+    neck = tuple(int(d) for d in model_config.get("neck", ()))
+    if neck and (len(neck) != 2 or min(neck) < 1):
+        raise ConfigError(f"config.model.neck={neck} must be () or (hidden, out), both >= 1")
+    return Trunk(backbone=BACKBONES[name](**kwargs), use_sobel=bool(model_config.sobel), neck=neck)
 
 
 class Network(nn.Module):

@@ -82,6 +82,12 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def _redraws(stream: TextIO) -> bool:
+    """Whether ``stream`` shows a line redrawn with carriage returns: a terminal, or a Jupyter
+    cell's output (not a terminal, but it honours carriage returns)."""
+    return stream.isatty() or type(stream).__module__.startswith("ipykernel")
+
+
 class Progress:
     """Steps done in the current cycle, with the loss, images per second and the time left.
 
@@ -102,7 +108,7 @@ class Progress:
         self.steps_per_cycle, self.batch_size = steps_per_cycle, batch_size
         self.stream = stream or sys.stdout
         self.every_secs = every_secs
-        self.is_tty = self.stream.isatty() if is_tty is None else is_tty
+        self.is_tty = _redraws(self.stream) if is_tty is None else is_tty
         self.enabled = distributed.is_main()
         self._cycle, self._num_cycles, self._start, self._last = 0, 0, 0.0, 0.0
 
@@ -110,6 +116,11 @@ class Progress:
         """Begins cycle ``cycle`` (1-based) of ``num_cycles``."""
         self._cycle, self._num_cycles = cycle, num_cycles
         self._start = self._last = time.perf_counter()
+
+    def expect(self, steps_per_cycle: int) -> None:
+        """Corrects the cycle's length once an epoch's batches are drawn (a sampler may give
+        a few more or fewer steps than ``samples_per_epoch // B``, e.g. un-truncated)."""
+        self.steps_per_cycle = steps_per_cycle
 
     def update(self, steps: int, loss: float) -> None:
         """``steps`` of this cycle are done; ``loss`` is the latest block's mean loss."""

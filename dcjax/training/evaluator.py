@@ -60,8 +60,10 @@ class Evaluator:
         test_images = run.test_images if has_test else run.train_images
         test_labels = data.test_labels if has_test else data.train_labels
         batch = run.config.eval_batch_size
+        rows = self._train_rows()
+        train_labels = data.train_labels if rows is None else data.train_labels[rows]
         # On the host: the probes run on each process alike, whatever the features' sharding.
-        train = _to_host(extract_features(self._feature_fn, state, run.train_images, batch))
+        train = _to_host(extract_features(self._feature_fn, state, run.train_images, batch, rows))
         test = _to_host(extract_features(self._feature_fn, state, test_images, batch))
         num_classes = int(max(data.train_labels.max(), test_labels.max()) + 1)
         results = {}
@@ -69,7 +71,7 @@ class Evaluator:
             probe = linear_probe(
                 jax.random.PRNGKey(run.config.seed),
                 _layer(train, layer),
-                data.train_labels,
+                train_labels,
                 _layer(test, layer),
                 test_labels,
                 num_classes=num_classes,
@@ -86,7 +88,7 @@ class Evaluator:
             knn_accuracy=float(
                 knn_accuracy(
                     train[cfg.knn_layer],
-                    data.train_labels,
+                    train_labels,
                     test[cfg.knn_layer],
                     test_labels,
                     k=cfg.knn_k,
@@ -100,6 +102,15 @@ class Evaluator:
             labels = to_host(state.method.pseudo_labels)
             results["nmi_pseudo_labels"] = scores.nmi(data.train_labels, labels)
         return results
+
+    def _train_rows(self) -> np.ndarray | None:
+        """The train rows the probes and kNN fit on: ``eval.train_examples`` of them drawn with
+        the run's seed (sorted), or None for all (0, or at least N)."""
+        cap, n = int(self._run.config.eval.get("train_examples", 0)), len(self._run.train_images)
+        if not cap or cap >= n:
+            return None
+        rng = np.random.default_rng(self._run.config.seed)
+        return np.sort(rng.choice(n, cap, replace=False)).astype(np.int32)
 
     def _deepdive_figures(self, state, train, test, test_labels, num_classes) -> dict[str, float]:
         """The authors' probe on ``probe_layer``; mirrored views from the mirrored images.

@@ -52,6 +52,19 @@ _RESUMABLE_FIELDS = (
 )
 
 
+# Fields added to the config after runs were started, with the value that keeps the behaviour
+# those runs had: a saved config without the field resumes under that value.
+ADDED_FIELDS = {"data.test_split": "test", "model.neck": [], "optim.optimizer": "sgd"}
+
+
+def _added_off(key: str, saved: dict, now: dict) -> bool:
+    """Whether ``key`` is an added field that one side lacks and the other holds at the value
+    the older run had."""
+    if (key in saved) == (key in now) or key not in ADDED_FIELDS:
+        return False
+    return saved.get(key, now.get(key)) == ADDED_FIELDS[key]
+
+
 def check_workdir_config(
     config: ml_collections.ConfigDict, workdir: str, write: bool = True
 ) -> None:
@@ -80,7 +93,9 @@ def check_workdir_config(
         changed = sorted(
             key
             for key in set(saved) | set(now)
-            if key.split(".")[0] not in _RESUMABLE_FIELDS and saved.get(key) != now.get(key)
+            if key.split(".")[0] not in _RESUMABLE_FIELDS
+            and saved.get(key) != now.get(key)
+            and not _added_off(key, saved, now)
         )
         if changed:
             raise ConfigError(
@@ -161,6 +176,8 @@ def train_phase(
     for epoch in range(config.epochs_per_cycle):
         indices = run.method.sample(run.ctx, state, _epoch_rng(state, epoch))
         batches = sampler.steps_batches(indices, config.batch_size)
+        if progress is not None:  # this epoch's length, the next ones' estimated alike
+            progress.expect(num_steps + len(batches) * (config.epochs_per_cycle - epoch))
         for block in _blocks(batches, config.get("steps_per_call", 0)):
             block = jax.device_put(block, replicated(run.mesh))
             state, block_metrics = train_steps(state, run.train_images, block)

@@ -257,6 +257,11 @@ def eval_protocol(config: ml_collections.ConfigDict) -> str:
         raise ConfigError(
             f"config.eval.protocol={protocol!r} must be one of {', '.join(EVAL_PROTOCOLS)}"
         )
+    if protocol == "deepdive" and config.eval.get("train_examples", 0):
+        raise ConfigError(
+            "config.eval.train_examples applies to the dcjax probes; the deep-dive protocol "
+            "trains on the whole train split: set it to 0"
+        )
     return protocol
 
 

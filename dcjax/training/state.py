@@ -37,7 +37,10 @@ class TrainState:
 def learning_rate_schedule(
     config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.Schedule | float:
-    """``config.optim.learning_rate`` constant, or SwAV's warm-up then cosine.
+    """``config.optim.learning_rate`` constant, in steps, or SwAV's warm-up then cosine.
+
+    ``optim.schedule="step"``: multiplied by ``step_factor`` at the start of each epoch in
+    ``step_epochs`` (SeLa's x0.1 every 150 epochs, ODC's x0.4 at epoch 400).
 
     ``optim.schedule="warmup_cosine"``: linear from ``warmup_learning_rate`` to
     ``learning_rate`` over ``warmup_epochs`` epochs, then cosine down to
@@ -50,9 +53,17 @@ def learning_rate_schedule(
     schedule = optim.get("schedule", "constant")
     if schedule == "constant":
         return optim.learning_rate
+    if schedule == "step":
+        epochs = tuple(int(e) for e in optim.step_epochs)
+        if list(epochs) != sorted(set(epochs)) or (epochs and epochs[0] < 1):
+            raise ConfigError(f"config.optim.step_epochs={epochs} must be increasing epochs >= 1")
+        return optax.piecewise_constant_schedule(
+            optim.learning_rate,
+            {e * steps_per_epoch: float(optim.step_factor) for e in epochs},
+        )
     if schedule != "warmup_cosine":
         raise ConfigError(
-            f"config.optim.schedule={schedule!r} is unknown; choose constant or warmup_cosine"
+            f"config.optim.schedule={schedule!r} is unknown; choose constant, step or warmup_cosine"
         )
     total = max(1, config.num_cycles * config.epochs_per_cycle * steps_per_epoch)
     warmup = min(total - 1, optim.warmup_epochs * steps_per_epoch)
@@ -83,7 +94,9 @@ def freeze_head_steps(optim: ml_collections.ConfigDict, steps_per_epoch: int) ->
 def make_optimizers(
     config: ml_collections.ConfigDict, steps_per_epoch: int = 1
 ) -> dict[str, optax.GradientTransformation]:
-    """SGD per parameter group with PyTorch's coupled weight decay (added to the gradient).
+    """SGD per parameter group with PyTorch's coupled weight decay (added to the gradient), or
+    with ``optim.optimizer="lars"`` optax's LARS (SwAV's LARC: the layer-wise trust ratio 0.001
+    on SGD with momentum, DeepCluster-v2's ImageNet optimiser).
 
     ``config.optim`` has ``learning_rate``, ``momentum``, ``weight_decay`` and optionally
     ``head_momentum`` (DeepCluster v1's head has none: 0.0), the schedule fields of
@@ -100,8 +113,18 @@ def make_optimizers(
     """
     optim = config.optim
     learning_rate = learning_rate_schedule(config, steps_per_epoch)
+    kind = optim.get("optimizer", "sgd")
+    if kind not in ("sgd", "lars"):
+        raise ConfigError(f"config.optim.optimizer={kind!r} is unknown; choose sgd or lars")
 
     def sgd(momentum: float) -> optax.GradientTransformation:
+        if kind == "lars":  # SwAV's LARC (trust 0.001, no clipping), weight decay inside
+            return optax.lars(
+                learning_rate,
+                weight_decay=optim.weight_decay,
+                trust_coefficient=0.001,
+                momentum=momentum,
+            )
         return optax.chain(
             optax.add_decayed_weights(optim.weight_decay),
             optax.sgd(learning_rate, momentum=momentum or None),

@@ -145,18 +145,19 @@ def make_feature_fn(model: nn.Module, pipeline: Pipeline, layers: Sequence[str],
 
 
 def extract_features(
-    feature_fn, state: TrainState, images: ImageBank, batch_size: int
+    feature_fn, state: TrainState, images: ImageBank, batch_size: int, rows=None
 ) -> dict[str, jax.Array]:
-    """Runs ``feature_fn`` over all N images of the bank: {layer: (N, ...)} on the devices.
+    """Runs ``feature_fn`` over all N images of the bank (or the (n,) ``rows``): {layer: (N or
+    n, ...)} on the devices.
 
     One jitted call: a ``lax.map`` over the (ceil(N / B), B) batches of indices, so the
     features feed clustering with no host round trip and no per-batch dispatch. The last batch
     is padded by wrapping around, so every batch has the same shape.
     """
-    n = len(images)
+    rows = np.arange(len(images), dtype=np.int32) if rows is None else np.asarray(rows, np.int32)
+    n = len(rows)
     num_batches = -(-n // batch_size)
-    order = np.arange(num_batches * batch_size, dtype=np.int32) % n
-    order = order.reshape(num_batches, batch_size)
+    order = rows[np.arange(num_batches * batch_size) % n].reshape(num_batches, batch_size)
     out = _mapped_features(feature_fn, state.params, state.batch_stats, images, order)
     return {name: value[:n] for name, value in out.items()}
 

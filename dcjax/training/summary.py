@@ -46,11 +46,23 @@ def run_row(config: ml_collections.ConfigDict, workdir: str, **tags) -> dict[str
     return {**tags, "seconds": round(time.perf_counter() - start, 1), **flat}
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (and AVX-512, which changes XLA:CPU's kernels), else the arch."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line]
+    name = names[0] if names else platform.machine()
+    return f"{name} (AVX-512)" if " avx512f" in info else name
+
+
 def machine_line() -> str:
     """``Machine: <cpu>, <cores> cores, JAX <version> on <backend>`` for a results header."""
-    cpu = platform.processor() or platform.machine()
     return (
-        f"Machine: {cpu}, {os.cpu_count()} cores, JAX {jax.__version__} on {jax.default_backend()}"
+        f"Machine: {_cpu_name()}, {os.cpu_count()} cores, JAX {jax.__version__} on "
+        f"{jax.default_backend()}"
     )
 
 

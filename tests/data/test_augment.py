@@ -215,15 +215,41 @@ def test_augment_batch_crop_is_a_per_example_random_resized_crop(key, images):
         np.testing.assert_allclose(o, _crop(k, x, out_size=_OUT, scale=(0.3, 1.0)), atol=1e-6)
 
 
-def test_augment_batch_odc_is_keyed_and_in_unit_range(key, rng):
+@pytest.mark.parametrize("mode", ["odc", "sela", "swav"])
+def test_augment_batch_colour_modes_are_keyed_and_in_unit_range(key, rng, mode):
     unit = jnp.asarray(rng.uniform(size=(3, *_SHAPE)), jnp.float32)
-    out = _batch(key, unit, mode="odc", out_size=_OUT)
+    out = _batch(key, unit, mode=mode, out_size=_OUT)
     assert out.shape == (3, *_OUT, 3) and out.dtype == jnp.float32
-    assert out.min() >= 0.0 and out.max() <= 1.0
-    np.testing.assert_array_equal(out, _batch(key, unit, mode="odc", out_size=_OUT))
-    assert not np.allclose(out, _batch(jax.random.split(key)[1], unit, mode="odc", out_size=_OUT))
-    same = _batch(key, jnp.broadcast_to(unit[0], unit.shape), mode="odc", out_size=_OUT)
+    assert out.min() >= 0.0 and out.max() <= 1.0 + 1e-6
+    np.testing.assert_array_equal(out, _batch(key, unit, mode=mode, out_size=_OUT))
+    assert not np.allclose(out, _batch(jax.random.split(key)[1], unit, mode=mode, out_size=_OUT))
+    same = _batch(key, jnp.broadcast_to(unit[0], unit.shape), mode=mode, out_size=_OUT)
     assert not np.allclose(same[0], same[1])
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_gaussian_blur_matches_scipy(rng, sigma):
+    image = rng.uniform(size=(17, 15, 3)).astype(np.float32)
+    radius = augment._BLUR_RADIUS
+    expected = np.stack(
+        [
+            scipy.ndimage.gaussian_filter(
+                image[..., c].astype(np.float64), sigma, mode="nearest", truncate=radius / sigma
+            )
+            for c in range(3)
+        ],
+        axis=-1,
+    )
+    got = jax.jit(augment.gaussian_blur)(jnp.asarray(image), sigma)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_random_gaussian_blur_blurs_about_half_the_images(key, rng):
+    image = jnp.asarray(rng.uniform(size=(9, 9, 3)), jnp.float32)
+    keys = jax.random.split(key, 400)
+    out = jax.jit(jax.vmap(augment.random_gaussian_blur, in_axes=(0, None)))(keys, image)
+    unchanged = np.all(np.asarray(out) == np.asarray(image), axis=(1, 2, 3))
+    assert 0.4 < unchanged.mean() < 0.6  # probability 0.5: 400 draws, 4 sigma
 
 
 def test_augment_batch_odc_traces_on_one_channel_images(key):

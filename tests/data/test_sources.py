@@ -347,6 +347,19 @@ def test_folder_of_mixed_sizes_is_resized_on_decode(tmp_path, rng):
     np.testing.assert_array_equal(data.train_images[1], 77)
 
 
+def test_folder_imagenet_layout_val_is_the_test_split_and_fitted_to_s(tmp_path, rng):
+    # ImageNet's train/ and val/ folders, images of one size that is not S x S: each is fitted
+    # (shorter side S, centre crop) on decode.
+    root = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        for name in ("n01", "n02"):
+            _write_image(root / split / name / "0.jpg", np.full((12, 10, 3), 200, np.uint8))
+    data = sources.load(_folder_config(root, tmp_path), image_size=5)
+    assert data.train_images.shape == data.test_images.shape == (2, 5, 5, 3)
+    np.testing.assert_array_equal(data.test_labels, [0, 1])
+    assert np.all(np.abs(data.test_images.astype(int) - 200) <= 2)  # JPEG's rounding
+
+
 def test_folder_corrupt_image_is_named(tmp_path, rng):
     root = tmp_path / "corrupt"
     _write_image(root / "a" / "0.png", rng.integers(0, 256, (5, 7), dtype=np.uint8))
@@ -463,6 +476,18 @@ def test_tfds_reads_mocked_mnist():
     assert data.train_labels.shape == (7,) and data.train_labels.dtype == np.int32
     assert data.test_images.shape == (3, 28, 28, 1)
     assert data.class_names == tuple(str(d) for d in range(10)) and data.num_classes == 10
+
+
+def test_tfds_imagenet2012_mixed_sizes_are_fitted_and_validation_is_the_test_split():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=4):
+        config = _config(source="tfds", name="imagenet2012", test_split="validation")
+        with pytest.raises(DataError, match="config.input.image_size"):
+            sources.load(config)  # the mock's images have random sizes, as ImageNet's
+        data = sources.load(config, image_size=16)
+    assert data.train_images.shape == data.test_images.shape == (4, 16, 16, 3)
+    assert data.num_classes == 1000
 
 
 def test_tfds_unknown_name_is_named():

@@ -31,3 +31,14 @@ def test_terminal_gets_one_line_redrawn_then_erased():
 def test_cycle_line_shows_what_the_cycle_logged():
     scalars = {"train/loss": 2.0, "cluster/nmi_true": 0.5, "time/cycle_seconds": 3.25}
     assert console.cycle_line(2, 5, scalars) == "cycle 2/5  loss 2.0000  NMI(true) 0.500  3.2 s"
+
+
+def test_a_cycle_longer_than_estimated_ends_at_its_real_length():
+    # An un-truncated sampler draws a few more batches than samples_per_epoch // B.
+    progress = console.Progress(20, 32, io.StringIO(), every_secs=0.0, is_tty=False)
+    progress.start(1, 2)
+    progress.expect(23)
+    for s in (10, 20, 23):
+        progress.update(s, loss=1.0)
+    lines = progress.stream.getvalue().splitlines()
+    assert ["10/23" in lines[0], "20/23" in lines[1], len(lines)] == [True, True, 2]

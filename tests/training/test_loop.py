@@ -142,6 +142,19 @@ def test_changed_config_in_same_workdir_is_refused(tmp_path):
         loop.check_workdir_config(config, str(tmp_path))
 
 
+def test_a_field_added_since_the_run_started_resumes_only_at_its_off_value(tmp_path):
+    config = load_config("deepcluster", "smoke")
+    loop.check_workdir_config(config, str(tmp_path))
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["model"]["neck"]  # a run written before model.neck existed
+    path.write_text(json.dumps(saved))
+    loop.check_workdir_config(config, str(tmp_path), write=False)  # neck=(): the same run
+    config.model.neck = (8, 4)
+    with pytest.raises(ValueError, match=r"fields \['model.neck'\]"):
+        loop.check_workdir_config(config, str(tmp_path))
+
+
 def test_random_init_is_evaluated_first_kept_in_the_workdir_and_dropped(tmp_path, monkeypatch):
     config = load_config("deepcluster", "smoke")
     config.num_cycles = 1

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -44,16 +45,20 @@ def _free_port() -> int:
 
 
 def _launch(method: str, workdir: str) -> list[subprocess.Popen]:
-    """Both processes of ``python -m dcjax.main`` on the method's smoke config."""
+    """Both processes of ``python -m dcjax.main`` on the method's smoke config; each one's
+    stderr goes to a temporary file (a pipe nobody reads while waiting could fill and block)."""
     env = {
         **os.environ,
         "PYTHONPATH": REPO,
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": xla_flags(4),
+        "PYTHONFAULTHANDLER": "1",  # SIGABRT on a hung process prints where it hangs
     }
     coordinator = f"127.0.0.1:{_free_port()}"
-    return [
-        subprocess.Popen(
+    procs = []
+    for i in range(2):
+        err = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -68,17 +73,48 @@ def _launch(method: str, workdir: str) -> list[subprocess.Popen]:
             env=env,
             cwd=REPO,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=err,
             text=True,
         )
-        for i in range(2)
-    ]
+        proc.err_file = err
+        procs.append(proc)
+    return procs
+
+
+def _stderr(proc: subprocess.Popen) -> str:
+    proc.err_file.seek(0)
+    return proc.err_file.read()
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Waits for every process and returns their stderr; a process still running after
+    ``timeout`` seconds fails the test with the Python stacks of every process."""
+    deadline = time.time() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                if other.poll() is None:
+                    other.send_signal(signal.SIGABRT)
+            for other in procs:
+                other.wait()
+            errs = [
+                "\n".join(
+                    line for line in _stderr(p).splitlines() if "Extension modules" not in line
+                )
+                for p in procs
+            ]
+            pytest.fail(
+                f"a process hung for {timeout} s; stderr of each:\n"
+                + "\n".join(f"--- process {i}\n{e[-6000:]}" for i, e in enumerate(errs))
+            )
+    return [_stderr(p) for p in procs]
 
 
 def _wait(procs: list[subprocess.Popen], timeout: float = 400) -> None:
     """Waits for both processes; each must end with status 0."""
-    for proc in procs:
-        _, err = proc.communicate(timeout=timeout)
+    for proc, err in zip(procs, _finish(procs, timeout), strict=True):
         assert proc.returncode == 0, err[-3000:]
 
 
@@ -150,8 +186,8 @@ def test_a_held_workdir_stops_both_processes_at_once(tmp_path):
     workdir.mkdir()
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": "earlier"}
     (workdir / "run.lock").write_text(json.dumps(holder))
-    for proc in _launch("deepcluster", str(workdir)):
-        _, err = proc.communicate(timeout=120)
+    procs = _launch("deepcluster", str(workdir))
+    for proc, err in zip(procs, _finish(procs, 120), strict=True):
         assert proc.returncode == 2, err[-3000:]
         assert f"in use by process {os.getpid()}" in err
     assert not (workdir / "config.json").exists()

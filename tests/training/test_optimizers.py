@@ -1,0 +1,48 @@
+"""The learning-rate schedules and the LARS option of make_optimizers, against NumPy."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dcjax.core.errors import ConfigError
+from dcjax.training.state import learning_rate_schedule, make_optimizers
+from tests.helpers import load_config
+
+
+def _config(**optim):
+    config = load_config("deepcluster", "smoke")
+    config.optim.update(optim)
+    return config
+
+
+def test_step_schedule_multiplies_at_each_listed_epoch():
+    config = _config(learning_rate=0.5, schedule="step", step_epochs=(2, 5), step_factor=0.1)
+    schedule = learning_rate_schedule(config, steps_per_epoch=10)
+    got = [float(schedule(s)) for s in (0, 19, 20, 49, 50, 99)]
+    np.testing.assert_allclose(got, [0.5, 0.5, 0.05, 0.05, 0.005, 0.005], rtol=1e-6)
+
+
+def test_step_schedule_and_optimizer_refuse_bad_fields():
+    with pytest.raises(ConfigError, match="step_epochs"):
+        learning_rate_schedule(_config(schedule="step", step_epochs=(5, 2), step_factor=0.1), 10)
+    with pytest.raises(ConfigError, match="config.optim.optimizer='adamw'"):
+        make_optimizers(_config(optimizer="adamw"))
+
+
+def test_lars_update_is_the_trust_ratio_times_sgd(rng):
+    lr, wd, trust = 0.3, 1e-4, 0.001
+    config = _config(optimizer="lars", learning_rate=lr, weight_decay=wd, momentum=0.9)
+    tx = make_optimizers(config)["trunk"]
+    params = {"w": rng.normal(size=(4, 3)), "b": np.zeros(3)}
+    grads = {"w": rng.normal(size=(4, 3)), "b": rng.normal(size=3)}
+    params_j = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    state = tx.init(params_j)
+    updates, _ = tx.update(
+        {k: jnp.asarray(v, jnp.float32) for k, v in grads.items()}, state, params_j
+    )
+    # First step, momentum buffer empty: -lr * trust * |p| / |g + wd p| * (g + wd p); a
+    # zero-norm parameter (the bias) gets ratio 1.
+    g = grads["w"] + wd * params["w"]
+    expected_w = -lr * trust * np.linalg.norm(params["w"]) / np.linalg.norm(g) * g
+    np.testing.assert_allclose(np.asarray(updates["w"]), expected_w, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(updates["b"]), -lr * grads["b"], rtol=1e-5)
