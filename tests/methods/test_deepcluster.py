@@ -174,7 +174,7 @@ def test_deepdive_code_variant_sets_exactly_the_authors_code_fields():
         "optim.head_momentum": 0.1,
     }
     assert kmeans_config(load_config("deepcluster", "fmnist,deepdive_code")).init == "kmeans++"
-    with pytest.raises(ValueError, match="fmnist only"):
+    with pytest.raises(ValueError, match="modifies fmnist"):
         load_config("deepcluster", "deepdive_code")
 
 
