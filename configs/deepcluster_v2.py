@@ -24,15 +24,17 @@ Variants, comma-separated after a colon (``configs/deepcluster_v2.py:cifar10``):
            ResNet-50, projection 2048 -> 128, 3 x 3,000 prototypes set from spherical k-means
            (10 iterations) and never trained, temperature 0.1, LARS (trust 0.001) lr 4.8 ->
            0.0048 cosine after 10 warm-up epochs from 0.3, wd 1e-6, batch 4096 (64 per GPU on
-           64 GPUs), 400 epochs, SwAV's augmentation (crop of area 0.14-1, flip, colour
-           distortion, blur: ``augment="swav"``), one 224-px crop per image and step (the
-           recipe's 2 x 224 trains on two, multi-crop on 2 x 224 + 6 x 96: not built yet).
-           Image folder with train/ and val/; add ``tfds`` for TFDS's imagenet2012.
+           64 GPUs), 800 epochs, multi-crop 2 x 224 (area 0.14-1) + 6 x 96 (area 0.05-0.14)
+           with SwAV's flip, colour distortion and blur (``augment="multicrop"``,
+           ``input.crops``): every crop is scored against its image's label, each large crop
+           writes its own memory, and prototype set j clusters crop j mod 2's. For the 2 x 224
+           recipe: ``--config.input.crops='((2, 224, (0.14, 1.0)),)'``. Image folder with
+           train/ and val/; add ``tfds`` for TFDS's imagenet2012.
              one host:  python -m dcjax.main --config configs/deepcluster_v2.py:imagenet \
                           --config.data.path=/data/imagenet --workdir=runs/dcv2-imagenet
              pod:       the same command on every host (experiments/launch/tpu_pod.sh).
-           Expected (swav README, linear top-1): 70.2 % at 400 epochs with 2 x 224 crops,
-           74.3 % with 2 x 160 + 4 x 96, 75.2 % at 800 epochs with 2 x 224 + 6 x 96.
+           Expected (swav README, linear top-1): 75.2 % at 800 epochs with 2 x 224 + 6 x 96;
+           74.3 % at 400 with 2 x 160 + 4 x 96; 70.2 % at 400 with 2 x 224.
   smoke    a few seconds: tiny data subset and 2 cycles (the tests); with cifar10 a ResNet-18
            at width 4 with one block per stage, with imagenet a ResNet-50 at width 4 with one
            block per stage on a tiny 224-px folder.
@@ -123,10 +125,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.method.update(
             num_prototypes=(3000, 3000, 3000), temperature=0.1, feat_dim=128, hidden_dim=2048
         )
-        config.augment = "swav"
-        config.input.crop_scale = (0.14, 1.0)  # SwAV's large crops
+        # SwAV's multi-crop: 2 x 224 px of area 0.14-1 (each with its own memory) and 6 x 96
+        # px of area 0.05-0.14, each with SwAV's colour distortion and blur.
+        config.augment = "multicrop"
+        config.input.crops = ((2, 224, (0.14, 1.0)), (6, 96, (0.05, 0.14)))
         config.batch_size = 4096
-        config.num_cycles = 400
+        config.num_cycles = 800
         config.optim.update(
             optimizer="lars",
             learning_rate=4.8,

@@ -11,7 +11,9 @@ L_c + (1 - alpha) sum L_i + alpha L_KL + lambda L_hints with alpha = 0.9, lambda
 (seed Appendix A.1). The probe reads the backbone's pooled features: the branches are dropped,
 so DC-v2 and DC-v2 + KD are compared on the same network. On digits the trunk is a ResNet-18 at
 width 16 with the CIFAR stem (8x8 inputs). The seed trains on CIFAR only: ``imagenet`` is
-DeepCluster-v2's ImageNet recipe with the branches added, and has no published figure.
+DeepCluster-v2's ImageNet recipe with the branches added, on one 224-px view per image and step
+(SwAV's augmentation; the hint loss compares feature maps of one size, so no multi-crop), and
+has no published figure.
 
   python -m dcjax.main --config configs/deepcluster_v2_kd.py:imagenet \
       --config.data.path=/data/imagenet --workdir=runs/dcv2kd-imagenet
@@ -33,5 +35,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         if "smoke" in variants:  # one block per stage: compiles in seconds
             config.model.kwargs = {"cifar_stem": True, "width": 4, "stage_sizes": (1, 1, 1, 1)}
     config.model.kwargs = {**config.model.kwargs, "num_branches": 3}
+    if config.augment == "multicrop":  # the hint loss needs one view size: SwAV's 2 x 224
+        config.augment = "swav"
+        config.input.crop_scale = tuple(config.input.crops[0][2])
+        config.input.crops = ()
     config.eval.update(probe_layer="pooled", knn_layer="pooled")
     return config

@@ -88,9 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_batch_size = 512
     config.eval_every_cycles = 0
     config.figures = True  # PNGs in <workdir>/figures at the end (loss, NMI, clusters, t-SNE)
-    config.augment = (
-        "none"  # none | flip | crop | crop_flip | odc; the clustering pass never augments
-    )
+    # none | flip | crop | crop_flip | odc | sela | swav | multicrop (SwAV's views of the
+    # input.crops groups; DeepCluster-v2 and SeLa); the clustering pass never augments.
+    config.augment = "none"
 
     config.data = ml_collections.ConfigDict(
         dict(
@@ -109,7 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
     # eval_resize: the clustering / probe view is Resize(eval_resize) + CenterCrop(image_size)
     # (0 = resize to image_size); mean / std: normalisation constants (() = the train images').
     config.input = ml_collections.ConfigDict(
-        dict(image_size=0, crop_scale=(0.08, 1.0), eval_resize=0, mean=(), std=())
+        dict(image_size=0, crop_scale=(0.08, 1.0), eval_resize=0, mean=(), std=(), crops=())
     )
     # init: flax | pytorch | deepcluster (dcjax/models/init.py); the random filters matter.
     # neck: () or (hidden, out), an fc-bn-relu-fc on the features (ODC's on ResNet-50).

@@ -26,6 +26,7 @@ __all__ = [
     "adjust_hue",
     "adjust_saturation",
     "augment_batch",
+    "multicrop_batch",
     "center_resize",
     "resize_center_crop",
     "color_jitter",
@@ -632,3 +633,40 @@ def augment_batch(
     view_fn = _VIEW_FNS[mode]
     keys = jax.random.split(key, images.shape[0])
     return jax.vmap(lambda k, x: view_fn(k, x, out_size, crop_scale))(keys, images)
+
+
+Crops = tuple[tuple[int, int, tuple[float, float]], ...]
+
+
+def multicrop_batch(
+    key: jax.Array, images: jax.Array, crops: Crops, mode: str = "swav"
+) -> tuple[jax.Array, ...]:
+    """SwAV's multi-crop: several random views of every image, in groups of one size.
+
+    Args:
+      key: PRNG key; view ``v`` (counted over all groups) uses ``fold_in(key, v)``.
+      images: `(B, H, W, C)` float images in `[0, 1]`.
+      crops: static ``((count, size, (min_area, max_area)), ...)``, e.g. SwAV's
+        ``((2, 224, (0.14, 1.0)), (6, 96, (0.05, 0.14)))``.
+      mode: the view of each crop (``augment_batch``'s modes; SwAV's ``"swav"``).
+
+    Returns:
+      One `(count B, size, size, C)` array per group, view-major: row `v B + b` of a group is
+      its view `v` of image `b`.
+    """
+    groups, view = [], 0
+    for count, size, scale in crops:
+        views = []
+        for _ in range(count):
+            views.append(
+                augment_batch(
+                    jax.random.fold_in(key, view),
+                    images,
+                    mode=mode,
+                    out_size=(size, size),
+                    crop_scale=tuple(scale),
+                )
+            )
+            view += 1
+        groups.append(jnp.concatenate(views))
+    return tuple(groups)

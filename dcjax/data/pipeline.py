@@ -46,6 +46,7 @@ class Pipeline:
     augment: str = "none"
     crop_scale: tuple[float, float] = (0.08, 1.0)
     eval_resize: int = 0
+    crops: augment.Crops = ()  # augment="multicrop": (count, size, (min_area, max_area)) groups
 
     def _normalize(self, images: jax.Array) -> jax.Array:
         return augment.normalize(images, jnp.asarray(self.mean), jnp.asarray(self.std))
@@ -63,6 +64,15 @@ class Pipeline:
             crop_scale=self.crop_scale,
         )
         return self._normalize(views)
+
+    def train_views(self, key: jax.Array, images: jax.Array) -> tuple[jax.Array, ...]:
+        """The training views of a (B, H, W, C) uint8 batch, normalised: with multi-crop one
+        (count B, size, size, C) array per group of ``crops`` (SwAV's view of each crop; row
+        v B + b is view v of image b), otherwise ``(train_batch(key, images),)``."""
+        if not self.crops:
+            return (self.train_batch(key, images),)
+        groups = augment.multicrop_batch(key, _to_unit(images), self.crops)
+        return tuple(self._normalize(g) for g in groups)
 
     def eval_batch(self, images: jax.Array) -> jax.Array:
         """(B, H, W, C) uint8 -> (B, out_h, out_w, C) float32, deterministic.
@@ -109,14 +119,37 @@ def make_pipeline(config: ml_collections.ConfigDict, train_images: np.ndarray) -
         raise ConfigError(
             f"config.input.eval_resize={eval_resize} must be 0 or >= image_size ({size})"
         )
+    mode = config.augment
+    if mode not in (*augment.AUGMENT_MODES, "multicrop"):
+        raise ConfigError(
+            f"config.augment={mode!r} is unknown; choose one of "
+            f"{', '.join((*augment.AUGMENT_MODES, 'multicrop'))}"
+        )
     return Pipeline(
         mean=mean,
         std=std,
         out_size=(size, size),
-        augment=config.augment,
+        augment=mode,
         crop_scale=tuple(inputs.crop_scale),
         eval_resize=eval_resize,
+        crops=_crops(inputs) if mode == "multicrop" else (),
     )
+
+
+def _crops(inputs) -> augment.Crops:
+    """``config.input.crops`` checked: ((count >= 1, size >= 1, (0 < low <= high <= 1)), ...)."""
+    raw = inputs.get("crops", ())
+    try:
+        crops = tuple((int(c), int(s), (float(a), float(b))) for c, s, (a, b) in raw)
+    except (TypeError, ValueError):
+        crops = ()
+    if not crops or any(c < 1 or s < 1 or not 0 < a <= b <= 1 for c, s, (a, b) in crops):
+        raise ConfigError(
+            "config.augment='multicrop' needs config.input.crops = ((count, size, (min_area, "
+            "max_area)), ...), counts and sizes >= 1, 0 < min_area <= max_area <= 1, e.g. "
+            f"((2, 224, (0.14, 1.0)), (6, 96, (0.05, 0.14))); got {tuple(raw)}"
+        )
+    return crops
 
 
 def _given_or(inputs, name: str, measured, channels: int) -> tuple[float, ...]:

@@ -39,6 +39,7 @@ __all__ = [
     "pseudo_label_loss",
     "shuffled_sample",
     "sinkhorn_config",
+    "view_indices",
 ]
 
 PyTree = Any
@@ -127,6 +128,9 @@ class Method(NamedTuple):
         replicate the method state (large memories split their example axis over the mesh).
       init_variables: host hook ``(ctx, variables) -> variables`` on the freshly initialised
         model variables (trunks loaded from earlier runs), or None.
+      multi_view: whether the step hooks take several views of each image
+        (``config.augment="multicrop"``): ``outputs`` then hold V B rows, view-major (row
+        v B + b is view v of example ``indices[b]``).
     """
 
     name: str
@@ -140,6 +144,7 @@ class Method(NamedTuple):
     sample: Callable[[Context, Any, np.random.Generator], np.ndarray]
     state_sharding: Callable[[Context, PyTree], PyTree] | None = None
     init_variables: Callable[[Context, PyTree], PyTree] | None = None
+    multi_view: bool = False
 
 
 def kmeans_config(config: ml_collections.ConfigDict) -> kmeans.KMeansConfig:
@@ -217,3 +222,9 @@ def shuffled_sample(ctx: Context, state, rng: np.random.Generator) -> np.ndarray
     """``Method.sample`` of a shuffled pass over the examples (``samples_per_epoch`` indices)."""
     del state
     return sampler.shuffled(rng, ctx.num_examples, ctx.samples_per_epoch)
+
+
+def view_indices(outputs_rows: int, indices: jax.Array) -> jax.Array:
+    """(V B,) the example index of every row of view-major outputs: ``indices`` tiled V times."""
+    views = outputs_rows // indices.shape[0]
+    return indices if views == 1 else jnp.tile(indices, views)

@@ -6,15 +6,19 @@ prototypes, one set per entry of ``num_prototypes``. With self-distillation
 get their own projection head and prototypes: C = 4 classifiers, classifier 0 (the deepest) the
 teacher.
 
-State: a feature memory (C, N, D) holding every example's latest embedding from each
+State: a feature memory (A C, N, D) holding every example's latest embedding from each
 classifier, written inside the jitted train step at the batch's indices and filled by a feature
-pass before the first epoch; the labels (S, N) of the S prototype sets.
+pass before the first epoch; the labels (S, N) of the S prototype sets. A = 1, or with
+multi-crop (``config.augment="multicrop"``) the number of large crops (``input.crops[0]``'s
+count, SwAV's 2): each large crop writes its own memory and prototype set j clusters crop
+j mod A's, as SwAV's ``cluster_memory`` does; the loss then scores every crop against its
+image's label.
 
 Each epoch (one cycle) starts with, for every prototype set j of K_j prototypes: spherical
-k-means on the deepest memory (``method.kmeans``: ``num_iters`` Lloyd iterations from K_j
-random rows, centroids L2-normalised, an empty cluster keeps its previous centroid), labels for
-every example, and the deepest classifier's prototypes set to the centroids. A student's prototypes
-are set to the normalised means of its own memory over the same clusters (an empty cluster
+k-means on the deepest classifier's memory of crop j mod A (``method.kmeans``: ``num_iters``
+Lloyd iterations from K_j random rows, centroids L2-normalised, an empty cluster keeps its
+previous centroid), labels for every example, and the deepest classifier's prototypes set to the
+centroids. A student's prototypes are set to the normalised means of its own memory over the same clusters (an empty cluster
 keeps its prototype): its embedding space differs from the teacher's, the labels do not. The
 prototypes are frozen (no update, no momentum) for ``config.optim.freeze_head_steps`` steps
 or ``freeze_head_epochs`` epochs.
@@ -55,6 +59,7 @@ from dcjax.methods.base import (
     kmeans_config,
     label_stats,
     shuffled_sample,
+    view_indices,
 )
 from dcjax.methods.distillation import hint_loss, kl_to_teacher
 from dcjax.models.network import build_trunk
@@ -65,7 +70,7 @@ __all__ = ["DCv2State", "Settings", "make_method", "read_settings", "set_prototy
 
 @flax.struct.dataclass
 class DCv2State:
-    memory: jax.Array  # (C, N, D) float32, every classifier's latest embedding of each example
+    memory: jax.Array  # (A C, N, D) float32: each large crop's and classifier's latest embedding
     labels: jax.Array  # (S, N) int32, each prototype set's cluster of each example
 
     @property
@@ -91,6 +96,7 @@ class Settings:
     feat_dim: int  # D of the embeddings
     hidden_dim: int  # width of the projection head's hidden layer
     kmeans: kmeans.KMeansConfig  # ``method.kmeans``
+    assign_crops: int = 1  # A: multi-crop's large crops, each with its own memory (SwAV's 2)
 
 
 def read_settings(config: ml_collections.ConfigDict) -> Settings:
@@ -105,6 +111,13 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
     if method.temperature <= 0:
         raise ConfigError(f"config.method.temperature must be > 0, got {method.temperature}")
     distill = bool(method.get("self_distillation", False))
+    multicrop = config.get("augment") == "multicrop"
+    if multicrop and distill:
+        raise ConfigError(
+            "config.augment='multicrop' with config.method.self_distillation: the hint loss "
+            "compares feature maps of one size; use one view (the seed's setting has none)"
+        )
+    crops = tuple(config.input.get("crops", ())) if multicrop else ()
     return Settings(
         sizes=sizes,
         temperature=float(method.temperature),
@@ -114,6 +127,7 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
         feat_dim=int_field(method, "feat_dim", 1),
         hidden_dim=int_field(method, "hidden_dim", 1),
         kmeans=kmeans_config(config),
+        assign_crops=int(crops[0][0]) if crops else 1,
     )
 
 
@@ -132,8 +146,9 @@ def init_state(settings: Settings, ctx: Context) -> DCv2State:
             f"config.method.num_prototypes={sizes} has more prototypes than the "
             f"{ctx.num_examples} training examples"
         )
+    rows = settings.assign_crops * settings.num_classifiers
     return DCv2State(
-        memory=jnp.zeros((settings.num_classifiers, ctx.num_examples, settings.feat_dim)),
+        memory=jnp.zeros((rows, ctx.num_examples, settings.feat_dim)),
         labels=jnp.zeros((len(sizes), ctx.num_examples), jnp.int32),
     )
 
@@ -165,7 +180,7 @@ def loss_fn(
 ):
     """L_0 alone (C = 1) or the self-distillation total (C = 4); see the module docstring."""
     scores, sizes, temperature = outputs["scores"], settings.sizes, settings.temperature
-    labels = method_state.labels[:, indices]
+    labels = method_state.labels[:, view_indices(scores.shape[0], indices)]  # every view
     per_classifier = classifier_losses(scores, labels, sizes, temperature)
     first = _set_slices(sizes)[0]
     accuracy = jnp.mean(jnp.argmax(scores[:, 0, first], axis=-1) == labels[0])
@@ -186,10 +201,16 @@ def loss_fn(
     return loss, metrics
 
 
-def online_update(method_state: DCv2State, outputs, indices) -> tuple[DCv2State, dict]:
-    """Writes the batch's (B, C, D) embeddings into the memory at its example indices."""
+def online_update(
+    settings: Settings, method_state: DCv2State, outputs, indices
+) -> tuple[DCv2State, dict]:
+    """Writes the batch's embeddings (V B, C, D) into the memory at its example indices: the
+    first A views (multi-crop's large crops), view a into memory rows a C .. a C + C - 1."""
     embeddings = jax.lax.stop_gradient(outputs["embeddings"]).astype(method_state.memory.dtype)
-    memory = method_state.memory.at[:, indices].set(jnp.swapaxes(embeddings, 0, 1))
+    a, b = settings.assign_crops, indices.shape[0]
+    large = embeddings[: a * b].reshape(a, b, *embeddings.shape[1:])  # (A, B, C, D)
+    rows = jnp.swapaxes(large, 1, 2).reshape(-1, b, embeddings.shape[-1])  # (A C, B, D)
+    memory = method_state.memory.at[:, indices].set(rows)
     return method_state.replace(memory=memory), {}
 
 
@@ -231,17 +252,20 @@ def recluster(
     """Fills the memory (first cycle), clusters it, sets labels and prototypes."""
     cycle = int(state.cycle)
     memory = state.method.memory
-    if features is not None:
+    c = settings.num_classifiers
+    if features is not None:  # every large crop's memory starts from the same clean view
         memory = jnp.swapaxes(features.astype(memory.dtype), 0, 1)
+        memory = jnp.tile(memory, (settings.assign_crops, 1, 1))
     head = dict(state.params["head"])
     prototypes = head["prototypes"]
     sizes = settings.sizes
     labels, stats = [], {}
     for j, (k, columns) in enumerate(zip(sizes, _set_slices(sizes), strict=True)):
         key = jax.random.fold_in(jax.random.fold_in(state.rng, cycle), j)
-        result = kmeans.fit(key, memory[0], k, settings.kmeans, mesh=ctx.mesh)
+        crop = memory[(j % settings.assign_crops) * c : (j % settings.assign_crops + 1) * c]
+        result = kmeans.fit(key, crop[0], k, settings.kmeans, mesh=ctx.mesh)
         assignments = result.assignments
-        prototypes = set_prototypes(prototypes, memory, assignments, result.centroids, columns)
+        prototypes = set_prototypes(prototypes, crop, assignments, result.centroids, columns)
         labels.append(assignments)
         if j == 0:
             previous = state.method.labels[0] if cycle > 0 else None
@@ -273,9 +297,10 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
         num_clusters=settings.sizes[0],
         init_state=bind(init_state, settings),
         loss_fn=bind(loss_fn, settings),
-        online_update=online_update,
+        online_update=bind(online_update, settings),
         wants_features=first_cycle_only,
         recluster=bind(recluster, settings),
         sample=shuffled_sample,
         state_sharding=state_sharding,
+        multi_view=settings.num_classifiers == 1,
     )

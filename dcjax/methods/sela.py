@@ -49,6 +49,7 @@ from dcjax.methods.base import (
     pseudo_label_loss,
     shuffled_sample,
     sinkhorn_config,
+    view_indices,
 )
 from dcjax.models.network import Network, build_trunk, head_logits
 
@@ -154,9 +155,11 @@ def init_state(settings: Settings, ctx: Context) -> SeLaState:
 def loss_fn(
     method_state: SeLaState, outputs: dict[str, jax.Array], indices: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Cross-entropy of each head's logits (B, H, K) against its labels, averaged over heads."""
-    labels = method_state.labels[:, indices].T  # (B, H)
-    return pseudo_label_loss(outputs["logits"], labels)
+    """Cross-entropy of each head's logits (V B, H, K) against its labels, averaged over heads
+    and over the V views of each image (multi-crop: every crop against its image's label)."""
+    logits = outputs["logits"]
+    labels = method_state.labels[:, view_indices(logits.shape[0], indices)].T  # (V B, H)
+    return pseudo_label_loss(logits, labels)
 
 
 def wants_features(settings: Settings, ctx: Context, cycle: int) -> bool:
@@ -239,4 +242,5 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
         recluster=bind(recluster, settings),
         sample=shuffled_sample,
         state_sharding=state_sharding,
+        multi_view=True,
     )

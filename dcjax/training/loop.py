@@ -54,7 +54,12 @@ _RESUMABLE_FIELDS = (
 
 # Fields added to the config after runs were started, with the value that keeps the behaviour
 # those runs had: a saved config without the field resumes under that value.
-ADDED_FIELDS = {"data.test_split": "test", "model.neck": [], "optim.optimizer": "sgd"}
+ADDED_FIELDS = {
+    "data.test_split": "test",
+    "input.crops": [],
+    "model.neck": [],
+    "optim.optimizer": "sgd",
+}
 
 
 def _added_off(key: str, saved: dict, now: dict) -> bool:

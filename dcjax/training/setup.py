@@ -286,6 +286,26 @@ def _model_shapes(config, model, dummy: jax.ShapeDtypeStruct):
     return variables, outputs
 
 
+def _check_crops(config, model, variables, dummy: jax.ShapeDtypeStruct, crops) -> None:
+    """Multi-crop: the model, with the parameters of its input size, must take every crop size.
+
+    Raises:
+      ConfigError: naming ``config.input.crops`` and the size a backbone cannot take (one that
+        flattens a feature map into a linear layer has parameters for one size only).
+    """
+    for _, size, _ in crops:
+        crop = jax.ShapeDtypeStruct((dummy.shape[0], size, size, dummy.shape[3]), dummy.dtype)
+        try:
+            jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, crop)
+        except Exception as error:  # flax's shape errors are not ValueErrors
+            raise ConfigError(
+                f"config.input.crops: config.model.name={config.model.name!r} cannot take "
+                f"{size}x{size} crops with the parameters of its {dummy.shape[1]}x"
+                f"{dummy.shape[2]} inputs; multi-crop needs a backbone that pools globally "
+                f"(resnet18, resnet50): {type(error).__name__}"
+            ) from error
+
+
 def _plan(config: ml_collections.ConfigDict) -> _Plan:
     """Every check of the config against the data and the model's shapes, in order: numbers,
     the method's fields, the data, sizes against N, the pipeline, the optimizers, the model on
@@ -298,10 +318,16 @@ def _plan(config: ml_collections.ConfigDict) -> _Plan:
     _check_batch(config, mesh, num_examples)
     check_fields(config, dataset)
     pipeline = make_pipeline(config, dataset.train_images)
+    if pipeline.crops and not method.multi_view:
+        raise ConfigError(
+            f"config.augment='multicrop' is for DeepCluster-v2 (without self-distillation) and "
+            f"SeLa; {config.method.name} trains on one view of each image"
+        )
     samples_per_epoch = config.method.get("samples_per_epoch", 0) or num_examples
     optimizers = make_optimizers(config, samples_per_epoch // config.batch_size)
     dummy = _dummy_batch(pipeline, dataset.train_images)
     variables, outputs = _model_shapes(config, method.model, dummy)
+    _check_crops(config, method.model, variables, dummy, pipeline.crops)
     _check_param_groups(variables)
     cluster_layer = config.method.get("cluster_layer", "features")
     eval_protocol(config)

@@ -32,18 +32,25 @@ def _step_fn(
 
     def train_step(state: TrainState, images: ImageBank, indices: jax.Array):
         aug_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-        x = pipeline.train_batch(aug_key, images.gather(indices))
+        views = pipeline.train_views(aug_key, images.gather(indices))
 
         def loss_of(params):
-            outputs, mutated = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                x,
-                train=True,
-                mutable=["batch_stats"],
-                rngs={"dropout": dropout_key},
-            )
+            # One forward pass per view size (multi-crop: SwAV's groups), batch-norm statistics
+            # updated by each in turn; the outputs stacked view-major, (V B, ...).
+            batch_stats, parts = state.batch_stats, []
+            for g, x in enumerate(views):
+                out, mutated = model.apply(
+                    {"params": params, "batch_stats": batch_stats},
+                    x,
+                    train=True,
+                    mutable=["batch_stats"],
+                    rngs={"dropout": jax.random.fold_in(dropout_key, g) if g else dropout_key},
+                )
+                batch_stats = mutated["batch_stats"]
+                parts.append(out)
+            outputs = parts[0] if len(parts) == 1 else _stack_views(parts)
             loss, metrics = method.loss_fn(state.method, outputs, indices)
-            return loss, (metrics, outputs, mutated["batch_stats"])
+            return loss, (metrics, outputs, batch_stats)
 
         (loss, (metrics, outputs, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
             state.params
@@ -65,6 +72,17 @@ def _step_fn(
         return new_state, {"loss": loss, **metrics, **online_metrics}
 
     return train_step
+
+
+def _stack_views(parts: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+    """The groups' outputs concatenated along the batch, for every output whose shape past the
+    batch is the same in each group (feature maps of another size are dropped)."""
+    first = parts[0]
+    return {
+        k: jax.numpy.concatenate([p[k] for p in parts])
+        for k in first
+        if all(p[k].shape[1:] == first[k].shape[1:] for p in parts)
+    }
 
 
 def make_train_step(

@@ -586,3 +586,27 @@ def test_pipeline_eval_view_resizes_then_crops_and_uses_given_statistics(rng):
         bad.input[field] = value
         with pytest.raises(ValueError, match=message):
             make_pipeline(bad, images)
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-crop
+
+
+def test_multicrop_groups_are_the_per_view_crops_view_major(key, rng):
+    unit = jnp.asarray(rng.uniform(size=(3, *_SHAPE)), jnp.float32)
+    crops = ((2, 8, (0.3, 1.0)), (1, 5, (0.1, 0.3)))
+    multicrop = jax.jit(augment.multicrop_batch, static_argnames=("crops", "mode"))
+    large, small = multicrop(key, unit, crops, mode="crop")
+    assert large.shape == (6, 8, 8, 3) and small.shape == (3, 5, 5, 3)
+    # View v (counted over the groups) of image b is row v B + b of its group, drawn with
+    # fold_in(key, v): the per-image random resized crop of that key.
+    for v, (group, row0, size, scale) in enumerate(
+        [(large, 0, 8, (0.3, 1.0)), (large, 3, 8, (0.3, 1.0)), (small, 0, 5, (0.1, 0.3))]
+    ):
+        expected = _batch(
+            jax.random.fold_in(key, v), unit, mode="crop", out_size=(size, size), crop_scale=scale
+        )
+        np.testing.assert_array_equal(group[row0 : row0 + 3], expected)
+    swav = multicrop(key, unit, crops)  # SwAV's views: colour and blur on top, in [0, 1]
+    assert [g.shape for g in swav] == [large.shape, small.shape]
+    assert all(float(g.min()) >= 0.0 and float(g.max()) <= 1.0 + 1e-6 for g in swav)

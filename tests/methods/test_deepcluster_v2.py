@@ -296,3 +296,109 @@ def test_bad_method_fields_are_named(field, value, match):
     config.method[field] = value
     with pytest.raises(ValueError, match=match):
         build_run(config)
+
+
+# --------------------------------------------------------------------------------------------
+# multi-crop
+
+_CROPS = "((2, 8, (0.5, 1.0)), (2, 6, (0.3, 0.5)))"
+
+
+def _multicrop_config(name: str = "deepcluster_v2"):
+    # digits through the CIFAR smoke ResNet-18, which pools globally (any crop size).
+    config = load_config(name, "cifar10,smoke")
+    config.data.source = "digits"
+    config.input.update(image_size=8, crops=eval(_CROPS))
+    config.augment = "multicrop"
+    return config
+
+
+def test_multicrop_loss_scores_every_crop_against_its_images_label(rng):
+    config = _multicrop_config()
+    settings = dcv2.read_settings(config)
+    assert settings.assign_crops == 2
+    n, b, views, sizes, tau = 20, 3, 4, (5, 7), 0.5
+    settings = dataclasses.replace(settings, sizes=sizes, temperature=tau)
+    labels = np.stack([rng.integers(0, k, n) for k in sizes])
+    state = dcv2.DCv2State(memory=jnp.zeros((2, n, 4)), labels=jnp.asarray(labels, jnp.int32))
+    indices = rng.choice(n, b, replace=False)
+    scores = rng.normal(size=(views * b, 1, sum(sizes)))
+    loss, _ = dcv2.loss_fn(
+        settings, state, {"scores": jnp.asarray(scores, jnp.float32)}, jnp.asarray(indices)
+    )
+    bounds = np.cumsum((0, *sizes))
+    per_set = []
+    for j in range(len(sizes)):
+        log_p = _log_softmax64(scores[:, 0, bounds[j] : bounds[j + 1]] / tau)
+        rows = [log_p[r, labels[j, indices[r % b]]] for r in range(views * b)]  # view-major
+        per_set.append(-np.mean(rows))
+    np.testing.assert_allclose(loss, np.mean(per_set), rtol=1e-5)
+
+
+def test_multicrop_memory_is_written_from_the_large_crops(rng):
+    settings = dataclasses.replace(dcv2.read_settings(_multicrop_config()), assign_crops=2)
+    n, b, d = 10, 3, 4
+    state = dcv2.DCv2State(memory=jnp.zeros((2, n, d)), labels=jnp.zeros((1, n), jnp.int32))
+    indices = np.array([7, 2, 5])
+    embeddings = rng.normal(size=(4 * b, 1, d)).astype(np.float32)  # 2 large + 2 small crops
+    new, _ = dcv2.online_update(
+        settings, state, {"embeddings": jnp.asarray(embeddings)}, jnp.asarray(indices)
+    )
+    memory = np.asarray(new.memory)
+    np.testing.assert_array_equal(memory[0, indices], embeddings[:b, 0])  # crop 0
+    np.testing.assert_array_equal(memory[1, indices], embeddings[b : 2 * b, 0])  # crop 1
+    untouched = np.setdiff1d(np.arange(n), indices)
+    assert not memory[:, untouched].any()
+
+
+@pytest.mark.parametrize("name", ["deepcluster_v2", "sela"])
+def test_multicrop_smoke_run_trains_and_resumes(name, tmp_path):
+    from dcjax.training import loop
+
+    config = _multicrop_config(name) if name != "sela" else _multicrop_sela()
+    config.num_cycles = 1
+    loop.run(config, str(tmp_path / "run"))
+    config.num_cycles = 2  # resumes from checkpoint 1 with the multi-crop state
+    results = loop.run(config, str(tmp_path / "run"))
+    assert results["trained"]["probe_accuracy"] > 0.1  # 10 digit classes; chance is 0.1
+
+
+def _set(section, **fields):
+    for name, value in fields.items():  # assignment replaces; ConfigDict.update merges dicts
+        setattr(section, name, value)
+
+
+def _multicrop_sela():
+    config = load_config("sela", "smoke")
+    config.model.update(
+        name="resnet18",
+        kwargs={"cifar_stem": True, "width": 4, "stage_sizes": (1, 1, 1, 1)},
+    )
+    config.input.update(image_size=8, crops=eval(_CROPS))
+    config.augment = "multicrop"
+    return config
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: _set(c.model, name="small_cnn", kwargs={}), "cannot take 6x6 crops"),
+        (lambda c: c.input.update(crops=((2, 8, (0.5, 1.5)),)), "config.input.crops"),
+        (lambda c: c.method.update(name="odc"), "odc trains on one view"),
+    ],
+)
+def test_multicrop_is_refused_where_it_cannot_work(change, message):
+    from dcjax.core.errors import ConfigError
+    from dcjax.training.setup import check_config
+
+    config = load_config("odc", "smoke") if "odc" in message else _multicrop_config()
+    if "odc" in message:
+        config.input.update(crops=eval(_CROPS))
+        config.augment = "multicrop"
+    else:
+        change(config)
+    with pytest.raises(ConfigError, match=message):
+        check_config(config)
+    kd = _multicrop_config("deepcluster_v2_kd")
+    with pytest.raises(ConfigError, match="self_distillation"):
+        check_config(kd)
