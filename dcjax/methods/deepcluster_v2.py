@@ -20,8 +20,8 @@ Lloyd iterations from K_j random rows, centroids L2-normalised, an empty cluster
 previous centroid), labels for every example, and the deepest classifier's prototypes set to the
 centroids. A student's prototypes are set to the normalised means of its own memory over the
 same clusters (an empty cluster keeps its prototype): its embedding space differs from the
-teacher's, the labels do not. The prototypes are frozen (no update, no momentum) for ``config.optim.freeze_head_steps`` steps
-or ``freeze_head_epochs`` epochs.
+teacher's, the labels do not. The prototypes are frozen (no update, no momentum) for
+``config.optim.freeze_head_steps`` steps or ``freeze_head_epochs`` epochs.
 
 Loss, for each classifier c and set j, CE_cj = cross-entropy of softmax(scores_cj / tau) against
 set j's labels; L_c = mean_j CE_cj. DeepCluster-v2: L_0. With self-distillation (seed eq. 5):
