@@ -24,6 +24,8 @@ CODC model); no ImageNet linear figure is published for CODC.
 
   python -m dcjax.main --config configs/codc.py:imagenet --config.data.path=/data/imagenet \
       --config.method.init_workdirs='("runs/dc-imagenet-r50", "")' --workdir=runs/codc-imagenet
+  (a pod: the same command on every host, experiments/launch/; 8 H100s or a TPU v4-32 hold it,
+  bench/results/pod_estimate-intel-xeon-2cpu.md)
 """
 
 import ml_collections

@@ -17,6 +17,8 @@ has no published figure.
 
   python -m dcjax.main --config configs/deepcluster_v2_kd.py:imagenet \
       --config.data.path=/data/imagenet --workdir=runs/dcv2kd-imagenet
+  (a pod: the same command on every host, experiments/launch/; about 64 H100s at batch 4096,
+  bench/results/pod_estimate-intel-xeon-2cpu.md)
 """
 
 import ml_collections

@@ -14,13 +14,15 @@ import jax.numpy as jnp
 
 from dcjax.models import ops
 
-__all__ = ["SmallCNN", "LeNet5", "MiniAlexNet"]
+__all__ = ["LeNet5", "MiniAlexNet", "SmallCNN", "conv_bn_relu"]
 
 Features = dict[str, jax.Array]
 
 
-def _conv_bn_relu(x, features, kernel, *, train, stride=1, padding="VALID", name):
-    """Conv -> BN -> ReLU, returning (conv output, ReLU output)."""
+def conv_bn_relu(x, features, kernel, *, train, stride=1, padding="VALID", name, kernel_init=None):
+    """Conv (with bias) -> BN -> ReLU, returning (conv output, ReLU output); ``kernel_init``
+    None is Flax's default."""
+    init = {} if kernel_init is None else {"kernel_init": kernel_init}
     conv = nn.Conv(
         features,
         (kernel, kernel),
@@ -28,6 +30,7 @@ def _conv_bn_relu(x, features, kernel, *, train, stride=1, padding="VALID", name
         padding=padding,
         conv_general_dilated=ops.conv,
         name=name,
+        **init,
     )(x)
     bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn_{name}")
     return conv, nn.relu(bn(conv))
@@ -49,10 +52,10 @@ class SmallCNN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> Features:
         out: Features = {}
-        out["conv1"], h = _conv_bn_relu(x, 32, 3, padding="SAME", train=train, name="conv1")
-        out["conv2"], h = _conv_bn_relu(h, 64, 3, padding="SAME", train=train, name="conv2")
+        out["conv1"], h = conv_bn_relu(x, 32, 3, padding="SAME", train=train, name="conv1")
+        out["conv2"], h = conv_bn_relu(h, 64, 3, padding="SAME", train=train, name="conv2")
         h = _max_pool(h, 2, 2)
-        out["conv3"], h = _conv_bn_relu(h, 128, 3, padding="SAME", train=train, name="conv3")
+        out["conv3"], h = conv_bn_relu(h, 128, 3, padding="SAME", train=train, name="conv3")
         out["relu3"] = h
         out["flat"] = h.reshape(h.shape[0], -1)
         out["features"] = nn.Dense(self.feature_dim, name="fc")(out["flat"])
@@ -73,9 +76,9 @@ class LeNet5(nn.Module):
         if pad:
             x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
         out: Features = {}
-        out["conv1"], h = _conv_bn_relu(x, 6, 5, train=train, name="conv1")
+        out["conv1"], h = conv_bn_relu(x, 6, 5, train=train, name="conv1")
         h = _max_pool(h, 2, 2)
-        out["conv2"], h = _conv_bn_relu(h, 16, 5, train=train, name="conv2")
+        out["conv2"], h = conv_bn_relu(h, 16, 5, train=train, name="conv2")
         h = _max_pool(h, 2, 2)
         out["flat"] = h.reshape(h.shape[0], -1)
         out["fc1"] = nn.Dense(120, name="fc1")(out["flat"])
@@ -97,13 +100,13 @@ class MiniAlexNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> Features:
         out: Features = {}
-        out["conv1"], h = _conv_bn_relu(x, 48, 8, stride=3, train=train, name="conv1")
+        out["conv1"], h = conv_bn_relu(x, 48, 8, stride=3, train=train, name="conv1")
         h = _max_pool(h, 2, 1)
-        out["conv2"], h = _conv_bn_relu(h, 126, 2, train=train, name="conv2")
+        out["conv2"], h = conv_bn_relu(h, 126, 2, train=train, name="conv2")
         h = _max_pool(h, 2, 1)
-        out["conv3"], h = _conv_bn_relu(h, 192, 3, train=train, name="conv3")
-        out["conv4"], h = _conv_bn_relu(h, 192, 2, train=train, name="conv4")
-        out["conv5"], h = _conv_bn_relu(h, 128, 2, train=train, name="conv5")
+        out["conv3"], h = conv_bn_relu(h, 192, 3, train=train, name="conv3")
+        out["conv4"], h = conv_bn_relu(h, 192, 2, train=train, name="conv4")
+        out["conv5"], h = conv_bn_relu(h, 128, 2, train=train, name="conv5")
         out["relu5"] = h
         h = _max_pool(h, 2, 1).reshape(h.shape[0], -1)
         h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)

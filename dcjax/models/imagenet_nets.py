@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 
 from dcjax.models import ops
-from dcjax.models.backbones import Features
+from dcjax.models.backbones import Features, conv_bn_relu
 
 __all__ = ["ALEXNET_PROBE_POOLS", "AlexNet", "VGG16BN"]
 
@@ -48,19 +48,19 @@ ALEXNET_PROBE_POOLS = ((6, 6, 3), (4, 4, 0), (3, 3, 1), (3, 3, 1), (2, 2, 0))
 _VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
 
-def _conv_bn_relu(x, channels, kernel, stride, pad, *, train, name):
-    """Conv (with bias) -> BN -> ReLU, returning (conv output, ReLU output)."""
-    conv = nn.Conv(
+def _conv(x, channels, kernel, stride, pad, train, name):
+    """Conv (with bias, He fan-out init) -> BN -> ReLU: (conv output, ReLU output)."""
+    padding = ((pad, pad), (pad, pad))
+    return conv_bn_relu(
+        x,
         channels,
-        (kernel, kernel),
-        strides=stride,
-        padding=((pad, pad), (pad, pad)),
-        kernel_init=_conv_init,
-        conv_general_dilated=ops.conv,
+        kernel,
+        train=train,
+        stride=stride,
+        padding=padding,
         name=name,
-    )(x)
-    bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn_{name}")
-    return conv, nn.relu(bn(conv))
+        kernel_init=_conv_init,
+    )
 
 
 def _dense(features: int, name: str) -> nn.Dense:
@@ -92,9 +92,7 @@ class AlexNet(nn.Module):
         out: Features = {}
         h = x
         for i, (channels, kernel, stride, pad, pool) in enumerate(_ALEXNET_CONVS, start=1):
-            out[f"conv{i}"], h = _conv_bn_relu(
-                h, channels, kernel, stride, pad, train=train, name=f"conv{i}"
-            )
+            out[f"conv{i}"], h = _conv(h, channels, kernel, stride, pad, train, f"conv{i}")
             out[f"relu{i}"] = h
             out[f"probe{i}"] = probe_pool(h, *ALEXNET_PROBE_POOLS[i - 1])
             if pool:
@@ -124,7 +122,7 @@ class VGG16BN(nn.Module):
         h = x
         for b, block in enumerate(self.blocks, start=1):
             for c, channels in enumerate(block, start=1):
-                _, h = _conv_bn_relu(h, channels, 3, 1, 1, train=train, name=f"conv{b}_{c}")
+                _, h = _conv(h, channels, 3, 1, 1, train, f"conv{b}_{c}")
             out[f"relu{b}"] = h
             h = ops.max_pool(h, 2, 2)
         h = h.reshape(h.shape[0], -1)
