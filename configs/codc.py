@@ -15,12 +15,12 @@ Start a trunk from an earlier dcjax run (e.g. DeepCluster, as the paper's DC bac
 latest checkpoint gives trunk i its parameters and batch-norm statistics ('' = random init); that
 checkpoint's trunk must have trunk i's architecture.
 
-Variants, comma-separated after a colon: ``fmnist`` (two LeNet-5s), ``cifar10`` (two
-mini-AlexNets), ``imagenet`` (two ResNet-50s with ODC's neck, ODC's ImageNet recipe; the paper
-trains three ResNet-50s started from DC, rotation and mixup models for 100,000 iterations at
-constant lr 0.01: set ``method.init_workdirs`` to runs of those), ``smoke`` (seconds; the tests),
-otherwise as in configs/odc.py. The paper's figures are VOC07 SVM ones (79.82 % with its strongest
-CODC model); no ImageNet linear figure is published for CODC.
+Variants, comma-separated after a colon: ``fmnist`` (two LeNet-5s), ``cifar10`` (two mini-AlexNets),
+``vectors`` (two MLPs on vector data), ``imagenet`` (two ResNet-50s with ODC's neck, ODC's ImageNet
+recipe; the paper trains three ResNet-50s started from DC, rotation and mixup models for 100,000
+iterations at constant lr 0.01: set ``method.init_workdirs`` to runs of those), ``smoke`` (seconds;
+the tests), otherwise as in configs/odc.py. The paper's figures are VOC07 SVM ones (79.82 % with its
+strongest CODC model); no ImageNet linear figure is published for CODC.
 
   python -m dcjax.main --config configs/codc.py:imagenet --config.data.path=/data/imagenet \
       --config.method.init_workdirs='("runs/dc-imagenet-r50", "")' --workdir=runs/codc-imagenet
@@ -35,7 +35,7 @@ from dcjax.config_base import load_config, parse_variants
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = parse_variants(
-        arg, {"fmnist", "cifar10", "imagenet", "tfds", "smoke"}, "configs/codc.py"
+        arg, {"fmnist", "cifar10", "imagenet", "tfds", "vectors", "smoke"}, "configs/codc.py"
     )
     config = load_config("odc", arg)
     name = config.model.name

@@ -33,6 +33,9 @@ Variants, comma-separated after a colon (``configs/deepcluster.py:fmnist,smoke``
            36.1 % top-1, with the paper's 10-crop probe trained on all of ImageNet; this run's
            in-training probes fit on 100,000 images, so read them as a lower bound. Per-device
            memory and step time: bench/results/pod_estimate.md.
+  vectors  vector data and an MLP, no augmentation (config_base.apply_vectors: scikit-learn's
+           digits as 64-d vectors by default; ``--config.data.path=<.npy/.npz/.csv file,
+           sklearn:<name> or idx:<dir>>``), K=50, PCA 32.
   smoke    a few seconds: tiny data subset and 2 cycles (used by the tests); with imagenet one
            cycle of the same network at 224 px on a tiny folder, fc layers 256 wide.
 
@@ -54,6 +57,7 @@ from dcjax.config_base import (
     apply_imagenet,
     apply_imagenet_smoke,
     apply_smoke,
+    apply_vectors,
     base_config,
     parse_variants,
 )
@@ -62,7 +66,7 @@ from dcjax.config_base import (
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = parse_variants(
         arg,
-        {"fmnist", "deepdive_code", "cifar10", "imagenet", "tfds", "smoke"},
+        {"fmnist", "deepdive_code", "cifar10", "imagenet", "tfds", "vectors", "smoke"},
         "configs/deepcluster.py",
     )
 
@@ -113,6 +117,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             extra_probe_layers=("probe1", "probe2", "probe3", "probe4"),
             knn_layer="features",
         )
+    if "vectors" in variants:
+        apply_vectors(config)
     if "smoke" in variants:
         if "imagenet" in variants:
             apply_imagenet_smoke(config)

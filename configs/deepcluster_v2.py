@@ -35,6 +35,8 @@ Variants, comma-separated after a colon (``configs/deepcluster_v2.py:cifar10``):
              pod:       the same command on every host (experiments/launch/tpu_pod.sh).
            Expected (swav README, linear top-1): 75.2 % at 800 epochs with 2 x 224 + 6 x 96;
            74.3 % at 400 with 2 x 160 + 4 x 96; 70.2 % at 400 with 2 x 224.
+  vectors  vector data and an MLP, no augmentation (config_base.apply_vectors; digits as
+           64-d vectors by default, ``--config.data.path`` for yours), 30 prototypes.
   smoke    a few seconds: tiny data subset and 2 cycles (the tests); with cifar10 a ResNet-18
            at width 4 with one block per stage, with imagenet a ResNet-50 at width 4 with one
            block per stage on a tiny 224-px folder.
@@ -48,6 +50,7 @@ from dcjax.config_base import (
     apply_imagenet,
     apply_imagenet_smoke,
     apply_smoke,
+    apply_vectors,
     base_config,
     parse_variants,
 )
@@ -55,7 +58,9 @@ from dcjax.config_base import (
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = parse_variants(
-        arg, {"cifar10", "cpu", "imagenet", "tfds", "smoke"}, "configs/deepcluster_v2.py"
+        arg,
+        {"cifar10", "cpu", "imagenet", "tfds", "vectors", "smoke"},
+        "configs/deepcluster_v2.py",
     )
 
     config = base_config()
@@ -144,6 +149,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             freeze_head_epochs=0.0,
         )
         config.eval.update(probe_layer="pooled", knn_layer="pooled")
+    if "vectors" in variants:
+        apply_vectors(config)
     if "smoke" in variants:
         if "imagenet" in variants:
             apply_imagenet_smoke(config)
@@ -155,6 +162,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         if "imagenet" in variants:
             config.method.num_prototypes = (4, 4)
             config.optim.warmup_epochs = 0
+            if config.augment == "multicrop":  # the same structure, 2 small crops of 6
+                config.input.crops = ((2, 224, (0.14, 1.0)), (2, 96, (0.05, 0.14)))
         if "cifar10" in variants or "imagenet" in variants:  # one block per stage, thin
             config.model.kwargs = {**config.model.kwargs, "width": 4, "stage_sizes": (1, 1, 1, 1)}
             config.batch_size = 32 if "cifar10" in variants else config.batch_size

@@ -3,17 +3,16 @@
 Launch (the embedded default; no download):
   python -m dcjax.main --config configs/deepcluster_v2_kd.py
 
-Everything of ``configs/deepcluster_v2.py`` (same variants: ``cifar10``, ``cpu``, ``imagenet``
-with ``tfds``, ``smoke``), with a ResNet (18; 50 with ``imagenet``) whose stages 1-3 feed three
-bottleneck branches, each with its own projection
-head and prototypes (the students; the deepest classifier is the teacher), and the loss
-L_c + (1 - alpha) sum L_i + alpha L_KL + lambda L_hints with alpha = 0.9, lambda = 1e-5
-(seed Appendix A.1). The probe reads the backbone's pooled features: the branches are dropped,
-so DC-v2 and DC-v2 + KD are compared on the same network. On digits the trunk is a ResNet-18 at
-width 16 with the CIFAR stem (8x8 inputs). The seed trains on CIFAR only: ``imagenet`` is
-DeepCluster-v2's ImageNet recipe with the branches added, on one 224-px view per image and step
-(SwAV's augmentation; the hint loss compares feature maps of one size, so no multi-crop), and
-has no published figure.
+Everything of ``configs/deepcluster_v2.py`` (same variants: ``cifar10``, ``cpu``, ``imagenet`` with
+``tfds``, ``vectors`` (an MLP whose hidden layers 1-3 feed the students), ``smoke``), with a ResNet
+(18; 50 with ``imagenet``) whose stages 1-3 feed three bottleneck branches, each with its own
+projection head and prototypes (the students; the deepest classifier is the teacher), and the loss
+L_c + (1 - alpha) sum L_i + alpha L_KL + lambda L_hints with alpha = 0.9, lambda = 1e-5 (seed
+Appendix A.1). The probe reads the backbone's pooled features: the branches are dropped, so DC-v2
+and DC-v2 + KD are compared on the same network. On digits the trunk is a ResNet-18 at width 16 with
+the CIFAR stem (8x8 inputs). The seed trains on CIFAR only: ``imagenet`` is DeepCluster-v2's
+ImageNet recipe with the branches added, on one 224-px view per image and step (SwAV's augmentation;
+the hint loss compares feature maps of one size, so no multi-crop), and has no published figure.
 
   python -m dcjax.main --config configs/deepcluster_v2_kd.py:imagenet \
       --config.data.path=/data/imagenet --workdir=runs/dcv2kd-imagenet
@@ -28,11 +27,13 @@ from dcjax.config_base import load_config, parse_variants
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = parse_variants(
-        arg, {"cifar10", "cpu", "imagenet", "tfds", "smoke"}, "configs/deepcluster_v2_kd.py"
+        arg,
+        {"cifar10", "cpu", "imagenet", "tfds", "vectors", "smoke"},
+        "configs/deepcluster_v2_kd.py",
     )
     config = load_config("deepcluster_v2", arg)
     config.method.self_distillation = True
-    if not config.model.name.startswith("resnet"):  # digits: the branches need a ResNet
+    if config.model.name not in ("resnet18", "resnet50", "mlp", "residual_mlp"):  # digits
         config.model.update(name="resnet18", sobel=False, kwargs={"cifar_stem": True, "width": 16})
         if "smoke" in variants:  # one block per stage: compiles in seconds
             config.model.kwargs = {"cifar_stem": True, "width": 4, "stage_sizes": (1, 1, 1, 1)}
@@ -41,5 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.augment = "swav"
         config.input.crop_scale = tuple(config.input.crops[0][2])
         config.input.crops = ()
-    config.eval.update(probe_layer="pooled", knn_layer="pooled")
+    # The backbone's own features (the branches dropped): a ResNet's pool, an MLP's output.
+    layer = "pooled" if config.model.name.startswith("resnet") else "features"
+    config.eval.update(probe_layer=layer, knn_layer=layer)
     return config

@@ -32,6 +32,8 @@ Variants, comma-separated after a colon (``configs/odc.py:fmnist``):
            Expected (OpenSelfSup model zoo, ImageNet linear): avgpool 53.42 % top-1 (stages
            feat1..feat5: 14.76 / 31.82 / 42.44 / 55.76 / 57.70); the probe here reads the
            average pool.
+  vectors  vector data and an MLP, no augmentation (config_base.apply_vectors; digits as
+           64-d vectors by default, ``--config.data.path`` for yours), K=20.
   smoke    a few seconds: tiny data subset and 2 epochs (the tests); with imagenet one epoch
            of a ResNet-50 at width 4 with one block per stage on a tiny 224-px folder.
 
@@ -52,6 +54,7 @@ from dcjax.config_base import (
     apply_imagenet,
     apply_imagenet_smoke,
     apply_smoke,
+    apply_vectors,
     base_config,
     parse_variants,
 )
@@ -59,7 +62,7 @@ from dcjax.config_base import (
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = parse_variants(
-        arg, {"fmnist", "cifar10", "imagenet", "tfds", "smoke"}, "configs/odc.py"
+        arg, {"fmnist", "cifar10", "imagenet", "tfds", "vectors", "smoke"}, "configs/odc.py"
     )
     config = base_config()
     # OpenSelfSup's defaults, except K (set per data set).
@@ -120,6 +123,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             step_factor=0.4,
         )
         config.eval.update(probe_layer="pooled", knn_layer="pooled")
+    if "vectors" in variants:
+        apply_vectors(config)
+        config.augment = "none"  # ODC's image augmentation does not apply
     if "smoke" in variants:
         if "imagenet" in variants:
             apply_imagenet_smoke(config)

@@ -34,6 +34,8 @@ Variants, comma-separated after a colon (``configs/sela.py:smoke``):
            Expected (the paper, AlexNet 10 x 3k, ImageNet linear): conv4 44.3 %, conv5
            44.4 % top-1 (supervised 48.3 / 50.5); self-label's README lists 43.8 % for its
            AlexNet 10k model. The in-training probes fit on 100,000 images: a lower bound.
+  vectors  vector data and an MLP, no augmentation (config_base.apply_vectors; digits as
+           64-d vectors by default, ``--config.data.path`` for yours), 2 heads of K=30.
   transfer the paper's label-transfer experiment: a different trunk (small CNN with 64 features
            instead of 128) trained on the labels another run exported, with no label steps:
              python -m dcjax.main --config configs/sela.py:transfer --workdir=runs/sela-transfer \
@@ -59,6 +61,7 @@ from dcjax.config_base import (
     apply_imagenet,
     apply_imagenet_smoke,
     apply_smoke,
+    apply_vectors,
     base_config,
     parse_variants,
 )
@@ -66,7 +69,7 @@ from dcjax.config_base import (
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = parse_variants(
-        arg, {"cifar10", "imagenet", "tfds", "smoke", "transfer"}, "configs/sela.py"
+        arg, {"cifar10", "imagenet", "tfds", "vectors", "smoke", "transfer"}, "configs/sela.py"
     )
 
     config = base_config()
@@ -119,6 +122,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             extra_probe_layers=("probe1", "probe2", "probe3", "probe4"),
             knn_layer="features",
         )
+    if "vectors" in variants:
+        apply_vectors(config)
     if "smoke" in variants:
         if "imagenet" in variants:
             apply_imagenet_smoke(config)

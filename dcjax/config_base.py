@@ -17,6 +17,7 @@ __all__ = [
     "apply_imagenet",
     "apply_imagenet_smoke",
     "apply_smoke",
+    "apply_vectors",
     "load_config",
     "parse_variants",
 ]
@@ -98,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
             path="",
             name="",
             test_split="test",  # tfds: the split scored as test ("validation": imagenet2012)
+            label_column="",  # vectors from CSV: "first", "last" or a header name
             cache_dir="",
             max_train_examples=0,
             max_test_examples=0,
@@ -109,7 +111,15 @@ def base_config() -> ml_collections.ConfigDict:
     # eval_resize: the clustering / probe view is Resize(eval_resize) + CenterCrop(image_size)
     # (0 = resize to image_size); mean / std: normalisation constants (() = the train images').
     config.input = ml_collections.ConfigDict(
-        dict(image_size=0, crop_scale=(0.08, 1.0), eval_resize=0, mean=(), std=(), crops=())
+        dict(
+            image_size=0,
+            crop_scale=(0.08, 1.0),
+            eval_resize=0,
+            mean=(),
+            std=(),
+            crops=(),
+            vector_augment_strength=0.1,  # vectors: the strength of config.augment's mode
+        )
     )
     # init: flax | pytorch | deepcluster (dcjax/models/init.py); the random filters matter.
     # neck: () or (hidden, out), an fc-bn-relu-fc on the features (ODC's on ResNet-50).
@@ -227,4 +237,24 @@ def apply_imagenet_smoke(config: ml_collections.ConfigDict) -> None:
     config.batch_size = 8
     config.eval_batch_size = 8
     config.steps_per_call = 0
-    config.eval.update(train_examples=0, probe_batch_size=8)
+    config.eval.update(train_examples=0, probe_batch_size=8, probe_epochs=1)
+
+
+def apply_vectors(config: ml_collections.ConfigDict) -> None:
+    """Sets ``config`` in place to vector data (``dcjax.data.vectors``) and an MLP, no
+    augmentation (the domain-agnostic setting).
+
+    Default data: scikit-learn's digits as 64-d vectors (``sklearn:digits``, no download);
+    ``--config.data.path`` takes a .npy/.npz/.csv file, ``sklearn:<name>`` or ``idx:<dir>``.
+    The MLP: hidden 256-256-128-128 with batch norm, 64 features.
+    """
+    config.data.update(source="vectors", path="sklearn:digits")
+    config.model.update(
+        name="mlp",
+        sobel=False,
+        kwargs={"widths": (256, 256, 128, 128), "feature_dim": 64},
+        init="flax",
+    )
+    config.augment = "none"
+    config.input.update(image_size=0)
+    config.eval.update(probe_layer="features", knn_layer="features", extra_probe_layers=())

@@ -57,7 +57,7 @@ class TrainedRun:
         import jax.numpy as jnp
 
         images = self.run.dataset.train_images[:1]
-        dummy = jnp.zeros((1, *self.run.pipeline.out_size, images.shape[-1]), jnp.float32)
+        dummy = jnp.zeros((1, *self.run.pipeline.input_shape(images.shape[1:])), jnp.float32)
         shapes = jax.eval_shape(lambda v: self.model.apply(v, dummy, train=False), self.variables)
         return sorted(shapes)
 

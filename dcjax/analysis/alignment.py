@@ -74,7 +74,7 @@ def _feature_fns(setup: AlignmentSetup, layer: str):
     """Jitted ``init(keys) -> S variables`` and ``features(variables, images) -> (S, B, D)``."""
     model, pipeline = setup.model, setup.pipeline
     scheme = setup.config.model.get("init", "flax")
-    dummy = jnp.zeros((1, *pipeline.out_size, setup.images.shape[-1]), jnp.float32)
+    dummy = jnp.zeros((1, *pipeline.input_shape(setup.images.shape[1:])), jnp.float32)
 
     def init(key):
         variables = model.init(key, dummy, train=False)

@@ -1,4 +1,5 @@
-"""The image bank: a split's uint8 images on the devices, rows sharded over the mesh's data axis.
+"""The image bank: a split's uint8 images (or float32 vectors) on the devices, rows sharded over
+the mesh's data axis.
 
 Device d of D holds rows [d * R, (d + 1) * R) with R = ceil(N / D) (the last rows are zero
 padding no index ever points at). In a multi-process run each process builds only the rows of
@@ -8,7 +9,8 @@ memory-mapped source is read only there), and no host or device ever holds the w
 `ImageBank.gather(indices)` assembles a batch inside jitted code: every device looks up the
 requested rows it owns, zeros the others, and a reduce-scatter over the data axis hands each
 device its slice of the batch. Exactly one device contributes each row, so the uint8 sum is
-exact, and the result does not depend on how the rows are spread over devices or hosts.
+exact (for float vectors too: every other term is zero), and the result does not depend on how
+the rows are spread over devices or hosts.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class ImageBank:
             position = wanted - offset
             mine = (position >= 0) & (position < rows)
             picked = jnp.take(shard, jnp.clip(position, 0, rows - 1), axis=0)
-            picked = jnp.where(mine[:, None, None, None], picked, jnp.zeros_like(picked))
+            mine = mine.reshape(-1, *([1] * (picked.ndim - 1)))  # images or vectors
+            picked = jnp.where(mine, picked, jnp.zeros_like(picked))
             return jax.lax.psum_scatter(picked, DATA_AXIS, scatter_dimension=0, tiled=True)
 
         return jax.shard_map(
@@ -70,7 +73,8 @@ class ImageBank:
 
 
 def place_bank(images: np.ndarray, mesh: Mesh) -> ImageBank:
-    """Spreads host images (N, H, W, C) uint8 over ``mesh``; reads only this process's rows.
+    """Spreads host images (N, H, W, C) uint8, or vectors (N, D) float32, over ``mesh``; reads
+    only this process's rows.
 
     ``images`` may be a ``np.memmap`` (or any array-like that slices lazily): rows of other
     processes' devices are never touched.
@@ -79,10 +83,11 @@ def place_bank(images: np.ndarray, mesh: Mesh) -> ImageBank:
     devices = mesh.devices.size
     rows = -(-n // devices)
     shape = (rows * devices, *images.shape[1:])
+    dtype = getattr(images, "dtype", np.uint8)  # uint8 images, float32 vectors
 
     def rows_of(index: tuple[slice, ...]) -> np.ndarray:
         start, stop, _ = index[0].indices(shape[0])
-        block = np.zeros((stop - start, *shape[1:]), np.uint8)
+        block = np.zeros((stop - start, *shape[1:]), dtype)
         real = max(0, min(stop, n) - start)
         block[:real] = images[start : start + real]
         return block

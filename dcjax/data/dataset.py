@@ -1,8 +1,9 @@
 """The in-memory data set every source returns, and the error every source raises.
 
-A `Dataset` holds whole splits as host NumPy arrays: images (N, H, W, C) uint8 and labels (N,)
-int32. Labels are only for evaluation; training never reads them. Construction checks shapes,
-dtypes and lengths, so a source bug surfaces here with the data set's name, not deep in a jit.
+A `Dataset` holds whole splits as host NumPy arrays: images (N, H, W, C) uint8, or vectors
+(N, D) float32 (tabular features, embeddings; the ``vectors`` source), and labels (N,) int32.
+Labels are only for evaluation; training never reads them. Construction checks shapes, dtypes
+and lengths, so a source bug surfaces here with the data set's name, not deep in a jit.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class Dataset:
 
     Attributes:
       name: where it came from, e.g. "digits" or "idx:/usr/share/datasets/fashion-mnist".
-      train_images: (N, H, W, C) uint8, N >= 1; grey images have C = 1.
+      train_images: (N, H, W, C) uint8, N >= 1 (grey images have C = 1), or (N, D) float32
+        finite vectors, D >= 1.
       train_labels: (N,) int32 >= 0, or None; used only for evaluation.
       test_images: (M, H, W, C) uint8 with the train (H, W, C), or None.
       test_labels: (M,) int32 >= 0, or None (always None when `test_images` is None).
@@ -71,6 +73,11 @@ class Dataset:
                 raise DataError(f"{self.name}: {field} does not have one path per image")
 
     @property
+    def is_vectors(self) -> bool:
+        """Whether the examples are (D,) float vectors rather than images."""
+        return self.train_images.ndim == 2
+
+    @property
     def num_classes(self) -> int | None:
         """len(class_names) when known, else max label + 1 over both splits, else None.
 
@@ -85,11 +92,24 @@ class Dataset:
 
 
 def _check_images(name: str, field: str, images: object) -> None:
-    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.dtype != np.uint8:
-        described = (
-            f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images)
+    is_array = isinstance(images, np.ndarray)
+    if is_array and images.ndim == 2 and images.dtype == np.float32:  # vectors
+        if images.shape[1] == 0:
+            raise DataError(f"{name}: {field} has D = 0 features per example")
+        bad = np.argwhere(~np.isfinite(images))
+        if bad.size:
+            row, column = bad[0]
+            raise DataError(
+                f"{name}: {field} has {len(bad)} NaN or infinite values, the first at row "
+                f"{row}, column {column} ({images[row, column]})"
+            )
+        return
+    if not is_array or images.ndim != 4 or images.dtype != np.uint8:
+        described = f"{images.dtype} {images.shape}" if is_array else type(images)
+        raise DataError(
+            f"{name}: {field} must be (N, H, W, C) uint8 images or (N, D) float32 vectors, "
+            f"got {described}"
         )
-        raise DataError(f"{name}: {field} must be (N, H, W, C) uint8, got {described}")
 
 
 def _check_labels(name: str, field: str, labels: object, images: np.ndarray) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from dcjax.core.errors import ConfigError
 from dcjax.data import augment
+from dcjax.data.vector_pipeline import make_vector_pipeline
 
 __all__ = ["Pipeline", "make_pipeline"]
 
@@ -65,6 +66,10 @@ class Pipeline:
         )
         return self._normalize(views)
 
+    def input_shape(self, example_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(H, W, C): the network's input per example of shape (H0, W0, C)."""
+        return (*self.out_size, example_shape[-1])
+
     def train_views(self, key: jax.Array, images: jax.Array) -> tuple[jax.Array, ...]:
         """The training views of a (B, H, W, C) uint8 batch, normalised: with multi-crop one
         (count B, size, size, C) array per group of ``crops`` (SwAV's view of each crop; row
@@ -96,7 +101,14 @@ def _to_unit(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) / 255.0
 
 
-def make_pipeline(config: ml_collections.ConfigDict, train_images: np.ndarray) -> Pipeline:
+def make_pipeline(config: ml_collections.ConfigDict, train_images: np.ndarray):
+    """``make_image_pipeline``, or ``vector_pipeline.make_vector_pipeline`` for (N, D) vectors."""
+    if train_images.ndim == 2:
+        return make_vector_pipeline(config, train_images)
+    return make_image_pipeline(config, train_images)
+
+
+def make_image_pipeline(config: ml_collections.ConfigDict, train_images: np.ndarray) -> Pipeline:
     """Builds the pipeline from ``config.input`` and the training images' channel statistics.
 
     Args:

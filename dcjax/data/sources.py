@@ -8,19 +8,22 @@ Config fields (the `data` sub-config; a missing field takes the default below):
   path: digits -- unused; idx -- the directory ('' = DEFAULT_IDX_DIR); folder -- the root;
     npz -- the file; tfds -- the TFDS data_dir ('' = TFDS's default).
   name: the TFDS name (tfds only).
+  label_column: vectors from a CSV file: the labels' column ('first', 'last', a header name;
+    '' = none). ``path`` for vectors: a .npy/.npz/.csv file, sklearn:<name> or idx:<dir>
+    (dcjax.data.vectors).
   test_split: the TFDS split scored as test ('test'; 'validation' for imagenet2012).
   cache_dir: where folder keeps decoded arrays ('' = ~/.cache/dcjax).
   max_train_examples, max_test_examples: keep n examples drawn at random with `seed`, in
     their original order (0 = all). Random, not the first n: a folder lists its classes in order.
   class_fractions: empty, or one fraction in (0, 1] per class: the train split keeps that share
     of each class (drawn with `seed`, before the cap), to make a balanced set imbalanced.
-  test_fraction, seed: the stratified test split of digits, which ships without one.
+  test_fraction, seed: the stratified test split of digits (and of labelled vectors without
+    one).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +36,7 @@ from dcjax.data.folder import load_folder
 from dcjax.data.idx import DEFAULT_IDX_DIR, load_idx
 from dcjax.data.npz import load_npz
 from dcjax.data.tfds_source import load_tfds
+from dcjax.data.vectors import load_vectors, stratified_split
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -51,6 +55,7 @@ _DEFAULTS: dict[str, Any] = {
     "path": "",
     "name": "",
     "test_split": "test",
+    "label_column": "",
     "cache_dir": "",
     "max_train_examples": 0,
     "max_test_examples": 0,
@@ -76,27 +81,13 @@ def load_digits(test_fraction: float, seed: int) -> Dataset:
     """
     # Imported here: sklearn.datasets costs about a second and only digits needs it.
     from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
 
-    if not 0.0 <= test_fraction < 1.0:
-        raise DataError(f"digits: data.test_fraction must lie in [0, 1), got {test_fraction}")
     bunch = sklearn_digits()
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = bunch.target.astype(np.int32)
-    test_images = test_labels = None
-    n, classes = len(labels), len(np.unique(labels))
-    num_test = math.ceil(test_fraction * n)
-    if test_fraction > 0.0 and min(num_test, n - num_test) < classes:
-        raise DataError(
-            f"digits: data.test_fraction={test_fraction} leaves {num_test} test and "
-            f"{n - num_test} training images; a stratified split needs at least {classes} in "
-            f"each: use 0 (no test split) or a value in [{classes / n:.4f}, "
-            f"{1 - classes / n:.4f}]"
-        )
-    if test_fraction > 0.0:
-        images, test_images, labels, test_labels = train_test_split(
-            images, labels, test_size=test_fraction, random_state=seed, stratify=labels
-        )
+    images, labels, test_images, test_labels = stratified_split(
+        "digits", images, labels, test_fraction, seed
+    )
     return Dataset(
         name="digits",
         train_images=images,
@@ -138,12 +129,23 @@ def _tfds(config: ml_collections.ConfigDict, image_size: int) -> Dataset:
     )
 
 
+def _vectors(config: ml_collections.ConfigDict, image_size: int) -> Dataset:
+    del image_size  # vectors have no size to fit
+    return load_vectors(
+        str(_get(config, "path")),
+        str(_get(config, "label_column")),
+        float(_get(config, "test_fraction")),
+        int(_get(config, "seed")),
+    )
+
+
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict, int], Dataset]] = {
     "digits": _digits,
     "idx": _idx,
     "folder": _folder,
     "npz": _npz,
     "tfds": _tfds,
+    "vectors": _vectors,
 }
 
 

@@ -9,6 +9,7 @@ import ml_collections
 from dcjax.core.errors import ConfigError
 from dcjax.models.backbones import LeNet5, MiniAlexNet, SmallCNN
 from dcjax.models.imagenet_nets import VGG16BN, AlexNet
+from dcjax.models.mlp import MLP, ResidualMLP
 from dcjax.models.resnet import ResNet18, ResNet50
 from dcjax.models.sobel import sobel
 
@@ -33,6 +34,8 @@ BACKBONES: dict[str, type[nn.Module]] = {
     "mini_alexnet": MiniAlexNet,
     "alexnet": AlexNet,
     "vgg16_bn": VGG16BN,
+    "mlp": MLP,
+    "residual_mlp": ResidualMLP,
     "resnet18": ResNet18,
     "resnet50": ResNet50,
 }

@@ -48,8 +48,7 @@ def banner(run, workdir: str, resumed_cycle: int, params) -> str:
     devices = run.mesh.devices.flatten()
     platform = devices[0].platform
     n_test = 0 if data.test_images is None else len(data.test_images)
-    height, width = run.pipeline.out_size
-    channels = data.train_images.shape[-1]
+    inputs = "x".join(str(d) for d in run.pipeline.input_shape(data.train_images.shape[1:]))
     steps = config.epochs_per_cycle * (ctx.samples_per_epoch // config.batch_size)
     start = "fresh" if resumed_cycle == 0 else f"resumed at cycle {resumed_cycle}"
     return "\n".join(
@@ -59,7 +58,7 @@ def banner(run, workdir: str, resumed_cycle: int, params) -> str:
             f"  devices  {len(devices)} x {platform} ({jax.process_count()} process(es)), "
             f"mesh {dict(run.mesh.shape)}",
             f"  data     {data.name}: N={len(data.train_images)} train, {n_test} test, "
-            f"inputs {height}x{width}x{channels}",
+            f"inputs {inputs}",
             f"  model    {config.model.name}, {parameter_count(params):,} parameters",
             f"  workdir  {workdir} ({start})",
         ]

@@ -55,8 +55,10 @@ _RESUMABLE_FIELDS = (
 # Fields added to the config after runs were started, with the value that keeps the behaviour
 # those runs had: a saved config without the field resumes under that value.
 ADDED_FIELDS = {
+    "data.label_column": "",
     "data.test_split": "test",
     "input.crops": [],
+    "input.vector_augment_strength": 0.1,
     "model.neck": [],
     "optim.optimizer": "sgd",
 }

@@ -43,9 +43,12 @@ def write_run_figures(
     ]
     k = run.method.num_clusters
     paths.append(figures.cluster_sizes(labels, k, os.path.join(out, "cluster_sizes.png")))
-    paths.append(
-        figures.cluster_gallery(run.dataset.train_images, labels, os.path.join(out, "clusters.png"))
-    )
+    if not run.dataset.is_vectors:  # a gallery of examples needs images
+        paths.append(
+            figures.cluster_gallery(
+                run.dataset.train_images, labels, os.path.join(out, "clusters.png")
+            )
+        )
     if panels:
         paths.append(figures.tsne_embedding(panels, true_labels, os.path.join(out, "tsne.png")))
     return paths

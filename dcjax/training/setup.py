@@ -213,7 +213,7 @@ def _train_state(config, variables: dict, method: Method, ctx: Context) -> Train
 
 def _dummy_batch(pipeline: Pipeline, images: np.ndarray) -> jax.ShapeDtypeStruct:
     """The shape of one input batch (1, H, W, C): nothing is allocated for it."""
-    return jax.ShapeDtypeStruct((1, *pipeline.out_size, images.shape[-1]), jnp.float32)
+    return jax.ShapeDtypeStruct((1, *pipeline.input_shape(images.shape[1:])), jnp.float32)
 
 
 def fresh_initial_state(run: Run) -> TrainState:

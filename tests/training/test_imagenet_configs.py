@@ -23,7 +23,7 @@ def imagenet_folder(tmp_path_factory) -> str:
     """train/ and val/ of 2 classes, JPEGs of assorted sizes (fitted to 224 on decode)."""
     root = tmp_path_factory.mktemp("imagenet")
     rng = np.random.default_rng(0)
-    for split, count in (("train", 12), ("val", 4)):
+    for split, count in (("train", 8), ("val", 2)):
         for c in ("n01440764", "n01443537"):
             os.makedirs(root / split / c)
             for i in range(count):
