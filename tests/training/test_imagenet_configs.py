@@ -84,6 +84,7 @@ def test_full_model_traces_at_224(name):
 def test_smoke_form_trains_one_cycle_on_a_224_px_folder(name, imagenet_folder, tmp_path):
     config = load_config(name, "imagenet,smoke")
     config.data.update(path=imagenet_folder, cache_dir=str(tmp_path / "cache"))
+    config.num_devices = 1  # sharding is tested elsewhere; one device compiles faster
     results = loop.run(config, str(tmp_path / "run"))
     assert set(results) == {"random_init", "trained"}
     with open(tmp_path / "run" / "results.json") as f:
