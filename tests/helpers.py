@@ -60,3 +60,12 @@ def load_experiment(name: str):
     sys.modules[name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
+
+
+def train_step(run):
+    """``make_train_step`` for a built run (``setup.build_run``), one step per call."""
+    from dcjax.training.step import make_train_step
+
+    return make_train_step(
+        run.ctx.model, run.ctx.optimizers, run.method, run.pipeline, run.mesh, run.state_sharding
+    )

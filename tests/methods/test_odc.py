@@ -15,8 +15,7 @@ from dcjax.core.errors import UserError
 from dcjax.methods import odc
 from dcjax.training import checkpoint
 from dcjax.training.setup import build_run
-from dcjax.training.step import make_train_step
-from tests.helpers import load_config
+from tests.helpers import load_config, train_step
 
 
 def _config(name="odc", **method):
@@ -215,14 +214,7 @@ def test_one_device_equals_eight_devices_for_three_steps(odc_run, rng):
             )
         state = state.replace(method=jax.tree.map(jnp.asarray, method))
         state = jax.device_put(state, run.state_sharding)
-        step = make_train_step(
-            run.ctx.model,
-            run.ctx.optimizers,
-            run.method,
-            run.pipeline,
-            run.mesh,
-            run.state_sharding,
-        )
+        step = train_step(run)
         found = []
         for indices in batches:
             state, metrics = step(state, run.train_images, indices)

@@ -9,8 +9,7 @@ import pytest
 
 from dcjax.training import loop
 from dcjax.training.setup import build_run
-from dcjax.training.step import make_train_step
-from tests.helpers import load_config
+from tests.helpers import load_config, train_step
 
 METHODS = ("deepcluster", "sela", "deepcluster_v2", "deepcluster_v2_kd", "odc", "codc")
 
@@ -37,14 +36,7 @@ def test_one_device_equals_eight_devices_for_a_step_on_vectors():
         runs.append(build_run(config))
     outs = []
     for run in runs:
-        step = make_train_step(
-            run.ctx.model,
-            run.ctx.optimizers,
-            run.method,
-            run.pipeline,
-            run.mesh,
-            run.state_sharding,
-        )
+        step = train_step(run)
         indices = jax.numpy.arange(run.config.batch_size, dtype=jax.numpy.int32)
         state = jax.tree.map(lambda x: x.copy(), run.initial_state)
         state, metrics = step(state, run.train_images, indices)
