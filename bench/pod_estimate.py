@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from bench_common import cpu_model, git_commit
 
-from bench.bench_common import cpu_model, git_commit
 from dcjax.config_base import load_config
 from dcjax.training.setup import build_run
 from dcjax.training.step import make_train_step
