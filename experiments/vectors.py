@@ -2,6 +2,7 @@
 
   python experiments/vectors.py                                   # digits, breast_cancer, wine
   python experiments/vectors.py --datasets=fmnist --max_train=10000 --seeds=0
+  python experiments/vectors.py --datasets=letter,satellite        # apt-get install r-cran-mlbench
   python experiments/vectors.py --run=false                       # tables from the ledger
 
 Per data set and seed: each method's ``configs/<method>.py:vectors`` run (MLP, no augmentation)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 
 import matplotlib
@@ -51,13 +53,19 @@ DATASETS = {
     "wine": "sklearn:wine",
     "fmnist": f"idx:{DEFAULT_IDX_DIR}",
 }
+# Debian's r-cran-mlbench (apt-get install r-cran-mlbench): R data files, converted once to CSV
+# with Rscript (which the package installs); (R object, label column).
+MLBENCH_DIR = "/usr/lib/R/site-library/mlbench/data"
+MLBENCH = {"letter": ("LetterRecognition", "lettr"), "satellite": ("Satellite", "classes")}
 METHODS = ("deepcluster", "sela", "deepcluster_v2", "deepcluster_v2_kd", "odc", "codc")
 BASELINES = ("kmeans_raw", "kmeans_pca_white", "gmm")
 FIGURES = ("nmi", "ari", "accuracy", "probe", "knn")
 
 
 def _define_flags() -> None:
-    flags.DEFINE_list("datasets", ["digits", "breast_cancer", "wine"], "Keys of DATASETS.")
+    flags.DEFINE_list(
+        "datasets", ["digits", "breast_cancer", "wine"], "Keys of DATASETS or MLBENCH."
+    )
     flags.DEFINE_list("methods", list(METHODS), "Methods (configs/<method>.py:vectors).")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed; also the baselines').")
     flags.DEFINE_integer("max_train", 0, "Cap on the train split (0 = all).")
@@ -66,11 +74,30 @@ def _define_flags() -> None:
     flags.DEFINE_bool("run", True, "False: no new run, only the tables from the ledger.")
 
 
-def method_config(method: str, dataset: str, seed: int, num_classes: int, max_train: int):
+def data_fields(dataset: str, workdir: str) -> dict[str, str]:
+    """``config.data`` fields of ``dataset``: a path (an mlbench set converted to CSV first)."""
+    if dataset not in MLBENCH:
+        return {"path": DATASETS[dataset], "label_column": ""}
+    name, label = MLBENCH[dataset]
+    csv = os.path.join(workdir, "data", f"{dataset}.csv")
+    if not os.path.exists(csv):
+        rda = os.path.join(MLBENCH_DIR, f"{name}.rda")
+        if not os.path.exists(rda):
+            raise FileNotFoundError(f"{rda}: apt-get install r-cran-mlbench")
+        os.makedirs(os.path.dirname(csv), exist_ok=True)
+        script = f'load("{rda}"); write.csv({name}, "{csv}.part", row.names = FALSE)'
+        subprocess.run(["Rscript", "-e", script], check=True, capture_output=True)
+        os.replace(f"{csv}.part", csv)
+    return {"path": csv, "label_column": label}
+
+
+def method_config(
+    method: str, dataset: str, seed: int, num_classes: int, max_train: int, workdir: str
+):
     """``configs/<method>.py:vectors`` on ``dataset`` with K = ``num_classes``."""
     config = load_config(method, "vectors")
     config.seed = seed
-    config.data.update(path=DATASETS[dataset], max_train_examples=max_train)
+    config.data.update(max_train_examples=max_train, **data_fields(dataset, workdir))
     config.figures = False
     k = num_classes
     if method in ("deepcluster_v2", "deepcluster_v2_kd"):
@@ -80,9 +107,9 @@ def method_config(method: str, dataset: str, seed: int, num_classes: int, max_tr
     return config
 
 
-def _data(dataset: str, max_train: int):
+def _data(dataset: str, max_train: int, workdir: str):
     config = load_config("deepcluster", "vectors")
-    config.data.update(path=DATASETS[dataset], max_train_examples=max_train)
+    config.data.update(max_train_examples=max_train, **data_fields(dataset, workdir))
     return sources.load(config.data)
 
 
@@ -112,9 +139,9 @@ def _probes(seed: int, train, train_y, test, test_y, num_classes: int) -> dict[s
 
 def run_method(method: str, dataset: str, seed: int, workdir: str, max_train: int) -> dict:
     """One method's run (resumed if its workdir holds one) and its figures."""
-    data = _data(dataset, max_train)
+    data = _data(dataset, max_train, workdir)
     k = int(data.num_classes)
-    config = method_config(method, dataset, seed, k, max_train)
+    config = method_config(method, dataset, seed, k, max_train, workdir)
     run_dir = os.path.join(workdir, dataset, f"{method}-seed{seed}")
     start = time.perf_counter()
     results = loop.run(config, run_dir)
@@ -136,10 +163,10 @@ def run_method(method: str, dataset: str, seed: int, workdir: str, max_train: in
     }
 
 
-def run_baselines(dataset: str, seed: int, max_train: int) -> list[dict]:
+def run_baselines(dataset: str, seed: int, max_train: int, workdir: str) -> list[dict]:
     """k-means (raw, PCA-whitened) and a Gaussian mixture on the standardised vectors, and the
     probes on the standardised vectors themselves."""
-    data = _data(dataset, max_train)
+    data = _data(dataset, max_train, workdir)
     k = int(data.num_classes)
     x = data.train_images.astype(np.float64)
     mean, std = x.mean(0), x.std(0)
@@ -249,7 +276,9 @@ def main(argv: list[str]) -> None:
             for dataset in cfg.datasets:
                 todo = []
                 if (dataset, BASELINES[0], seed) not in done:
-                    todo.append(lambda d=dataset, s=seed: run_baselines(d, s, cfg.max_train))
+                    todo.append(
+                        lambda d=dataset, s=seed: run_baselines(d, s, cfg.max_train, cfg.workdir)
+                    )
                 for method in cfg.methods:
                     if (dataset, method, seed) not in done:
                         todo.append(
