@@ -55,7 +55,6 @@ from dcjax.clustering.kmeans import KMeansConfig
 from dcjax.config_base import (
     apply_cifar10,
     apply_imagenet,
-    apply_imagenet_smoke,
     apply_smoke,
     apply_vectors,
     base_config,
@@ -120,11 +119,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if "vectors" in variants:
         apply_vectors(config)
     if "smoke" in variants:
+        apply_smoke(config, variants)
         if "imagenet" in variants:
-            apply_imagenet_smoke(config)
             config.model.kwargs = {"hidden_dim": 256}
-        else:
-            apply_smoke(config)
         config.method.num_clusters = min(
             config.method.num_clusters, 4 if "imagenet" in variants else 10
         )

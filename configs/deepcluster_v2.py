@@ -48,7 +48,6 @@ from dcjax.clustering import settings
 from dcjax.clustering.kmeans import KMeansConfig
 from dcjax.config_base import (
     apply_imagenet,
-    apply_imagenet_smoke,
     apply_smoke,
     apply_vectors,
     base_config,
@@ -152,19 +151,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if "vectors" in variants:
         apply_vectors(config)
     if "smoke" in variants:
-        if "imagenet" in variants:
-            apply_imagenet_smoke(config)
-            config.optim.freeze_head_steps = 2
-        else:
-            apply_smoke(config)
-            config.optim.update(warmup_epochs=1, freeze_head_steps=2, freeze_head_epochs=0.0)
-        config.method.update(num_prototypes=(10,), feat_dim=16, hidden_dim=32)
+        apply_smoke(config, variants)
+        config.method.update(feat_dim=16, hidden_dim=32)
+        config.optim.update(freeze_head_steps=2, freeze_head_epochs=0.0)
         if "imagenet" in variants:
             config.method.num_prototypes = (4, 4)
             config.optim.warmup_epochs = 0
             if config.augment == "multicrop":  # the same structure, 2 small crops of 6
                 config.input.crops = ((2, 224, (0.14, 1.0)), (2, 96, (0.05, 0.14)))
+        else:
+            config.method.num_prototypes = (10,)
+            config.optim.warmup_epochs = 1
         if "cifar10" in variants or "imagenet" in variants:  # one block per stage, thin
             config.model.kwargs = {**config.model.kwargs, "width": 4, "stage_sizes": (1, 1, 1, 1)}
-            config.batch_size = 32 if "cifar10" in variants else config.batch_size
+        if "cifar10" in variants:
+            config.batch_size = 32
     return config

@@ -52,7 +52,6 @@ from dcjax.clustering.kmeans import KMeansConfig
 from dcjax.config_base import (
     apply_cifar10,
     apply_imagenet,
-    apply_imagenet_smoke,
     apply_smoke,
     apply_vectors,
     base_config,
@@ -125,15 +124,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.eval.update(probe_layer="pooled", knn_layer="pooled")
     if "vectors" in variants:
         apply_vectors(config)
-        config.augment = "none"  # ODC's image augmentation does not apply
     if "smoke" in variants:
+        apply_smoke(config, variants)
         if "imagenet" in variants:
-            apply_imagenet_smoke(config)
             config.model.kwargs = {"width": 4, "stage_sizes": (1, 1, 1, 1)}
             config.model.neck = (16, 8)
-        else:
-            apply_smoke(config)
-        config.method.update(num_clusters=4, min_cluster_size=8, max_small_clusters=2)
-        if "imagenet" in variants:
             config.method.update(num_clusters=2, min_cluster_size=2, max_small_clusters=1)
+        else:
+            config.method.update(num_clusters=4, min_cluster_size=8, max_small_clusters=2)
     return config

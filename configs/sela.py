@@ -59,7 +59,6 @@ from dcjax.clustering.sinkhorn import SinkhornConfig
 from dcjax.config_base import (
     apply_cifar10,
     apply_imagenet,
-    apply_imagenet_smoke,
     apply_smoke,
     apply_vectors,
     base_config,
@@ -125,12 +124,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if "vectors" in variants:
         apply_vectors(config)
     if "smoke" in variants:
+        apply_smoke(config, variants)
         if "imagenet" in variants:
-            apply_imagenet_smoke(config)
             config.model.kwargs = {"hidden_dim": 256}
             config.method.update(num_heads=2, num_clusters=4, num_label_steps=2)
         else:
-            apply_smoke(config)
             config.method.update(num_clusters=10, num_label_steps=4)
     if "transfer" in variants:  # the paper's label transfer: another backbone, fixed labels
         config.model.kwargs = {"feature_dim": 64}

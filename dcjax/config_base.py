@@ -15,7 +15,6 @@ __all__ = [
     "base_config",
     "apply_cifar10",
     "apply_imagenet",
-    "apply_imagenet_smoke",
     "apply_smoke",
     "apply_vectors",
     "load_config",
@@ -168,8 +167,12 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def apply_smoke(config: ml_collections.ConfigDict) -> None:
-    """Shrinks ``config`` in place to a run of seconds: 2 cycles on a tiny subset."""
+def apply_smoke(config: ml_collections.ConfigDict, variants: set[str] = frozenset()) -> None:
+    """Shrinks ``config`` in place to a run of seconds: 2 cycles on a tiny subset.
+
+    With ``imagenet`` in ``variants``, the ``imagenet,smoke`` form: the same networks' structure
+    and 224-px inputs on a tiny folder (the tests generate one), 1 cycle, batch 8.
+    """
     config.num_cycles = 2
     config.data.max_train_examples = 256
     config.data.max_test_examples = 128
@@ -178,6 +181,12 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
     config.eval.probe_epochs = 2
     config.eval.knn_k = 5
     config.figures = False  # the figures have their own test
+    if "imagenet" in variants:
+        config.num_cycles = 1
+        config.batch_size = 8
+        config.eval_batch_size = 8
+        config.steps_per_call = 0
+        config.eval.update(train_examples=0, probe_batch_size=8, probe_epochs=1)
 
 
 def apply_cifar10(config: ml_collections.ConfigDict) -> None:
@@ -227,17 +236,6 @@ def apply_imagenet(config: ml_collections.ConfigDict, variants: set[str]) -> Non
     config.steps_per_call = 100
     config.figures = False  # t-SNE and cluster grids are for small data
     config.eval.update(train_examples=100_000, probe_epochs=10, probe_batch_size=1024)
-
-
-def apply_imagenet_smoke(config: ml_collections.ConfigDict) -> None:
-    """The ``imagenet,smoke`` form: the same networks' structure and 224-px inputs on a tiny
-    folder (the tests generate one), 1 cycle, batch 8."""
-    apply_smoke(config)
-    config.num_cycles = 1
-    config.batch_size = 8
-    config.eval_batch_size = 8
-    config.steps_per_call = 0
-    config.eval.update(train_examples=0, probe_batch_size=8, probe_epochs=1)
 
 
 def apply_vectors(config: ml_collections.ConfigDict) -> None:

@@ -303,10 +303,18 @@ def rewrite_readme(path: str, rows: list[dict]) -> None:
         f.write(text)
 
 
-def table_rows(ledger: str) -> list[dict]:
-    """The ledger's rows of the machine measured last (the README describes one machine)."""
-    rows = read_jsonl(ledger) if os.path.exists(ledger) else []
+def read_ledger(ledger: str) -> list[dict]:
+    return read_jsonl(ledger) if os.path.exists(ledger) else []
+
+
+def latest_machine(rows: list[dict]) -> list[dict]:
+    """The rows of the machine measured last (the README describes one machine)."""
     return [r for r in rows if r["machine"] == rows[-1]["machine"]] if rows else []
+
+
+def table_rows(ledger: str) -> list[dict]:
+    """The ledger's rows of the machine measured last."""
+    return latest_machine(read_ledger(ledger))
 
 
 def main(argv: list[str]) -> None:
@@ -317,7 +325,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--rows: unknown {unknown}; known: {sorted(BY_NAME)}")
     machine = machine_line()
     ledger = ledger_path(cfg.out)
-    rows = read_jsonl(ledger) if os.path.exists(ledger) else []
+    rows = read_ledger(ledger)
     if cfg.run:
         os.makedirs(cfg.out, exist_ok=True)
         for seed in (int(s) for s in cfg.seeds):
@@ -331,7 +339,7 @@ def main(argv: list[str]) -> None:
                 rows.append(row)
                 with open(ledger, "a") as f:
                     f.write(json.dumps(row) + "\n")
-    rows = table_rows(ledger)
+    rows = latest_machine(rows)
     write_table(cfg.out, "readme_figures", render(rows), summarise(rows))
     if cfg.readme and rows:
         rewrite_readme(cfg.readme, rows)

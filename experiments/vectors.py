@@ -20,6 +20,7 @@ NMI to ``<out>/vectors.png``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -107,7 +108,9 @@ def method_config(
     return config
 
 
+@functools.cache
 def _data(dataset: str, max_train: int, workdir: str):
+    """The data set once per process (every method and baseline of a seed reads it)."""
     config = load_config("deepcluster", "vectors")
     config.data.update(max_train_examples=max_train, **data_fields(dataset, workdir))
     return sources.load(config.data)
