@@ -78,3 +78,8 @@ def test_claims_verdicts_follow_their_rules():
     verdicts = {c["claim"]: c["holds"] for c in EXPERIMENT.claims(dict(k=rows, halt=halt))}
     assert verdicts["accuracy falls as K grows (Fig. 4a)"] is True
     assert verdicts["continuous clustering is worth about one point (Fig. 5)"] is True
+
+
+def test_churn_cycles_counts_cycles_below_the_threshold_and_skips_unclustered_ones():
+    row = {"nmi_previous": [float("nan"), 0.9, 0.79, 0.5, 0.8, float("nan"), 0.1]}
+    assert EXPERIMENT.churn_cycles(row) == 3  # 0.79, 0.5, 0.1; 0.8 itself is not below
