@@ -6,14 +6,28 @@ Launch (the embedded default; no download):
 Variants, comma-separated after a colon (``configs/deepcluster.py:fmnist,smoke``):
   fmnist   LeNet-5 on Fashion-MNIST (IDX files of Debian's dataset-fashion-mnist), the deep-dive
            paper's text: K=5, no PCA, lr 0.1, momentum 0.1, wd 1e-3, batch 128, 50 cycles,
-           flip, probes on conv2 (ours, and the authors' SGD probe: eval.protocol="deepdive").
-  deepdive_code  with fmnist: what the deep-dive authors' code does instead (REFERENCE.md), each
-           a field of its own: clustering / probe view Resize 44 + CenterCrop 32
-           (input.eval_resize=44, input.image_size=32); training RandomResizedCrop 32 of the
-           28x28 image, no flip (augment="crop"); normalisation .2860 / .3205 (input.mean /
-           std); their initialisation (model.init="deepcluster"); k-means++ with one start
-           (method.kmeans.init); the head's SGD with the trunk's momentum
-           (optim.head_momentum); the un-truncated uniform sampler (method.truncate_epoch).
+           flip, the 28x28 images padded black to 32x32 (input.pad=2), probes on conv2 (ours,
+           and the authors' SGD probe: eval.protocol="deepdive").
+  deepdive_code  with fmnist: what the deep-dive authors' code (AhmadM-DL/
+           DeepClusterImplementation, master 0894889) does instead, each a field of its own:
+           clustering / probe view Resize 44 + CenterCrop 32 (input.eval_resize=44,
+           input.image_size=32, input.pad=0); training torchvision's RandomResizedCrop(32) of
+           the 28x28 image (integer sides, up to 10 re-draws, centre fallback, PIL bilinear
+           resize of the crop; augment="torchvision_crop"), no flip; normalisation .2860 /
+           .3205 (input.mean / std); their initialisation (model.init="deepcluster");
+           scikit-learn's KMeans(K, max_iter=20, n_init=1) in float64 (method.kmeans: greedy
+           k-means++ with 2 + int(ln K) candidates per centre, kmeanspp_trials=0; stop at
+           unchanged labels or a centre shift within tol=1e-4 of the mean feature variance,
+           stop="sklearn"; empty clusters moved to the farthest points,
+           empty_clusters="relocate"; dtype="float64"); the head's SGD with the trunk's
+           momentum, read when the optimisers are built (optim.head_momentum=None); the
+           un-truncated uniform sampler (method.truncate_epoch=False) and the DataLoader's
+           partial last batch (drop_last=False: 468 batches of 128 and one of 101, cut to a
+           multiple of the device count). The float64 k-means needs a CPU or GPU backend.
+           Differences left: JAX's random streams instead of NumPy's / torch's, float pixels
+           where PIL rounds resized views to uint8 (< 1/255), the L2 normalisation before
+           k-means in float32 (theirs float64), BN's running variance biased (n/(n-1), n >=
+           12,800).
   cifar10  The deep-dive paper's mini-AlexNet with Sobel on a CIFAR-10 image folder
            (``--config.data.path=<dir with train/ and test/>``): K=1000, PCA 256, lr 0.1,
            momentum 0.9, wd 1e-3, batch 64, 100 cycles, probe on relu5.
@@ -30,9 +44,13 @@ Variants, comma-separated after a colon (``configs/deepcluster.py:fmnist,smoke``
              pod:       the same command on every host (experiments/launch/tpu_pod.sh,
                           slurm.sbatch), the workdir on storage every host sees.
            Expected (paper Table 1, ImageNet linear, conv1..conv5): 12.9 / 29.2 / 38.2 / 39.8 /
-           36.1 % top-1, with the paper's 10-crop probe trained on all of ImageNet; this run's
-           in-training probes fit on 100,000 images, so read them as a lower bound. Per-device
-           memory and step time: bench/results/pod_estimate.md.
+           36.1 % top-1 under DeepCluster's own protocol (eval_linear.py: a linear layer per
+           pooled conv layer, 90 epochs on all of ImageNet, ten test crops), an evaluation job
+           of its own once training is done:
+             python -m dcjax.evaluate --workdir=runs/dc-imagenet \
+               --config.eval.protocol=deepcluster --random_init=false
+           This run's in-training probes fit on 100,000 images: read them as a lower bound.
+           Per-device memory and step time: bench/results/pod_estimate.md.
   vectors  vector data and an MLP, no augmentation (config_base.apply_vectors: scikit-learn's
            digits as 64-d vectors by default; ``--config.data.path=<.npy/.npz/.csv file,
            sklearn:<name> or idx:<dir>>``), K=50, PCA 32.
@@ -49,6 +67,7 @@ Fashion-MNIST figures are in the README's "Reproduction: deep dive on Fashion-MN
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from dcjax.clustering import settings
 from dcjax.clustering.kmeans import KMeansConfig
@@ -88,6 +107,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if "fmnist" in variants:
         config.data.source = "idx"
         config.model.name = "lenet5"
+        config.input.pad = 2  # LeNet-5's 32x32 input: a black frame, added before normalising
         config.method.update(num_clusters=5, pca_dim=0)
         config.optim.update(learning_rate=0.1, momentum=0.1, weight_decay=1e-3)
         config.batch_size = 128
@@ -97,12 +117,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             probe_layer="conv2", probe_epochs=20, probe_batch_size=256, protocol="deepdive"
         )
     if "deepdive_code" in variants:
-        config.input.update(image_size=32, eval_resize=44, mean=(0.2860,), std=(0.3205,))
-        config.augment = "crop"
+        config.input.update(image_size=32, eval_resize=44, pad=0, mean=(0.2860,), std=(0.3205,))
+        config.augment = "torchvision_crop"
         config.model.init = "deepcluster"
-        config.method.kmeans.init = "kmeans++"  # scikit-learn's KMeans(n_init=1)
+        # scikit-learn's KMeans(K, max_iter=20, n_init=1) on their float64 features.
+        config.method.kmeans.update(
+            init="kmeans++",
+            kmeanspp_trials=0,
+            stop="sklearn",
+            tol=1e-4,
+            empty_clusters="relocate",
+            dtype="float64",
+        )
         config.method.truncate_epoch = False
-        config.optim.head_momentum = config.optim.momentum
+        config.drop_last = False
+        # A param group added without its own momentum inherits the optimiser's.
+        config.optim.head_momentum = config_dict.placeholder(float)
     if "cifar10" in variants:
         apply_cifar10(config)
         config.method.update(num_clusters=1000, pca_dim=256)

@@ -83,13 +83,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.num_cycles = 25
     config.epochs_per_cycle = 1
     config.batch_size = 64
+    # False: an epoch's last partial batch is one more step (PyTorch's DataLoader default).
+    config.drop_last = True
     # Train steps per jitted call (a lax.scan on the device, one host sync); 0 = a whole epoch.
     config.steps_per_call = 0
     config.eval_batch_size = 512
     config.eval_every_cycles = 0
     config.figures = True  # PNGs in <workdir>/figures at the end (loss, NMI, clusters, t-SNE)
-    # none | flip | crop | crop_flip | odc | sela | swav | multicrop (SwAV's views of the
-    # input.crops groups; DeepCluster-v2 and SeLa); the clustering pass never augments.
+    # none | flip | crop | crop_flip | torchvision_crop | torchvision_crop_flip (torchvision's
+    # exact RandomResizedCrop) | odc | sela | swav | multicrop (SwAV's views of the input.crops
+    # groups; DeepCluster-v2 and SeLa); the clustering pass never augments.
     config.augment = "none"
 
     config.data = ml_collections.ConfigDict(
@@ -108,7 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     # eval_resize: the clustering / probe view is Resize(eval_resize) + CenterCrop(image_size)
-    # (0 = resize to image_size); mean / std: normalisation constants (() = the train images').
+    # (0 = resize to image_size); mean / std: normalisation constants (() = the train images');
+    # pad: black pixels added on each side of every image first (LeNet-5: 28 -> 32).
     config.input = ml_collections.ConfigDict(
         dict(
             image_size=0,
@@ -116,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
             eval_resize=0,
             mean=(),
             std=(),
+            pad=0,
             crops=(),
             vector_augment_strength=0.1,  # vectors: the strength of config.augment's mode
         )
@@ -130,7 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
             optimizer="sgd",  # sgd | lars
             learning_rate=0.05,
             momentum=0.9,
-            head_momentum=0.0,
+            head_momentum=0.0,  # None: the trunk's momentum, read when the optimisers are built
             weight_decay=1e-5,
         )
     )
@@ -161,6 +166,24 @@ def base_config() -> ml_collections.ConfigDict:
                     flip=True,
                 )
             ),
+            # "deepcluster" adds DeepCluster's eval_linear.py probes on the pooled conv layers
+            # (dcjax/evaluation/deepcluster_probe.py): 90 epochs through the frozen network, an
+            # evaluation job of its own: python -m dcjax.evaluate --config.eval.protocol=deepcluster
+            deepcluster=ml_collections.ConfigDict(
+                dict(
+                    layers=("probe1", "probe2", "probe3", "probe4", "probe5"),
+                    epochs=90,
+                    batch_size=256,
+                    test_batch_size=128,
+                    learning_rate=0.01,
+                    momentum=0.9,
+                    weight_decay=1e-7,  # eval_linear.sh's --wd -7 (the argparse default is 1e-4)
+                    resize=256,
+                    crop=224,
+                    tencrops=True,
+                    test_every_epochs=1,
+                )
+            ),
         )
     )
     config.checkpoint = ml_collections.ConfigDict(dict(keep=2))
@@ -187,6 +210,7 @@ def apply_smoke(config: ml_collections.ConfigDict, variants: set[str] = frozense
         config.eval_batch_size = 8
         config.steps_per_call = 0
         config.eval.update(train_examples=0, probe_batch_size=8, probe_epochs=1)
+        config.eval.deepcluster.update(epochs=1, batch_size=8, test_batch_size=8)
 
 
 def apply_cifar10(config: ml_collections.ConfigDict) -> None:

@@ -1,12 +1,26 @@
 """On-device image augmentation: pure functions of a PRNG key, vmapped over the batch.
 
-DeepCluster trains on RandomResizedCrop + horizontal flip and clusters on un-augmented views. The
-crop here follows torchvision's sampling (area fraction ~ U(scale), log aspect ~ U(log ratio),
-top-left corner uniform) but keeps shapes static: the box is drawn once and its sides are clipped
-to the image instead of torchvision's up-to-ten rejection retries followed by a centre-crop
-fallback. Boxes are continuous (sub-pixel), not rounded to whole pixels, and resampled bilinearly
-without antialiasing. `center_resize` uses the same resampler, so a full-image crop and the
-clustering view of an image are pixel-identical.
+DeepCluster trains on RandomResizedCrop + horizontal flip and clusters on un-augmented views.
+Two random resized crops are offered:
+
+- ``random_resized_crop`` (modes ``crop``, ``crop_flip``, ``odc``, ``sela``, ``swav``) draws
+  from torchvision's ranges (area fraction ~ U(scale), log aspect ~ U(log ratio), top-left
+  uniform) but is not torchvision's law: the box is drawn once and its sides are clipped to the
+  image instead of re-drawn, so boxes that do not fit become large stretched crops (at 28x28
+  the mean area is ~0.53 of the image against torchvision's ~0.49). Boxes are continuous
+  (sub-pixel) and resampled from the whole image bilinearly without antialiasing, so pixels
+  just outside the box enter its edge samples.
+- ``torchvision_random_resized_crop`` (modes ``torchvision_crop``, ``torchvision_crop_flip``)
+  is ``transforms.RandomResizedCrop``: integer sides rounded half to even, up to ten draws until
+  the box fits, then the centre-crop fallback, an integer top-left; the box is then resized as
+  PIL resizes the cropped image with BILINEAR (``resized_crop``: a triangle filter widened when
+  shrinking, weights renormalised at the crop border, so nothing outside the box is read).
+  Differences left: the draws come from JAX's PRNG in float32 (torch draws the area and aspect
+  in float32 too), and the pixels stay float, where PIL rounds the resized image to uint8
+  after each of its two passes (at most ~1/255 apart).
+
+``center_resize`` uses the same resampler as ``random_resized_crop``, so a full-image crop and
+the clustering view of an image are pixel-identical.
 
 Online Deep Clustering (ODC, OpenSelfSup) adds a small rotation, a strong colour jitter and random
 greyscale to the crop and flip (mode `"odc"`). The colour operations follow torchvision's tensor
@@ -35,6 +49,9 @@ __all__ = [
     "random_grayscale",
     "random_resized_crop",
     "random_rotation",
+    "resized_crop",
+    "torchvision_crop_box",
+    "torchvision_random_resized_crop",
     "gaussian_blur",
     "random_gaussian_blur",
     "rgb_to_grayscale",
@@ -42,7 +59,20 @@ __all__ = [
     "to_float",
 ]
 
-AUGMENT_MODES = ("none", "flip", "crop", "crop_flip", "odc", "sela", "swav")
+AUGMENT_MODES = (
+    "none",
+    "flip",
+    "crop",
+    "crop_flip",
+    "torchvision_crop",
+    "torchvision_crop_flip",
+    "odc",
+    "sela",
+    "swav",
+)
+
+# transforms.RandomResizedCrop: draws per image before the centre-crop fallback.
+_TORCHVISION_CROP_TRIES = 10
 
 # ODC's (OpenSelfSup) training augmentation after the crop and flip: RandomRotation(2),
 # ColorJitter(0.4, 0.4, 1.0, 0.5), RandomGrayscale(0.2).
@@ -186,6 +216,137 @@ def random_resized_crop(
     top = (height - box_h) * u_top
     left = (width - box_w) * u_left
     return _resample_box(image, out_size, top, left, box_h, box_w)
+
+
+def torchvision_crop_box(
+    draws: jax.Array,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> jax.Array:
+    """``transforms.RandomResizedCrop.get_params`` as a pure function of its uniform draws.
+
+    Try ``t`` draws the area ``H W U(scale)`` from ``draws[t, 0]`` and the aspect ratio
+    ``exp(U(log ratio))`` from ``draws[t, 1]``; the box has sides ``w = round(sqrt(area
+    aspect))``, ``h = round(sqrt(area / aspect))`` (half to even, as Python's ``round``). The
+    first try with ``0 < w <= W`` and ``0 < h <= H`` wins and takes its top-left corner
+    ``floor(draws[t, 2] (H - h + 1))``, ``floor(draws[t, 3] (W - w + 1))`` (``torch.randint``).
+    If none fits, the central box of the image's own aspect ratio clamped to ``ratio``. The
+    tries are evaluated together and the first acceptable one selected: fixed shapes, no loop.
+
+    Args:
+      draws: (T, 4) uniform draws in [0, 1), one row per try (torchvision: T = 10), float32.
+      height, width: static image size.
+      scale: area bounds as fractions of the image area; may be traced.
+      ratio: static (low, high) aspect-ratio bounds, width over height.
+
+    Returns:
+      (4,) int32 ``(top, left, h, w)``, torchvision's ``(i, j, h, w)``.
+    """
+    draws = jnp.asarray(draws, jnp.float32)
+    scale = jnp.asarray(scale, jnp.float32)
+    log_ratio = jnp.log(jnp.asarray(ratio, jnp.float32))
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * draws[:, 0])
+    aspect = jnp.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * draws[:, 1])
+    w = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+    h = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    t = jnp.argmax(fits)  # the first try that fits (0 if none does)
+    top = jnp.minimum(jnp.floor(draws[t, 2] * (height - h[t] + 1)).astype(jnp.int32), height - h[t])
+    left = jnp.minimum(jnp.floor(draws[t, 3] * (width - w[t] + 1)).astype(jnp.int32), width - w[t])
+    # The fallback, static: the whole image, its longer side cut to the nearest bound of ratio.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fall_w, fall_h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fall_w, fall_h = int(round(height * max(ratio))), height
+    else:
+        fall_w, fall_h = width, height
+    fallback = jnp.asarray(
+        [(height - fall_h) // 2, (width - fall_w) // 2, fall_h, fall_w], jnp.int32
+    )
+    return jnp.where(jnp.any(fits), jnp.stack([top, left, h[t], w[t]]), fallback)
+
+
+def _crop_weights(start: jax.Array, size: jax.Array, out: int, length: int) -> jax.Array:
+    """(out, length) weights of PIL's BILINEAR resize of pixels ``[start, start + size)`` of an
+    axis of ``length`` pixels to ``out`` pixels; zero outside the crop, rows summing to 1."""
+    scale = size.astype(jnp.float32) / out
+    filter_scale = jnp.maximum(scale, 1.0)  # widened when shrinking (antialias)
+    centre = (jnp.arange(out, dtype=jnp.float32) + 0.5) * scale  # in crop coordinates
+    pixel = jnp.arange(length) - start  # crop coordinate of every pixel of the axis
+    tap = (pixel[None, :].astype(jnp.float32) - centre[:, None] + 0.5) / filter_scale
+    weights = jnp.maximum(1.0 - jnp.abs(tap), 0.0) * ((pixel >= 0) & (pixel < size))[None, :]
+    return weights / jnp.sum(weights, axis=1, keepdims=True)
+
+
+def resized_crop(image: jax.Array, box: jax.Array, out_size: tuple[int, int]) -> jax.Array:
+    """Resizes the integer box of ``image`` to ``out_size`` as PIL's ``crop(box).resize(out_size,
+    BILINEAR)`` (torchvision's ``resized_crop`` on PIL images), in float.
+
+    Each output pixel is a triangle-filter average of the crop's pixels around its centre, the
+    filter widened by the shrink factor when the crop is larger than the output (PIL's
+    antialiasing; no effect when enlarging). Weights falling outside the crop are dropped and
+    the rest renormalised, so pixels outside the box are never read (for enlarging: the crop's
+    edge pixels are repeated). PIL rounds to uint8 after each pass, this keeps floats.
+
+    Args:
+      image: `(H, W, C)` float image.
+      box: (4,) int ``(top, left, h, w)`` inside the image (e.g. ``torchvision_crop_box``);
+        may be traced.
+      out_size: static `(out_h, out_w)`.
+
+    Returns:
+      `(out_h, out_w, C)` array with the dtype of `image`.
+
+    Raises:
+      ValueError: if `image` is not 3-D or `out_size` is not two positive ints.
+    """
+    _check_image(image)
+    out_h, out_w = _check_size(out_size)
+    box = jnp.asarray(box, jnp.int32)
+    rows = _crop_weights(box[0], box[2], out_h, image.shape[0])
+    cols = _crop_weights(box[1], box[3], out_w, image.shape[1])
+    # Full float32 products on every backend (GPUs default to TF32): small contractions.
+    out = jnp.einsum(
+        "oy,yxc,px->opc",
+        rows,
+        image.astype(jnp.float32),
+        cols,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return out.astype(image.dtype)
+
+
+def torchvision_random_resized_crop(
+    key: jax.Array,
+    image: jax.Array,
+    *,
+    out_size: tuple[int, int],
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> jax.Array:
+    """torchvision's ``RandomResizedCrop(out_size, scale, ratio)`` on a PIL image, in float:
+    ``torchvision_crop_box`` from ten tries of uniform draws, then ``resized_crop``.
+
+    Args:
+      key: PRNG key.
+      image: `(H, W, C)` float image.
+      out_size: static `(out_h, out_w)`.
+      scale: `(low, high)` bounds of the crop area as a fraction of the image area.
+      ratio: static `(low, high)` bounds of the aspect ratio, width over height.
+
+    Returns:
+      `(out_h, out_w, C)` array with the dtype of `image`.
+
+    Raises:
+      ValueError: if `image` is not 3-D or `out_size` is not two positive ints.
+    """
+    _check_image(image)
+    draws = jax.random.uniform(key, (_TORCHVISION_CROP_TRIES, 4))
+    box = torchvision_crop_box(draws, image.shape[0], image.shape[1], scale, ratio)
+    return resized_crop(image, box, out_size)
 
 
 def random_flip(key: jax.Array, image: jax.Array) -> jax.Array:
@@ -544,6 +705,25 @@ def _view_crop_flip(
     return random_flip(key_flip, _view_crop(key_crop, image, out_size, crop_scale))
 
 
+def _view_torchvision_crop(
+    key: jax.Array,
+    image: jax.Array,
+    out_size: tuple[int, int],
+    crop_scale: tuple[float, float],
+) -> jax.Array:
+    return torchvision_random_resized_crop(key, image, out_size=out_size, scale=crop_scale)
+
+
+def _view_torchvision_crop_flip(
+    key: jax.Array,
+    image: jax.Array,
+    out_size: tuple[int, int],
+    crop_scale: tuple[float, float],
+) -> jax.Array:
+    key_crop, key_flip = jax.random.split(key)
+    return random_flip(key_flip, _view_torchvision_crop(key_crop, image, out_size, crop_scale))
+
+
 def _view_odc(
     key: jax.Array,
     image: jax.Array,
@@ -587,6 +767,8 @@ _VIEW_FNS = {
     "flip": _view_flip,
     "crop": _view_crop,
     "crop_flip": _view_crop_flip,
+    "torchvision_crop": _view_torchvision_crop,
+    "torchvision_crop_flip": _view_torchvision_crop_flip,
     "odc": _view_odc,
     "sela": _view_sela,
     "swav": _view_swav,
@@ -610,7 +792,9 @@ def augment_batch(
       mode: one of `AUGMENT_MODES` (static): `"none"` resizes only (clustering pass, eval and
         the domain-agnostic setting), `"flip"` resizes and randomly mirrors, `"crop"` takes a
         random resized crop (for data a mirror would change, such as digits), `"crop_flip"` a
-        random resized crop randomly mirrored (DeepCluster's training augmentation), `"odc"`
+        random resized crop randomly mirrored (DeepCluster's training augmentation),
+        `"torchvision_crop"` / `"torchvision_crop_flip"` the same with torchvision's exact
+        box law and PIL's resampling of the crop (`torchvision_random_resized_crop`), `"odc"`
         the crop and mirror followed by a rotation within +-2 degrees, `color_jitter(0.4, 0.4,
         1.0, 0.5)` and greyscale with probability 0.2 (ODC's training augmentation), `"sela"`
         the crop, greyscale 0.2, `color_jitter(0.4, 0.4, 0.4, 0.4)` and a mirror (SeLa's

@@ -2,6 +2,10 @@
 from it by index inside jitted code, then scaled to [0, 1], resized (and for training augmented)
 and normalised there.
 
+A black border (``pad`` pixels of value 0 on each side, e.g. LeNet-5's 28 -> 32) is added to the
+[0, 1] images before anything else, so it stays black after normalisation (a pad of normalised
+0 would be the mean grey).
+
 Augmentation runs before the per-channel normalisation, as torchvision's ``ToTensor`` ->
 augment -> ``Normalize`` order: the colour operations of the ``odc``, ``sela`` and ``swav`` modes
 need [0, 1] pixels and the rotation's fill is black (0) before normalisation. Resizing, cropping
@@ -33,12 +37,14 @@ class Pipeline:
       mean, std: per-channel statistics of the training images, in [0, 1] units, (C,) tuples.
       out_size: (height, width) given to the network.
       augment: training augmentation mode, one of ``augment.AUGMENT_MODES`` (``none``,
-        ``flip``, ``crop``, ``crop_flip``, ``odc``, ``sela``, ``swav``); evaluation and the
-        clustering pass never augment.
+        ``flip``, ``crop``, ``crop_flip``, ``torchvision_crop``, ``torchvision_crop_flip``,
+        ``odc``, ``sela``, ``swav``); evaluation and the clustering pass never augment.
       crop_scale: area range of the random resized crop.
       eval_resize: the deterministic view (clustering pass, probes) resizes the shorter side to
         this and centre-crops ``out_size`` (torchvision's Resize then CenterCrop, the deep-dive
         authors' 44 -> 32); 0 resizes the whole image to ``out_size``.
+      pad: black pixels added on each side of every image before its view is taken (the
+        classic LeNet-5 input: 28x28 digits centred in 32x32).
     """
 
     mean: tuple[float, ...]
@@ -48,6 +54,14 @@ class Pipeline:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     eval_resize: int = 0
     crops: augment.Crops = ()  # augment="multicrop": (count, size, (min_area, max_area)) groups
+    pad: int = 0
+
+    def _unit(self, images: jax.Array) -> jax.Array:
+        """(B, H, W, C) uint8 -> (B, H + 2 pad, W + 2 pad, C) float32 in [0, 1], black border."""
+        x = _to_unit(images)
+        if self.pad:
+            x = jnp.pad(x, ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0)))
+        return x
 
     def _normalize(self, images: jax.Array) -> jax.Array:
         return augment.normalize(images, jnp.asarray(self.mean), jnp.asarray(self.std))
@@ -55,11 +69,11 @@ class Pipeline:
     def train_batch(self, key: jax.Array, images: jax.Array) -> jax.Array:
         """(B, H, W, C) uint8 -> (B, out_h, out_w, C) float32, augmented with ``key``.
 
-        Augments ``images / 255`` and normalises afterwards.
+        Augments ``images / 255`` (padded) and normalises afterwards.
         """
         views = augment.augment_batch(
             key,
-            _to_unit(images),
+            self._unit(images),
             mode=self.augment,
             out_size=self.out_size,
             crop_scale=self.crop_scale,
@@ -76,22 +90,22 @@ class Pipeline:
         v B + b is view v of image b), otherwise ``(train_batch(key, images),)``."""
         if not self.crops:
             return (self.train_batch(key, images),)
-        groups = augment.multicrop_batch(key, _to_unit(images), self.crops)
+        groups = augment.multicrop_batch(key, self._unit(images), self.crops)
         return tuple(self._normalize(g) for g in groups)
 
     def eval_batch(self, images: jax.Array) -> jax.Array:
         """(B, H, W, C) uint8 -> (B, out_h, out_w, C) float32, deterministic.
 
-        Resizes ``images / 255`` (and centre-crops it when ``eval_resize`` is set), then
+        Resizes ``images / 255`` (padded; centre-cropped when ``eval_resize`` is set), then
         normalises, in the same order as ``train_batch``.
         """
         if self.eval_resize:
             views = jax.vmap(
                 lambda x: augment.resize_center_crop(x, self.eval_resize, self.out_size)
-            )(_to_unit(images))
+            )(self._unit(images))
         else:
             views = augment.augment_batch(
-                jax.random.key(0), _to_unit(images), mode="none", out_size=self.out_size
+                jax.random.key(0), self._unit(images), mode="none", out_size=self.out_size
             )
         return self._normalize(views)
 
@@ -112,7 +126,8 @@ def make_image_pipeline(config: ml_collections.ConfigDict, train_images: np.ndar
     """Builds the pipeline from ``config.input`` and the training images' channel statistics.
 
     Args:
-      config: the run config; uses ``config.input.image_size`` (0 = keep the data's size),
+      config: the run config; uses ``config.input.image_size`` (0 = keep the data's size, pad
+        included), ``config.input.pad`` (black pixels added on each side first),
         ``config.augment``, ``config.input.crop_scale``, ``config.input.eval_resize`` and
         ``config.input.mean`` / ``std`` (per-channel constants; empty = the training images').
       train_images: (N, H, W, C) uint8.
@@ -125,7 +140,10 @@ def make_image_pipeline(config: ml_collections.ConfigDict, train_images: np.ndar
     mean, std = _channel_stats(train_images)
     mean = _given_or(inputs, "mean", mean, channels)
     std = _given_or(inputs, "std", std, channels)
-    size = int(inputs.image_size) or train_images.shape[1]
+    pad = inputs.get("pad", 0)
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ConfigError(f"config.input.pad={pad!r} must be an int >= 0 (pixels per side)")
+    size = int(inputs.image_size) or train_images.shape[1] + 2 * pad
     eval_resize = int(inputs.get("eval_resize", 0))
     if eval_resize and eval_resize < size:
         raise ConfigError(
@@ -145,6 +163,7 @@ def make_image_pipeline(config: ml_collections.ConfigDict, train_images: np.ndar
         crop_scale=tuple(inputs.crop_scale),
         eval_resize=eval_resize,
         crops=_crops(inputs) if mode == "multicrop" else (),
+        pad=pad,
     )
 
 

@@ -10,13 +10,17 @@ most of the data does not dominate the next epoch's gradient. The official quota
 than the quota, empty labels are skipped (commit 483391c), and the concatenation is shuffled and
 truncated to N. Because `K' * (N // K' + 1) > N` the official padding branch never fires, so it
 is absent here. The deep-dive authors' sampler keeps all `K' * q` draws (`truncate=False`).
+
+`steps_batches` cuts an epoch into full batches; `last_batch` is the partial batch it leaves,
+which PyTorch's `DataLoader` (`drop_last=False`, its default) also trains on: the deep-dive
+authors' 60,005 draws make 468 batches of 128 and one of 101.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Seed", "shuffled", "steps_batches", "uniform_over_labels"]
+__all__ = ["Seed", "last_batch", "shuffled", "steps_batches", "uniform_over_labels"]
 
 Seed = int | np.random.Generator
 
@@ -135,3 +139,29 @@ def steps_batches(indices: np.ndarray, batch_size: int) -> np.ndarray:
         raise ValueError(f"indices must be 1-D, got shape {indices.shape}.")
     num_steps = indices.size // batch_size
     return indices[: num_steps * batch_size].reshape(num_steps, batch_size)
+
+
+def last_batch(indices: np.ndarray, batch_size: int, multiple: int = 1) -> np.ndarray:
+    """The partial batch ``steps_batches`` drops, as one more step.
+
+    Args:
+      indices: `(m,)` array of example indices, any integer dtype.
+      batch_size: examples per full step, `>= 1`.
+      multiple: the partial batch is cut down to a multiple of this (the device count: a batch
+        is split evenly over the devices), `>= 1`.
+
+    Returns:
+      `(1, r)` array with the dtype of `indices`: the first `r = (m % batch_size) // multiple *
+      multiple` indices after the full batches; `(0, 0)` when `r = 0`.
+
+    Raises:
+      ValueError: if `batch_size` or `multiple` is `< 1`, or `indices` is not 1-D.
+    """
+    _check_positive(batch_size, "batch_size")
+    _check_positive(multiple, "multiple")
+    indices = np.asarray(indices)
+    if indices.ndim != 1:
+        raise ValueError(f"indices must be 1-D, got shape {indices.shape}.")
+    start = indices.size // batch_size * batch_size
+    size = (indices.size - start) // multiple * multiple
+    return indices[start : start + size].reshape(1 if size else 0, size)

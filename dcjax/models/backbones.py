@@ -65,9 +65,14 @@ class SmallCNN(nn.Module):
 class LeNet5(nn.Module):
     """LeNet-5 with batch norm, as the deep-dive paper trains it on Fashion-MNIST.
 
-    Shapes: (B, 28, 28, C) is zero-padded to 32x32 (the classic LeNet input) -> conv1 6@5x5 (28)
-    -> max-pool 2 (14) -> conv2 16@5x5 (10) -> max-pool 2 (5) -> 400 -> Linear 120 -> ReLU
-    -> Linear 84 (``"features"``). The probe layer of the paper is ``conv2`` (raw conv output).
+    Shapes: (B, 32, 32, C) (the classic LeNet input) -> conv1 6@5x5 (28) -> max-pool 2 (14)
+    -> conv2 16@5x5 (10) -> max-pool 2 (5) -> 400 -> Linear 120 -> ReLU -> Linear 84
+    (``"features"``). The probe layer of the paper is ``conv2`` (raw conv output).
+
+    The classic input is a 28x28 digit on a black 32x32 canvas. dcjax's configs pad in the
+    input pipeline, before normalisation (``config.input.pad=2``), so the frame is black. A
+    smaller input reaching the network itself is padded here with 0 in the input's own units,
+    black only for un-normalised pixels (for normalised ones, 0 is the mean grey).
     """
 
     @nn.compact

@@ -9,7 +9,7 @@ from absl import logging
 
 from dcjax.core.distributed import to_host
 from dcjax.data.bank import place_bank
-from dcjax.evaluation import deepdive_probe, scores
+from dcjax.evaluation import deepcluster_probe, deepdive_probe, scores
 from dcjax.evaluation.knn import knn_accuracy
 from dcjax.evaluation.linear_probe import linear_probe
 from dcjax.training.setup import Run, eval_layers, eval_protocol
@@ -28,7 +28,11 @@ class Evaluator:
     Without a test split the probes are scored on the train split (reported as such).
     ``eval.protocol = "deepdive"`` adds the deep-dive authors' probe on ``probe_layer``
     (``deepdive_probe_accuracy``: its last epoch; ``deepdive_probe_median5``: the median of its
-    last 5), with ``eval.deepdive``'s hyper-parameters.
+    last 5), with ``eval.deepdive``'s hyper-parameters. ``eval.protocol = "deepcluster"`` adds
+    DeepCluster's ``eval_linear.py`` probes on ``eval.deepcluster.layers`` (conv1..conv5 pooled),
+    trained on augmented views of the whole train split through the frozen network
+    (``deepcluster_top1/<layer>``, ``deepcluster_top5/<layer>``: the last epoch;
+    ``deepcluster_best_top1/<layer>``: the best epoch), with ``eval.deepcluster``'s settings.
     """
 
     def __init__(self, run: Run):
@@ -40,6 +44,17 @@ class Evaluator:
         self._deepdive = None
         if eval_protocol(run.config) == "deepdive":
             self._deepdive = deepdive_probe.DeepdiveProbeConfig(**cfg.deepdive.to_dict())
+        self._deepcluster = None
+        if eval_protocol(run.config) == "deepcluster":
+            model = run.ctx.model
+            self._deepcluster = deepcluster_probe.DeepclusterProbe(
+                lambda variables, x: model.apply(variables, x, train=False),
+                deepcluster_probe.DeepclusterProbeConfig.from_config(cfg.get("deepcluster")),
+                run.pipeline.mean,
+                run.pipeline.std,
+                run.pipeline.out_size,
+                run.mesh,
+            )
         self._mirrored = None  # the mirrored training images, placed on first use
 
     def features(self, state: TrainState, layer: str) -> np.ndarray:
@@ -98,6 +113,17 @@ class Evaluator:
         )
         if self._deepdive is not None:
             results.update(self._deepdive_figures(state, train, test, test_labels, num_classes))
+        if self._deepcluster is not None:
+            result = self._deepcluster(
+                {"params": state.params, "batch_stats": state.batch_stats},
+                run.train_images,
+                data.train_labels,
+                test_images,
+                test_labels,
+                num_classes=num_classes,
+                seed=run.config.seed,
+            )
+            results.update(result.figures())
         if int(state.cycle) > 0:
             labels = to_host(state.method.pseudo_labels)
             results["nmi_pseudo_labels"] = scores.nmi(data.train_labels, labels)

@@ -61,6 +61,11 @@ ADDED_FIELDS = {
     "input.vector_augment_strength": 0.1,
     "model.neck": [],
     "optim.optimizer": "sgd",
+    "drop_last": True,
+    "input.pad": 0,
+    "method.kmeans.kmeanspp_trials": 1,
+    "method.kmeans.stop": "inertia",
+    "method.kmeans.dtype": "float32",
 }
 
 
@@ -168,6 +173,10 @@ def train_phase(
 ) -> tuple[TrainState, dict[str, float]]:
     """``epochs_per_cycle`` epochs of the method's sampler; returns the mean step metrics.
 
+    Each epoch is cut into full batches (``sampler.steps_batches``); with
+    ``config.drop_last=False`` the partial batch left over runs as one more step (cut to a
+    multiple of the device count), as PyTorch's ``DataLoader`` does by default.
+
     ``train_steps`` is ``make_train_steps``'s function: each call runs ``config.steps_per_call``
     steps (0 = the whole epoch) on the device and returns every step's metrics, which are
     fetched once per call, checked and summed on the host; ``progress`` (a
@@ -182,10 +191,17 @@ def train_phase(
     first_step = int(state.step)  # counted on the host: reading state.step would sync
     for epoch in range(config.epochs_per_cycle):
         indices = run.method.sample(run.ctx, state, _epoch_rng(state, epoch))
-        batches = sampler.steps_batches(indices, config.batch_size)
+        blocks = _blocks(
+            sampler.steps_batches(indices, config.batch_size), config.get("steps_per_call", 0)
+        )
+        if not config.get("drop_last", True):  # the partial batch: one more step, compiled once
+            last = sampler.last_batch(indices, config.batch_size, run.mesh.devices.size)
+            if len(last):
+                blocks.append(last)
+        epoch_steps = sum(len(block) for block in blocks)
         if progress is not None:  # this epoch's length, the next ones' estimated alike
-            progress.expect(num_steps + len(batches) * (config.epochs_per_cycle - epoch))
-        for block in _blocks(batches, config.get("steps_per_call", 0)):
+            progress.expect(num_steps + epoch_steps * (config.epochs_per_cycle - epoch))
+        for block in blocks:
             block = jax.device_put(block, replicated(run.mesh))
             state, block_metrics = train_steps(state, run.train_images, block)
             block_metrics = jax.device_get(block_metrics)  # the call's one host sync

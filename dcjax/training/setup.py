@@ -17,6 +17,7 @@ from dcjax.core.mesh import make_mesh, replicated
 from dcjax.data import sources
 from dcjax.data.bank import ImageBank, place_bank
 from dcjax.data.pipeline import Pipeline, make_pipeline
+from dcjax.evaluation.deepcluster_probe import DeepclusterProbeConfig
 from dcjax.methods import Context, Method, make_method
 from dcjax.models.init import apply_init_scheme
 from dcjax.training.state import TrainState, make_optimizers
@@ -237,7 +238,7 @@ class _Plan:
     dummy: jax.ShapeDtypeStruct  # (1, H, W, C) the model's input shape
 
 
-EVAL_PROTOCOLS = ("dcjax", "deepdive")
+EVAL_PROTOCOLS = ("dcjax", "deepdive", "deepcluster")
 
 
 def eval_layers(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
@@ -262,7 +263,36 @@ def eval_protocol(config: ml_collections.ConfigDict) -> str:
             "config.eval.train_examples applies to the dcjax probes; the deep-dive protocol "
             "trains on the whole train split: set it to 0"
         )
+    if protocol == "deepcluster":
+        DeepclusterProbeConfig.from_config(config.eval.get("deepcluster"))
     return protocol
+
+
+def _check_deepcluster_protocol(config, outputs: dict, mesh: Mesh) -> None:
+    """``eval.protocol="deepcluster"``: its layers are outputs of the model and its batches
+    split over the devices.
+
+    Raises:
+      ConfigError: naming ``config.eval.protocol`` and the missing outputs (a backbone without
+        AlexNet's ``probe1``..``probe5``), or the batch field that the device count does not
+        divide.
+    """
+    probe = DeepclusterProbeConfig.from_config(config.eval.get("deepcluster"))
+    missing = [layer for layer in probe.layers if layer not in outputs]
+    if missing:
+        raise ConfigError(
+            f"config.eval.protocol='deepcluster' probes config.eval.deepcluster.layers="
+            f"{probe.layers}, but config.model.name={config.model.name!r} has no output "
+            f"{', '.join(map(repr, missing))}: DeepCluster's protocol pools conv1..conv5 of its "
+            f"AlexNet (model.name='alexnet': probe1..probe5); the model has {sorted(outputs)}"
+        )
+    devices = mesh.devices.size
+    for field in ("batch_size", "test_batch_size"):
+        if getattr(probe, field) % devices:
+            raise ConfigError(
+                f"config.eval.deepcluster.{field}={getattr(probe, field)} must be a multiple of "
+                f"the {devices} devices"
+            )
 
 
 def _model_shapes(config, model, dummy: jax.ShapeDtypeStruct):
@@ -330,7 +360,8 @@ def _plan(config: ml_collections.ConfigDict) -> _Plan:
     _check_crops(config, method.model, variables, dummy, pipeline.crops)
     _check_param_groups(variables)
     cluster_layer = config.method.get("cluster_layer", "features")
-    eval_protocol(config)
+    if eval_protocol(config) == "deepcluster":
+        _check_deepcluster_protocol(config, outputs, mesh)
     for field, layer in [("method.cluster_layer", cluster_layer), *eval_layers(config)]:
         if layer not in outputs:
             raise ConfigError(

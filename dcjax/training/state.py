@@ -16,7 +16,7 @@ import optax
 
 from dcjax.core.errors import ConfigError
 
-__all__ = ["TrainState", "learning_rate_schedule", "make_optimizers"]
+__all__ = ["TrainState", "head_momentum", "learning_rate_schedule", "make_optimizers"]
 
 PyTree = Any
 
@@ -91,6 +91,26 @@ def freeze_head_steps(optim: ml_collections.ConfigDict, steps_per_epoch: int) ->
     return int(steps) if steps else round(epochs * steps_per_epoch)
 
 
+def head_momentum(optim: ml_collections.ConfigDict) -> float:
+    """The head group's SGD momentum: ``optim.head_momentum``, or ``optim.momentum`` when it is
+    None (the head inherits the trunk's momentum, as a PyTorch param group added without its
+    own ``momentum`` does: the deep-dive authors' head). Resolved when the optimisers are built,
+    so a command-line ``--config.optim.momentum`` reaches the head too.
+
+    Raises:
+      ConfigError: naming ``config.optim.head_momentum`` when it is outside [0, 1).
+    """
+    value = optim.get("head_momentum", 0.0)
+    if value is None:
+        return optim.momentum
+    if isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ConfigError(
+            f"config.optim.head_momentum={value!r} must be in [0, 1), or None to inherit "
+            "config.optim.momentum"
+        )
+    return value
+
+
 def make_optimizers(
     config: ml_collections.ConfigDict, steps_per_epoch: int = 1
 ) -> dict[str, optax.GradientTransformation]:
@@ -99,7 +119,8 @@ def make_optimizers(
     on SGD with momentum, DeepCluster-v2's ImageNet optimiser).
 
     ``config.optim`` has ``learning_rate``, ``momentum``, ``weight_decay`` and optionally
-    ``head_momentum`` (DeepCluster v1's head has none: 0.0), the schedule fields of
+    ``head_momentum`` (DeepCluster v1's head has none: 0.0; None inherits ``momentum``, see
+    ``head_momentum``), the schedule fields of
     ``learning_rate_schedule`` and ``freeze_head_steps`` or ``freeze_head_epochs`` (one of
     them, in the unit the recipe states): the head group gets no update (and accumulates no
     momentum) during its first that many steps, or epochs of ``steps_per_epoch`` steps
@@ -109,7 +130,8 @@ def make_optimizers(
       ``{"trunk": tx, "head": tx}``.
 
     Raises:
-      ConfigError: naming the field, for a negative duration or both set.
+      ConfigError: naming the field, for a negative duration or both set, or a head momentum
+        outside [0, 1).
     """
     optim = config.optim
     learning_rate = learning_rate_schedule(config, steps_per_epoch)
@@ -130,7 +152,7 @@ def make_optimizers(
             optax.sgd(learning_rate, momentum=momentum or None),
         )
 
-    head = sgd(optim.get("head_momentum", 0.0))
+    head = sgd(head_momentum(optim))
     freeze = freeze_head_steps(optim, steps_per_epoch)
     if freeze > 0:
         head = optax.transforms.conditionally_mask(head, lambda count: count >= freeze)

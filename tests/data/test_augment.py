@@ -6,6 +6,7 @@ test.
 """
 
 import colorsys
+import math
 
 import jax
 import jax.numpy as jnp
@@ -588,6 +589,31 @@ def test_pipeline_eval_view_resizes_then_crops_and_uses_given_statistics(rng):
             make_pipeline(bad, images)
 
 
+def test_fmnist_pipeline_pads_28x28_images_black_before_normalising(key, rng):
+    """LeNet-5's 32x32 input: the fmnist config pads the [0, 1] image with 2 black pixels, so
+    the frame is -mean / std after normalisation (normalised 0 would be the mean grey)."""
+    from dcjax.data.pipeline import make_pipeline
+    from tests.helpers import load_config
+
+    images = rng.integers(1, 256, (3, 28, 28, 1), dtype=np.uint8)
+    config = load_config("deepcluster", "fmnist")
+    pipeline = make_pipeline(config, images)
+    assert (pipeline.pad, pipeline.out_size) == (2, (32, 32))
+    black = -pipeline.mean[0] / pipeline.std[0]
+    frame = np.ones((32, 32), bool)
+    frame[2:30, 2:30] = False
+    evals = np.asarray(jax.jit(pipeline.eval_batch)(jnp.asarray(images)))[..., 0]
+    trains = np.asarray(jax.jit(pipeline.train_batch)(key, jnp.asarray(images)))[..., 0]
+    for views in (evals, trains):  # augment="flip": the frame stays where it is
+        np.testing.assert_allclose(views[:, frame], black, rtol=1e-6)
+    inside = (images[..., 0] / 255.0 - pipeline.mean[0]) / pipeline.std[0]
+    np.testing.assert_allclose(evals[:, 2:30, 2:30], inside, atol=1e-5)
+    bad = config.copy_and_resolve_references()
+    bad.input.pad = -1
+    with pytest.raises(ValueError, match="config.input.pad"):
+        make_pipeline(bad, images)
+
+
 # ---------------------------------------------------------------------------------------------
 # multi-crop
 
@@ -610,3 +636,118 @@ def test_multicrop_groups_are_the_per_view_crops_view_major(key, rng):
     swav = multicrop(key, unit, crops)  # SwAV's views: colour and blur on top, in [0, 1]
     assert [g.shape for g in swav] == [large.shape, small.shape]
     assert all(float(g.min()) >= 0.0 and float(g.max()) <= 1.0 + 1e-6 for g in swav)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision's RandomResizedCrop (mode "torchvision_crop")
+
+_tv_boxes = jax.jit(
+    jax.vmap(augment.torchvision_crop_box, in_axes=(0, None, None, None, None)),
+    static_argnums=(1, 2, 4),
+)
+_resized_crop = jax.jit(augment.resized_crop, static_argnames=("out_size",))
+
+
+def _torchvision_box_reference(draws, height, width, scale, ratio):
+    """``RandomResizedCrop.get_params`` line by line in float64, its random calls replaced by
+    ``draws`` (T, 4): returns ``((i, j, h, w), near_tie)``, ``near_tie`` when a rounding or
+    flooring it took was within 1e-4 of its boundary (where float32 may decide otherwise)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    near_tie = False
+    for u in np.asarray(draws, np.float64):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect_ratio = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        sides = (math.sqrt(target_area * aspect_ratio), math.sqrt(target_area / aspect_ratio))
+        near_tie |= any(abs(s % 1 - 0.5) < 1e-4 for s in sides)
+        w, h = (int(round(s)) for s in sides)
+        if 0 < w <= width and 0 < h <= height:
+            spans = (u[2] * (height - h + 1), u[3] * (width - w + 1))  # torch.randint
+            near_tie |= any(min(s % 1, 1 - s % 1) < 1e-4 for s in spans)
+            return (int(spans[0]), int(spans[1]), h, w), near_tie
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w = width
+        h = height
+    return ((height - h) // 2, (width - w) // 2, h, w), near_tie
+
+
+@pytest.mark.parametrize(
+    "height, width, scale, ratio",
+    [
+        (28, 28, (0.08, 1.0), (3 / 4, 4 / 3)),  # the deep-dive code: ~11 % of tries re-drawn
+        (20, 36, (0.6, 1.0), (0.5, 2.0)),  # many re-draws, some all-fail (whole-image fallback)
+        (20, 36, (0.9, 1.0), (2.5, 3.0)),  # never fits: fallback with the height cut
+        (36, 20, (0.9, 1.0), (2.5, 3.0)),  # never fits: fallback with the width cut
+    ],
+)
+def test_torchvision_crop_box_follows_torchvision_line_by_line(rng, height, width, scale, ratio):
+    draws = rng.uniform(size=(3000, 10, 4)).astype(np.float32)
+    boxes = np.asarray(_tv_boxes(jnp.asarray(draws), height, width, scale, ratio))
+    reference = [_torchvision_box_reference(d, height, width, scale, ratio) for d in draws]
+    expected = np.array([box for box, _ in reference])
+    exact = ~np.array([tie for _, tie in reference])
+    assert exact.mean() > 0.99
+    np.testing.assert_array_equal(boxes[exact], expected[exact])
+    top, left, h, w = boxes.T
+    assert np.all((h >= 1) & (w >= 1) & (top >= 0) & (left >= 0))
+    assert np.all((top + h <= height) & (left + w <= width))
+
+
+def test_torchvision_crop_box_law_at_28x28(key):
+    # 2,000,000 draws of the float64 reference: mean area 0.4921, P(area > 0.75) 0.1816,
+    # P(area < 0.3) 0.2638 (the clipped "crop" mode: 0.534, 0.272, 0.239). Bounds: 4 standard
+    # errors of 20,000 draws. A re-draw happens in 11 % of tries, so ten failures (the
+    # fallback) in ~1e-10 of images; the fallback is tested with the line-by-line reference.
+    draws = jax.random.uniform(key, (20_000, 10, 4))
+    boxes = np.asarray(_tv_boxes(draws, 28, 28, (0.08, 1.0), (3 / 4, 4 / 3)))
+    area = boxes[:, 2] * boxes[:, 3] / 784
+    assert abs(area.mean() - 0.4921) < 0.007
+    assert abs((area > 0.75).mean() - 0.1816) < 0.011
+    assert abs((area < 0.3).mean() - 0.2638) < 0.012
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (40, 36)])
+def test_resized_crop_matches_pil_crop_then_bilinear_resize(rng, shape):
+    """torchvision's PIL path: ``img.crop(box).resize((32, 32), BILINEAR)``. 28x28 crops are
+    always enlarged (no antialiasing); crops of 40x36 up to 40 are shrunk (PIL widens its
+    triangle filter by the factor)."""
+    from PIL import Image
+
+    for _ in range(20):
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        h, w = int(rng.integers(1, shape[0] + 1)), int(rng.integers(1, shape[1] + 1))
+        top, left = int(rng.integers(0, shape[0] - h + 1)), int(rng.integers(0, shape[1] - w + 1))
+        ours = _resized_crop(
+            jnp.asarray(image[..., None], jnp.float32), jnp.array([top, left, h, w]), (32, 32)
+        )
+        ours = np.asarray(ours)[..., 0]
+        box = (left, top, left + w, top + h)
+        # PIL in float mode ("F") keeps floats: the same weights, only arithmetic order differs.
+        as_float = Image.fromarray(image.astype(np.float32)).crop(box).resize((32, 32), 2)
+        np.testing.assert_allclose(ours, np.asarray(as_float), atol=2e-3)
+        # uint8 images: PIL rounds to uint8 after its horizontal and its vertical pass.
+        as_uint8 = Image.fromarray(image).crop(box).resize((32, 32), Image.BILINEAR)
+        assert np.abs(ours - np.asarray(as_uint8, np.float64)).max() <= 1.0 + 1e-3
+
+
+def test_resized_crop_never_reads_outside_the_box(rng):
+    image = np.full((28, 28, 1), 1e6, np.float32)
+    image[5:12, 9:25] = rng.uniform(size=(7, 16, 1))
+    out = np.asarray(_resized_crop(jnp.asarray(image), jnp.array([5, 9, 7, 16]), (32, 32)))
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_augment_batch_torchvision_crop_is_each_images_box(key, rng):
+    images = jnp.asarray(rng.uniform(size=(3, 28, 28, 1)), jnp.float32)
+    out = _batch(key, images, mode="torchvision_crop", out_size=(32, 32))
+    for b, image_key in enumerate(jax.random.split(key, 3)):
+        draws = jax.random.uniform(image_key, (10, 4))
+        box = augment.torchvision_crop_box(draws, 28, 28)
+        np.testing.assert_allclose(out[b], _resized_crop(images[b], box, (32, 32)), atol=1e-6)

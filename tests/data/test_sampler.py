@@ -173,9 +173,24 @@ def test_steps_batches_drops_remainder(num_indices, batch_size):
     np.testing.assert_array_equal(out.ravel(), indices[: num_steps * batch_size])
 
 
+@pytest.mark.parametrize(
+    ("num_indices", "batch_size", "multiple", "size"),
+    [(60_005, 128, 1, 101), (60_005, 128, 8, 96), (37, 5, 1, 2), (40, 8, 1, 0), (3, 5, 2, 2)],
+)
+def test_last_batch_is_the_remainder_steps_batches_drops(num_indices, batch_size, multiple, size):
+    # 60,005: the deep-dive authors' epoch, whose DataLoader ends with a batch of 101.
+    indices = np.arange(num_indices, dtype=np.int32)[::-1]
+    full = sampler.steps_batches(indices, batch_size)
+    last = sampler.last_batch(indices, batch_size, multiple)
+    assert last.shape == ((1, size) if size else (0, 0)) and last.dtype == np.int32
+    np.testing.assert_array_equal(last.ravel(), indices[full.size : full.size + size])
+
+
 def test_steps_batches_rejects_bad_arguments():
     with pytest.raises(ValueError, match="batch_size"):
         sampler.steps_batches(np.arange(10), 0)
+    with pytest.raises(ValueError, match="multiple"):
+        sampler.last_batch(np.arange(10), 3, 0)
     with pytest.raises(ValueError, match="indices"):
         sampler.steps_batches(np.zeros((2, 5), np.int32), 2)
 

@@ -165,15 +165,23 @@ def test_deepdive_code_variant_sets_exactly_the_authors_code_fields():
     assert changed == {
         "input.image_size": 32,
         "input.eval_resize": 44,
+        "input.pad": 0,
         "input.mean": (0.2860,),
         "input.std": (0.3205,),
-        "augment": "crop",
+        "augment": "torchvision_crop",
         "model.init": "deepcluster",
         "method.kmeans.init": "kmeans++",
+        "method.kmeans.kmeanspp_trials": 0,
+        "method.kmeans.stop": "sklearn",
+        "method.kmeans.tol": 1e-4,
+        "method.kmeans.empty_clusters": "relocate",
+        "method.kmeans.dtype": "float64",
         "method.truncate_epoch": False,
-        "optim.head_momentum": 0.1,
+        "drop_last": False,
+        "optim.head_momentum": None,
     }
-    assert kmeans_config(load_config("deepcluster", "fmnist,deepdive_code")).init == "kmeans++"
+    settings = kmeans_config(load_config("deepcluster", "fmnist,deepdive_code"))
+    assert (settings.init, settings.kmeanspp_trials, settings.stop) == ("kmeans++", 0, "sklearn")
     with pytest.raises(ValueError, match="modifies fmnist"):
         load_config("deepcluster", "deepdive_code")
 

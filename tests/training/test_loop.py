@@ -16,6 +16,7 @@ from dcjax.evaluate import evaluate_workdir
 from dcjax.training import checkpoint, loop
 from dcjax.training.metrics import read_jsonl
 from dcjax.training.setup import build_run, fresh_initial_state
+from dcjax.training.step import make_train_steps
 from tests.helpers import (
     CIFAR_SKIP_REASON,
     cifar_zip,
@@ -153,6 +154,47 @@ def test_a_field_added_since_the_run_started_resumes_only_at_its_off_value(tmp_p
     config.model.neck = (8, 4)
     with pytest.raises(ValueError, match=r"fields \['model.neck'\]"):
         loop.check_workdir_config(config, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "field, changed",
+    [
+        ("drop_last", False),
+        ("input.pad", 2),
+        ("method.kmeans.kmeanspp_trials", 0),
+        ("method.kmeans.stop", "sklearn"),
+        ("method.kmeans.dtype", "float64"),
+    ],
+)
+def test_runs_from_before_the_deepdive_parity_fields_resume(tmp_path, field, changed):
+    # Runs started before these fields existed had their ADDED_FIELDS values: they resume
+    # under the default configs, not under one that changes the field.
+    config = load_config("deepcluster", "smoke")
+    loop.check_workdir_config(config, str(tmp_path))
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    *parents, name = field.split(".")
+    parent = saved
+    for part in parents:
+        parent = parent[part]
+    del parent[name]
+    path.write_text(json.dumps(saved))
+    loop.check_workdir_config(config, str(tmp_path), write=False)
+    config.update_from_flattened_dict({field: changed})
+    with pytest.raises(ValueError, match=rf"fields \['{field}'\]"):
+        loop.check_workdir_config(config, str(tmp_path))
+
+
+def test_drop_last_false_trains_the_partial_batch_as_one_more_step():
+    # 256 examples in batches of 24: 10 full steps and 16 left, 2 per simulated device.
+    config = load_config("deepcluster", "smoke")
+    config.update(batch_size=24, drop_last=False)
+    run = build_run(config)
+    train_steps = make_train_steps(
+        run.ctx.model, run.ctx.optimizers, run.method, run.pipeline, run.mesh, run.state_sharding
+    )
+    state, stats = loop.train_phase(run, run.initial_state, train_steps)
+    assert int(state.step) == 256 // 24 + 1 and np.isfinite(stats["train/loss"])
 
 
 def test_random_init_is_evaluated_first_kept_in_the_workdir_and_dropped(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """The learning-rate schedules and the LARS option of make_optimizers, against NumPy."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -46,3 +47,50 @@ def test_lars_update_is_the_trust_ratio_times_sgd(rng):
     expected_w = -lr * trust * np.linalg.norm(params["w"]) / np.linalg.norm(g) * g
     np.testing.assert_allclose(np.asarray(updates["w"]), expected_w, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(updates["b"]), -lr * grads["b"], rtol=1e-5)
+
+
+def _command_line_config(*args: str):
+    """The config ``python -m dcjax.main --config ... <args>`` would run (its flag parser)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from tests.helpers import REPO
+
+    argv = ["dcjax.main", f"--config={REPO}/configs/{args[0]}", *args[1:]]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    return flag_values.config
+
+
+def _two_head_updates(config):
+    """The head group's optax state and second update after two steps of gradient g."""
+    head = make_optimizers(config)["head"]
+    params = {"w": jnp.zeros(3)}
+    grad = {"w": jnp.asarray([1.0, -2.0, 0.5])}
+    state = head.init(params)
+    _, state = head.update(grad, state, params)
+    update, state = head.update(grad, state, params)
+    return state, update, grad["w"]
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5])
+def test_deepdive_head_inherits_a_command_line_momentum(momentum):
+    # The authors' head param group has no momentum of its own: it takes the optimiser's. A
+    # --config.optim.momentum override must therefore reach the head, not only the trunk.
+    config = _command_line_config(
+        "deepcluster.py:fmnist,deepdive_code", f"--config.optim.momentum={momentum}"
+    )
+    assert config.optim.head_momentum is None
+    config.optim.weight_decay = 0.0
+    state, update, grad = _two_head_updates(config)
+    # PyTorch's buffer after two steps of the same gradient: (1 + momentum) g.
+    trace = jax.tree.leaves(state[1])[0]
+    np.testing.assert_allclose(trace, (1 + momentum) * grad, rtol=1e-6)
+    lr = config.optim.learning_rate
+    np.testing.assert_allclose(update["w"], -lr * (1 + momentum) * grad, rtol=1e-6)
+
+
+def test_head_momentum_is_checked_when_the_optimisers_are_built():
+    with pytest.raises(ConfigError, match="config.optim.head_momentum=1.0 must be in"):
+        make_optimizers(_config(head_momentum=1.0))

@@ -1,0 +1,535 @@
+"""DeepCluster's linear evaluation of frozen conv layers (``eval.protocol = "deepcluster"``).
+
+What the official ``eval_linear.py`` / ``eval_linear.sh`` / ``util.py`` do (facebookresearch/
+deepcluster 2d1927e), the protocol behind the paper's Table 1 (ImageNet linear, conv1..conv5):
+
+- the trunk is frozen and kept in eval mode while the probe trains (batch-norm running
+  statistics, no dropout); the layer probed is the output of the k-th ReLU (conv -> BN -> ReLU,
+  before the max-pool), behind the fixed Sobel front end;
+- an average pool with the padding counted in the mean brings each layer to about 9,000 values
+  (AlexNet at 224 px: 9600, 9216, 9600, 9600, 9216; ``probe1``..``probe5`` of
+  ``dcjax.models.imagenet_nets.AlexNet``), flattened into one ``Linear(d, classes)``: no batch
+  norm, PyTorch's default initialisation U(-1/sqrt(d), 1/sqrt(d)) for weight and bias;
+- PyTorch SGD, momentum 0.9, weight decay coupled into the gradient (kernel and bias), and at
+  global step t the rate ``lr0 / sqrt(1 + lr0 * wd * t)``; lr0 = 0.01 and wd = 1e-7
+  (``eval_linear.sh``: ``--lr 0.01 --wd -7``; the argparse default would be 1e-4); batch 256 in
+  a fresh order each epoch, the last batch partial; 90 epochs; mean cross-entropy;
+- training view: Resize(256), CenterCrop(256), RandomCrop(224) (integer offsets 0..32),
+  horizontal flip with probability 1/2, ImageNet's normalisation;
+- test view (``--tencrops``): Resize(256) + TenCrop(224), the softmax of the ten crops' logits
+  averaged before top-1 / top-5; the test loss is the centre crop's (crop index 4). Without
+  ten crops: Resize(256) + CenterCrop(224), the logits scored directly;
+- after every epoch top-1 and top-5 over the whole validation set (each image counts once);
+  the code logs every epoch and keeps the best top-1 (``best_prec1``).
+
+The official code trains one layer per run (``--conv k``); here the probes of every layer in
+``config.layers`` train in one pass on the same batches. Their parameters, gradients and
+optimiser states are disjoint, so each follows the update of its own run; only the random
+batches are shared.
+
+Crops from dcjax's image banks: the banks hold each image fitted to an S x S square (shorter side
+S, centre crop; ImageNet at S = 224), which is the official Resize(256) + CenterCrop(256) square
+scaled by S / 256. A crop of 224 at integer offset (i, j) of that square is therefore the box of
+side 224 S / 256 at (i S / 256, j S / 256) of the bank image, bilinearly resampled to the network's
+S x S input (as the rest of dcjax: no antialiasing; PIL's resampling of the full JPEG differs by
+the rounding and the interpolation only). The training crops and the centre crop are the
+official ones. The four corner crops of ``TenCrop`` are those of the 256 x 256 centre square, not
+of the whole resized image: for an image that is not square, the official corners lie further
+out along its longer side; the bank does not keep those pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from dcjax.core.errors import ConfigError
+from dcjax.core.mesh import data_sharded, replicated
+from dcjax.data import augment
+from dcjax.data.bank import ImageBank
+
+__all__ = [
+    "CENTRE_VIEW",
+    "DEFAULT_LAYERS",
+    "DeepclusterProbe",
+    "DeepclusterProbeConfig",
+    "DeepclusterProbeResult",
+    "crop_view",
+    "five_crop_offsets",
+    "initial_params",
+    "learning_rate",
+    "probe_logits",
+    "probe_loss",
+    "sgd_update",
+    "test_views",
+    "train_view",
+    "view_scores",
+]
+
+DEFAULT_LAYERS = ("probe1", "probe2", "probe3", "probe4", "probe5")
+# The view whose loss the official code reports with ten crops: ``ncrops / 2 - 1`` (Python 2's
+# integer division), the unflipped centre crop of TenCrop's (tl, tr, bl, br, centre) x (as is,
+# mirrored) order.
+CENTRE_VIEW = 4
+_TOP_K = 5
+
+Params = dict[str, dict[str, jax.Array]]  # layer -> {"kernel": (d, c), "bias": (c,)}
+ApplyFn = Callable[[dict, jax.Array], Mapping[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepclusterProbeConfig:
+    """The protocol's settings (``config.eval.deepcluster``), the official values by default.
+
+    Attributes:
+      layers: the model outputs probed, one linear layer each (AlexNet's pooled ``probe<k>``).
+      epochs, batch_size, learning_rate, momentum, weight_decay: the SGD run.
+      test_batch_size: images per test batch (each gives 10 network inputs with ten crops);
+        memory only, the figures do not depend on it.
+      resize, crop: Resize(resize) then crops of crop x crop, in the official pixel units.
+      tencrops: TenCrop at test time (``eval_linear.sh``), else the centre crop.
+      test_every_epochs: score the test split after every this many epochs (the official code:
+        1) and after the last.
+
+    Raises:
+      ConfigError: naming the ``config.eval.deepcluster`` field that is out of range.
+    """
+
+    layers: tuple[str, ...] = DEFAULT_LAYERS
+    epochs: int = 90
+    batch_size: int = 256
+    test_batch_size: int = 128
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-7
+    resize: int = 256
+    crop: int = 224
+    tencrops: bool = True
+    test_every_epochs: int = 1
+
+    def __post_init__(self):
+        layers = (self.layers,) if isinstance(self.layers, str) else self.layers
+        object.__setattr__(self, "layers", tuple(str(x) for x in layers))
+        ints = ("epochs", "batch_size", "test_batch_size", "resize", "crop", "test_every_epochs")
+        for name in ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ConfigError(f"config.eval.deepcluster.{name}={value!r} must be an int >= 1")
+        if not self.layers:
+            raise ConfigError("config.eval.deepcluster.layers must name at least one layer")
+        if not self.resize >= self.crop:
+            raise ConfigError(
+                f"config.eval.deepcluster.resize={self.resize} must be >= crop={self.crop}"
+            )
+        if not self.learning_rate > 0:
+            raise ConfigError(
+                f"config.eval.deepcluster.learning_rate={self.learning_rate} must be > 0"
+            )
+        if not (0 <= self.momentum < 1 and self.weight_decay >= 0):
+            raise ConfigError(
+                "config.eval.deepcluster: momentum must be in [0, 1) and weight_decay >= 0, "
+                f"got {self.momentum} and {self.weight_decay}"
+            )
+
+    @classmethod
+    def from_config(cls, fields: Mapping | None) -> DeepclusterProbeConfig:
+        """From ``config.eval.deepcluster`` (a ConfigDict or dict; missing fields default)."""
+        fields = dict(fields.to_dict() if hasattr(fields, "to_dict") else fields or {})
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"config.eval.deepcluster has unknown fields {unknown}")
+        return cls(**fields)
+
+
+class DeepclusterProbeResult(NamedTuple):
+    """Scores per tested epoch, as fractions in [0, 1].
+
+    Attributes:
+      epochs: (T,) the 1-based epochs after which the test split was scored.
+      top1, top5, test_loss: layer -> (T,) top-1, top-5 (top-min(5, classes)) and the mean
+        cross-entropy of the centre view.
+      train_loss: layer -> (E,) the mean training cross-entropy of each epoch.
+    """
+
+    epochs: np.ndarray
+    top1: dict[str, np.ndarray]
+    top5: dict[str, np.ndarray]
+    test_loss: dict[str, np.ndarray]
+    train_loss: dict[str, np.ndarray]
+
+    def figures(self) -> dict[str, float]:
+        """``deepcluster_top1/<layer>`` and ``deepcluster_top5/<layer>`` (the last epoch), and
+        ``deepcluster_best_top1/<layer>`` (the best tested epoch, the official ``best_prec1``)."""
+        out = {}
+        for layer in self.top1:
+            out[f"deepcluster_top1/{layer}"] = float(self.top1[layer][-1])
+            out[f"deepcluster_top5/{layer}"] = float(self.top5[layer][-1])
+            out[f"deepcluster_best_top1/{layer}"] = float(np.max(self.top1[layer]))
+        return out
+
+
+# ----------------------------------------------------------------------------- the linear probes
+
+
+def initial_params(seed: int, dims: Mapping[str, int], num_classes: int) -> dict:
+    """PyTorch's ``nn.Linear`` default per layer: kernel (d, c) and bias (c,) ~ U(+-1/sqrt(d)).
+
+    Args:
+      seed: the run's seed; layer i draws from ``default_rng([seed, 2, i])``.
+      dims: layer -> d, its flattened width.
+      num_classes: c.
+    """
+    params = {}
+    for i, (layer, dim) in enumerate(dims.items()):
+        rng = np.random.default_rng([seed, 2, i])
+        bound = 1.0 / np.sqrt(dim)
+        params[layer] = {
+            "kernel": rng.uniform(-bound, bound, (dim, num_classes)).astype(np.float32),
+            "bias": rng.uniform(-bound, bound, (num_classes,)).astype(np.float32),
+        }
+    return params
+
+
+def learning_rate(lr0: float, weight_decay: float, step: jax.Array) -> jax.Array:
+    """``util.learning_rate_decay``: ``lr0 / sqrt(1 + lr0 * wd * t)`` at global step t (from 0)."""
+    return lr0 / jnp.sqrt(1.0 + lr0 * weight_decay * jnp.asarray(step, jnp.float32))
+
+
+def probe_logits(params: Params, features: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """layer -> (B, c) logits of the flattened (B, ...) features of each probed layer."""
+    return {
+        layer: features[layer].reshape(features[layer].shape[0], -1) @ p["kernel"] + p["bias"]
+        for layer, p in params.items()
+    }
+
+
+def probe_loss(
+    params: Params, features: Mapping[str, jax.Array], labels: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(sum over layers, layer -> loss): each layer's mean cross-entropy over the real rows.
+
+    The layers share no parameter, so the gradient of the sum is each layer's own gradient.
+
+    Args:
+      params: layer -> {"kernel": (d, c), "bias": (c,)}.
+      features: layer -> (B, ...) frozen features.
+      labels: (B,) ints in [0, c).
+      mask: (B,) bool, the real rows (False: padding of the epoch's last, partial batch).
+    """
+    weights = mask.astype(jnp.float32)
+    losses = {
+        layer: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, labels) * weights)
+        / jnp.maximum(jnp.sum(weights), 1.0)
+        for layer, z in probe_logits(params, features).items()
+    }
+    return sum(losses.values()), losses
+
+
+def sgd_update(params, momentum_buffer, grads, lr, *, momentum: float, weight_decay: float):
+    """One ``torch.optim.SGD`` step (dampening 0, no Nesterov): ``g += wd * p``,
+    ``buf = momentum * buf + g`` (the first step's buffer is g: start from zeros),
+    ``p -= lr * buf``.
+
+    Returns:
+      (new params, new momentum buffer), pytrees like ``params``.
+    """
+    grads = jax.tree.map(lambda g, w: g + weight_decay * w, grads, params)
+    momentum_buffer = jax.tree.map(lambda b, g: momentum * b + g, momentum_buffer, grads)
+    params = jax.tree.map(lambda w, b: w - lr * b, params, momentum_buffer)
+    return params, momentum_buffer
+
+
+def view_scores(logits: jax.Array, labels: jax.Array, k: int = _TOP_K):
+    """Scores of (B, V, c) logits of V views per image, as the official ``validate``.
+
+    V = 10 (ten crops): the views' softmax probabilities are averaged and ranked, the loss is the
+    centre view's (``CENTRE_VIEW``); V = 1: the logits are ranked and give the loss.
+
+    Returns:
+      (top-1 hits (B,) bool, top-min(k, c) hits (B,) bool, cross-entropy (B,) float32).
+    """
+    if logits.shape[1] == 1:
+        scores, centre = logits[:, 0], logits[:, 0]
+    else:
+        scores = jax.nn.softmax(logits, axis=-1).mean(axis=1)
+        centre = logits[:, CENTRE_VIEW]
+    target = jnp.take_along_axis(scores, labels[:, None], axis=1)
+    # The label's place in a stable descending sort (ties go to the lower class index); a
+    # non-finite score never hits.
+    before = jnp.arange(scores.shape[1])[None, :] < labels[:, None]
+    rank = jnp.sum((scores > target) | ((scores == target) & before), axis=1)
+    rank = jnp.where(jnp.isfinite(target[:, 0]), rank, scores.shape[1])
+    loss = optax.softmax_cross_entropy_with_integer_labels(centre, labels)
+    return rank < 1, rank < min(k, logits.shape[-1]), loss
+
+
+# ------------------------------------------------------------------------------------ the views
+
+
+def five_crop_offsets(resize: int, crop: int) -> tuple[tuple[int, int], ...]:
+    """(top, left) of torchvision's ``FiveCrop(crop)`` on a resize x resize square, in its order
+    (top-left, top-right, bottom-left, bottom-right, centre); the centre rounds as
+    ``CenterCrop``."""
+    far = resize - crop
+    centre = int(round(far / 2.0))
+    return ((0, 0), (0, far), (far, 0), (far, far), (centre, centre))
+
+
+def crop_view(
+    image: jax.Array, top: jax.Array, left: jax.Array, resize: int, crop: int, out_size
+) -> jax.Array:
+    """The crop x crop box at (top, left) of the official resize x resize square, from a bank
+    image: (H, W, C) float -> (out_h, out_w, C).
+
+    The square is the image's centred min(H, W) square; offsets are in the square's official
+    pixel units (scaled by min(H, W) / resize here), and the box is resampled bilinearly.
+    """
+    height, width = image.shape[0], image.shape[1]
+    side = min(height, width)
+    unit = side / resize
+    box = crop * unit
+    y0 = (height - side) / 2 + jnp.asarray(top, jnp.float32) * unit
+    x0 = (width - side) / 2 + jnp.asarray(left, jnp.float32) * unit
+    out_h, out_w = out_size
+    scale = jnp.asarray([out_h / box, out_w / box], jnp.float32)
+    return jax.image.scale_and_translate(
+        image,
+        (out_h, out_w, image.shape[2]),
+        spatial_dims=(0, 1),
+        scale=scale,
+        translation=-jnp.stack([y0, x0]) * scale,
+        method="linear",
+        antialias=False,
+    )
+
+
+def train_view(
+    key: jax.Array, image: jax.Array, config: DeepclusterProbeConfig, out_size
+) -> jax.Array:
+    """RandomCrop(crop) of the resize square at integer offsets, then a mirror w.p. 1/2."""
+    key_offsets, key_flip = jax.random.split(key)
+    top, left = jax.random.randint(key_offsets, (2,), 0, config.resize - config.crop + 1)
+    view = crop_view(image, top, left, config.resize, config.crop, out_size)
+    return augment.random_flip(key_flip, view)
+
+
+def test_views(image: jax.Array, config: DeepclusterProbeConfig, out_size) -> jax.Array:
+    """(V, out_h, out_w, C): TenCrop's ten views (V = 10), or the centre crop (V = 1).
+
+    TenCrop: the five crops of the image, then the five crops of the mirrored image.
+    """
+    offsets = five_crop_offsets(config.resize, config.crop)
+    if not config.tencrops:
+        offsets, sources = offsets[-1:], (image,)
+    else:
+        sources = (image, image[:, ::-1])
+    views = [
+        crop_view(source, top, left, config.resize, config.crop, out_size)
+        for source in sources
+        for top, left in offsets
+    ]
+    return jnp.stack(views)
+
+
+# --------------------------------------------------------------------------------- the training
+
+
+class _Batches(NamedTuple):
+    """One epoch's steps: (S, B) indices, labels and the real-row mask, (S,) global steps."""
+
+    indices: np.ndarray
+    labels: np.ndarray
+    mask: np.ndarray
+    steps: np.ndarray
+
+
+def _epoch_batches(rng, labels: np.ndarray, batch_size: int, first_step: int) -> _Batches:
+    """A fresh permutation cut into ceil(N / B) batches, the last one padded (mask False)."""
+    n = len(labels)
+    num_steps = -(-n // batch_size)
+    indices = np.zeros(num_steps * batch_size, np.int32)
+    indices[:n] = rng.permutation(n)
+    mask = np.arange(num_steps * batch_size) < n
+    shape = (num_steps, batch_size)
+    return _Batches(
+        indices.reshape(shape),
+        labels[indices].astype(np.int32).reshape(shape),
+        mask.reshape(shape),
+        np.arange(first_step, first_step + num_steps, dtype=np.int32),
+    )
+
+
+class DeepclusterProbe:
+    """The protocol for one model and input view, its two programs compiled once.
+
+    Args:
+      apply_fn: ``(variables, x) -> {layer: ...}``, the model in eval mode on (B, H, W, C)
+        normalised float inputs.
+      config: the protocol's settings.
+      mean, std: (C,) the normalisation, in [0, 1] units.
+      out_size: (h, w) of the network's input.
+      mesh: the 1-D data mesh the image banks are spread over.
+    """
+
+    def __init__(
+        self, apply_fn: ApplyFn, config: DeepclusterProbeConfig, mean, std, out_size, mesh: Mesh
+    ):
+        self.config = config
+        self._out_size = tuple(int(s) for s in out_size)
+        self._mean = jnp.asarray(mean, jnp.float32)
+        self._std = jnp.asarray(std, jnp.float32)
+        self._apply_fn = apply_fn
+        rep, shard = replicated(mesh), data_sharded(mesh)
+        self._train_epoch = jax.jit(
+            self._train_epoch_fn,
+            in_shardings=(rep, rep, rep, shard, rep, rep),
+            out_shardings=rep,
+            donate_argnums=(0,),
+        )
+        self._test = jax.jit(
+            self._test_fn, in_shardings=(rep, rep, shard, rep, rep), out_shardings=rep
+        )
+
+    def _features(self, variables, views: jax.Array) -> dict[str, jax.Array]:
+        """layer -> (B, d) frozen features of normalised views of [0, 1] pixels."""
+        out = self._apply_fn(variables, augment.normalize(views, self._mean, self._std))
+        return {
+            layer: jax.lax.stop_gradient(out[layer]).reshape(views.shape[0], -1)
+            for layer in self.config.layers
+        }
+
+    def _train_epoch_fn(self, carry, variables, key, bank: ImageBank, batches, lr0_wd):
+        """((params, buffer), (S, L) losses): one epoch, a ``lax.scan`` over its steps."""
+        cfg, out_size = self.config, self._out_size
+        lr0, wd = lr0_wd
+
+        def step(carry, batch):
+            params, buffer = carry
+            indices, labels, mask, t = batch
+            images = bank.gather(indices).astype(jnp.float32) / 255.0
+            keys = jax.random.split(jax.random.fold_in(key, t), images.shape[0])
+            views = jax.vmap(lambda k, x: train_view(k, x, cfg, out_size))(keys, images)
+            features = self._features(variables, views)
+            grads, losses = jax.grad(probe_loss, has_aux=True)(params, features, labels, mask)
+            params, buffer = sgd_update(
+                params,
+                buffer,
+                grads,
+                learning_rate(lr0, wd, t),
+                momentum=cfg.momentum,
+                weight_decay=wd,
+            )
+            return (params, buffer), jnp.stack([losses[x] for x in cfg.layers])
+
+        return jax.lax.scan(step, carry, batches)
+
+    def _test_fn(self, params, variables, bank: ImageBank, indices, labels):
+        """(top-1, top-k, loss) each (L, M'): every test image of the (T, b) batches."""
+        cfg, out_size = self.config, self._out_size
+
+        def batch(inputs):
+            idx, y = inputs
+            images = bank.gather(idx).astype(jnp.float32) / 255.0
+            views = jax.vmap(lambda x: test_views(x, cfg, out_size))(images)
+            b, v = views.shape[:2]
+            features = self._features(variables, views.reshape(b * v, *views.shape[2:]))
+            logits = probe_logits(params, features)
+            scores = [view_scores(logits[x].reshape(b, v, -1), y) for x in cfg.layers]
+            return tuple(jnp.stack(s) for s in zip(*scores, strict=True))
+
+        out = jax.lax.map(batch, (indices, labels))
+        return tuple(o.transpose(1, 0, 2).reshape(o.shape[1], -1) for o in out)
+
+    def _score(self, params, variables, bank: ImageBank, labels: np.ndarray):
+        """(L,) top-1, top-k and centre-view loss over the whole test split."""
+        m, b = len(labels), self.config.test_batch_size
+        num_batches = -(-m // b)
+        rows = np.zeros(num_batches * b, np.int32)
+        rows[:m] = np.arange(m)
+        shape = (num_batches, b)
+        ys = np.asarray(labels, np.int32)[rows].reshape(shape)
+        out = self._test(params, variables, bank, rows.reshape(shape), ys)
+        return tuple(np.asarray(o)[:, :m].astype(np.float64).mean(axis=1) for o in out)
+
+    def __call__(
+        self,
+        variables: dict,
+        train_images: ImageBank,
+        train_labels: np.ndarray,
+        test_images: ImageBank,
+        test_labels: np.ndarray,
+        *,
+        num_classes: int,
+        seed: int,
+    ) -> DeepclusterProbeResult:
+        """Trains the probes on the frozen model ``variables``; scores them on the test split.
+
+        Args:
+          variables: the model's variables (``{"params", "batch_stats"}``), left unchanged.
+          train_images, test_images: (N, H, W, C) and (M, H, W, C) uint8 banks.
+          train_labels, test_labels: (N,) and (M,) ints in [0, num_classes).
+          num_classes: the probes' width.
+          seed: the batch order, the crops and flips, and the initial weights.
+
+        Raises:
+          ValueError: labels that do not match the banks or lie outside [0, num_classes).
+        """
+        cfg = self.config
+        train_y, test_y = np.asarray(train_labels), np.asarray(test_labels)
+        for name, y, bank in (("train", train_y, train_images), ("test", test_y, test_images)):
+            if y.shape != (len(bank),) or (y.size and (y.min() < 0 or y.max() >= num_classes)):
+                raise ValueError(
+                    f"deepcluster probe: {name} labels {y.shape} must be ({len(bank)},) ints in "
+                    f"[0, {num_classes})"
+                )
+        dims = self._dims(variables, train_images)
+        params = jax.tree.map(jnp.asarray, initial_params(seed, dims, num_classes))
+        carry = (params, jax.tree.map(jnp.zeros_like, params))
+        rng = np.random.default_rng([seed, 3])
+        key = jax.random.PRNGKey(seed)
+        hyper = (jnp.float32(cfg.learning_rate), jnp.float32(cfg.weight_decay))
+        tested, scores, train_loss, step = [], [], [], 0
+        for epoch in range(1, cfg.epochs + 1):
+            batches = _epoch_batches(rng, train_y, cfg.batch_size, step)
+            step += len(batches.steps)
+            carry, losses = self._train_epoch(
+                carry, variables, jax.random.fold_in(key, epoch), train_images, batches, hyper
+            )
+            real = batches.mask.sum(axis=1)
+            train_loss.append(np.asarray(losses).T @ real / real.sum())
+            if epoch % cfg.test_every_epochs == 0 or epoch == cfg.epochs:
+                tested.append(epoch)
+                scores.append(self._score(carry[0], variables, test_images, test_y))
+                logging.info(
+                    "deepcluster probe epoch %d/%d top-1 %s",
+                    epoch,
+                    cfg.epochs,
+                    " ".join(
+                        f"{x}={v:.4f}" for x, v in zip(cfg.layers, scores[-1][0], strict=True)
+                    ),
+                )
+        if not all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(carry[0])):
+            logging.warning("deepcluster probe: the weights diverged to non-finite values")
+        top1, top5, loss = (np.stack([s[i] for s in scores], axis=1) for i in range(3))
+        per_layer = lambda a: {x: a[i] for i, x in enumerate(cfg.layers)}  # noqa: E731
+        return DeepclusterProbeResult(
+            epochs=np.asarray(tested),
+            top1=per_layer(top1),
+            top5=per_layer(top5),
+            test_loss=per_layer(loss),
+            train_loss=per_layer(np.stack(train_loss, axis=1)),
+        )
+
+    def _dims(self, variables, bank: ImageBank) -> dict[str, int]:
+        """layer -> d, the flattened width of each probed output at the network's input size."""
+        x = jax.ShapeDtypeStruct((1, *self._out_size, bank.image_shape[-1]), jnp.float32)
+        shapes = jax.eval_shape(self._apply_fn, variables, x)
+        return {layer: int(np.prod(shapes[layer].shape[1:])) for layer in self.config.layers}
