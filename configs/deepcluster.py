@@ -101,6 +101,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             cluster_layer="features",
             samples_per_epoch=0,  # 0 = N, as the official sampler
             truncate_epoch=True,  # False: keep all K' * (N // K' + 1) draws (deep-dive code)
+            # "cluster_sorted": the official main.py's draws, read as positions in the images
+            # sorted by cluster (its sampler / dataset index mismatch); "dataset": the paper.
+            sampler_order="dataset",
         )
     )
 

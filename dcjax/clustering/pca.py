@@ -16,9 +16,10 @@ provides the same two steps as pure, jitted functions:
    ``scale_i = (eigenvalue_i + eps) ** eigen_power``, chunk by chunk.
 
 One deliberate difference from faiss: the covariance is normalised by ``n - 1`` (as scikit-learn
-does) rather than ``n``. The fully whitened output therefore has unit *sample* variance; the two
-conventions differ by the uniform factor ``sqrt(n / (n - 1))``, which the subsequent L2
-normalisation removes entirely.
+does), while faiss's ``PCAMatrix`` diagonalises the raw scatter, not normalised at all (its
+eigenvalues are ours times ``n - 1``; measured in bench/results/parity_deepcluster_official.md).
+The fully whitened output therefore has unit *sample* variance, faiss's a variance of
+``1 / (n - 1)``: a uniform factor, which the subsequent L2 normalisation removes entirely.
 
 Zero-variance directions are not guarded: eigenvalues are clamped at 0, so with ``eps=0`` and
 ``eigen_power < 0`` such a component gets an infinite scale (as faiss's default ``epsilon=0``

@@ -67,6 +67,7 @@ class Settings:
     kmeans: kmeans.KMeansConfig  # ``method.kmeans``
     halt_clustering_after: int  # 0 = never halt
     truncate_epoch: bool  # False: the deep-dive authors' un-truncated uniform sampler
+    sampler_order: str  # "dataset" (the paper) or "cluster_sorted" (the official main.py)
 
 
 def init_state(settings: Settings, ctx: Context) -> DeepClusterState:
@@ -147,12 +148,20 @@ def sample(settings: Settings, ctx: Context, state, rng: np.random.Generator) ->
     """N indices drawn uniformly over the non-empty clusters (DeepCluster's sampler).
 
     ``method.truncate_epoch=False`` keeps all ``K' * (N // K' + 1)`` draws, as the deep-dive
-    authors' sampler does.
+    authors' sampler does. ``method.sampler_order="cluster_sorted"`` reads each draw as a
+    position in the images sorted by cluster (stable), as facebookresearch/deepcluster's
+    ``main.py`` does: its ``UnifLabelSampler`` yields dataset indices but its
+    ``ReassignedDataset`` lists the images cluster by cluster, so the clusters are not sampled
+    uniformly there (their shares follow the cluster sizes,
+    bench/results/parity_deepcluster_official.md). Each image keeps its own label either way.
     """
     labels = to_host(state.method.pseudo_labels)
-    return sampler.uniform_over_labels(
+    indices = sampler.uniform_over_labels(
         rng, labels, ctx.samples_per_epoch, truncate=settings.truncate_epoch
     )
+    if settings.sampler_order == "cluster_sorted":
+        indices = np.argsort(labels, kind="stable")[indices].astype(np.int32)
+    return indices
 
 
 def state_sharding(ctx: Context, method_state: DeepClusterState) -> DeepClusterState:
@@ -172,7 +181,20 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
         kmeans=kmeans_config(config),
         halt_clustering_after=int_field(method, "halt_clustering_after", 0, default=0),
         truncate_epoch=bool(method.get("truncate_epoch", True)),
+        sampler_order=_sampler_order(method),
     )
+
+
+_SAMPLER_ORDERS = ("dataset", "cluster_sorted")
+
+
+def _sampler_order(method: ml_collections.ConfigDict) -> str:
+    order = method.get("sampler_order", "dataset")
+    if order not in _SAMPLER_ORDERS:
+        raise ConfigError(
+            f"config.method.sampler_order={order!r} must be one of {', '.join(_SAMPLER_ORDERS)}"
+        )
+    return order
 
 
 def make_method(config: ml_collections.ConfigDict) -> Method:

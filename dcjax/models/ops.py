@@ -188,6 +188,19 @@ def conv(
     return _conv_explicit_grads(lhs, rhs, strides, pads, precision)
 
 
+def _pool_taps(x: jax.Array, window: int, stride: int) -> tuple[list[jax.Array], int, int]:
+    """The window² (B, OH, OW, C) views of ``x`` that each tap of a valid pool reads, row-major,
+    and (OH, OW)."""
+    b, h, w, c = x.shape
+    oh, ow = (h - window) // stride + 1, (w - window) // stride + 1
+    if stride == window:
+        x6 = x[:, : oh * window, : ow * window].reshape(b, oh, window, ow, window, c)
+        taps = [x6[:, :, i, :, j] for i in range(window) for j in range(window)]
+    else:
+        taps = _window_views(x, (window, window), (stride, stride), (oh, ow))
+    return taps, oh, ow
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _valid_max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     b, h, w, c = x.shape
@@ -200,31 +213,34 @@ def _valid_max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
 
 
 def _valid_max_pool_fwd(x, window, stride):
-    y = _valid_max_pool(x, window, stride)
-    return y, (x, y)
+    # The winning tap of each window is chosen here, from the values that give the max, and
+    # kept as the residual. Comparing x with y again in the backward pass is not safe under
+    # jit: XLA may recompute x there in another fusion whose rounding differs, and a window
+    # with no tap equal to its max would lose its gradient (AlexNet's pool2: conv1/conv2
+    # gradients off by 31-67 %, bench/results/parity_deepcluster_official.md).
+    taps, _, _ = _pool_taps(x, window, stride)
+    index_dtype = jnp.int8 if window * window <= 127 else jnp.int32
+    y, winner = taps[0], jnp.zeros(taps[0].shape, index_dtype)
+    for tap, view in enumerate(taps[1:], start=1):
+        # Strictly greater: ties go to the first tap in row-major order, as select_and_scatter.
+        better = view > y
+        y = jnp.where(better, view, y)
+        winner = jnp.where(better, jnp.asarray(tap, index_dtype), winner)
+    return y, (winner, x.shape)
 
 
 def _valid_max_pool_bwd(window, stride, residuals, g):
-    x, y = residuals
-    b, h, w, c = x.shape
-    oh, ow = y.shape[1:3]
+    winner, (b, h, w, c) = residuals
+    oh, ow = g.shape[1:3]
     zero = jnp.zeros((), g.dtype)
-    # As select_and_scatter: each window's gradient goes to the first position, in row-major
-    # order, that holds its maximum, so ties resolve exactly as nn.max_pool's.
     if stride == window:
-        x6 = x[:, : oh * window, : ow * window].reshape(b, oh, window, ow, window, c)
-        rank = (jnp.arange(window)[:, None] * window + jnp.arange(window)).astype(jnp.int32)
+        rank = (jnp.arange(window)[:, None] * window + jnp.arange(window)).astype(winner.dtype)
         rank = rank[None, None, :, None, :, None]  # (1, 1, win, 1, win, 1)
-        ties = x6 == y[:, :, None, :, None]
-        winner = jnp.min(jnp.where(ties, rank, window * window), axis=(2, 4), keepdims=True)
-        dx6 = jnp.where(rank == winner, g[:, :, None, :, None], zero)
+        dx6 = jnp.where(rank == winner[:, :, None, :, None], g[:, :, None, :, None], zero)
         dx = dx6.reshape(b, oh * window, ow * window, c)
         return (jnp.pad(dx, ((0, 0), (0, h - oh * window), (0, w - ow * window), (0, 0))),)
-    dx = jnp.zeros_like(x)
-    taken = jnp.zeros(y.shape, bool)
-    for tap, view in enumerate(_window_views(x, (window, window), (stride, stride), (oh, ow))):
-        first = (view == y) & ~taken
-        taken = taken | first
+    dx = jnp.zeros((b, h, w, c), g.dtype)
+    for tap in range(window * window):
         i, j = divmod(tap, window)
         place = [
             (0, 0, 0),
@@ -232,7 +248,7 @@ def _valid_max_pool_bwd(window, stride, residuals, g):
             (j, w - j - stride * (ow - 1) - 1, stride - 1),
             (0, 0, 0),
         ]
-        dx = dx + jax.lax.pad(jnp.where(first, g, zero), zero, place)
+        dx = dx + jax.lax.pad(jnp.where(winner == tap, g, zero), zero, place)
     return (dx,)
 
 

@@ -66,6 +66,7 @@ ADDED_FIELDS = {
     "method.kmeans.kmeanspp_trials": 1,
     "method.kmeans.stop": "inertia",
     "method.kmeans.dtype": "float32",
+    "method.sampler_order": "dataset",
 }
 
 

@@ -120,6 +120,27 @@ def test_sampler_balances_clusters(run):
     assert abs(share_small - 0.5) < 0.02
 
 
+def test_cluster_sorted_sampler_order_reads_draws_as_positions_in_the_cluster_sorted_images(run):
+    """facebookresearch/deepcluster's main.py: UnifLabelSampler's dataset indices index a
+    ReassignedDataset listed cluster by cluster, so the labels fed follow the cluster sizes."""
+    n = run.ctx.num_examples
+    labels = np.zeros(n, np.int32)
+    labels[::7] = 1  # a small cluster (1/7 of the images) spread over the dataset
+    state = run.initial_state.replace(
+        method=run.initial_state.method.replace(pseudo_labels=jnp.asarray(labels))
+    )
+    draws = run.method.sample(run.ctx, state, np.random.default_rng(3))
+    official = _variant(run, sampler_order="cluster_sorted").sample(
+        run.ctx, state, np.random.default_rng(3)
+    )
+    members = [np.flatnonzero(labels == c) for c in (0, 1)]  # each in dataset order
+    np.testing.assert_array_equal(official, np.concatenate(members)[draws])
+    assert abs(np.mean(labels[draws] == 1) - 0.5) < 0.05  # the paper: uniform over clusters
+    assert abs(np.mean(labels[official] == 1) - 1 / 7) < 0.05  # main.py: by cluster size
+    with pytest.raises(ValueError, match="config.method.sampler_order='sorted'"):
+        _variant(run, sampler_order="sorted")
+
+
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_registry(name):
     method = make_method(load_config(name, "smoke"))
