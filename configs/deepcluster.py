@@ -70,7 +70,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from dcjax.clustering import settings
-from dcjax.clustering.kmeans import KMeansConfig
+from dcjax.clustering.kmeans import SKLEARN_SETTINGS, KMeansConfig
 from dcjax.config_base import (
     apply_cifar10,
     apply_imagenet,
@@ -124,14 +124,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.augment = "torchvision_crop"
         config.model.init = "deepcluster"
         # scikit-learn's KMeans(K, max_iter=20, n_init=1) on their float64 features.
-        config.method.kmeans.update(
-            init="kmeans++",
-            kmeanspp_trials=0,
-            stop="sklearn",
-            tol=1e-4,
-            empty_clusters="relocate",
-            dtype="float64",
-        )
+        config.method.kmeans.update(SKLEARN_SETTINGS)
         config.method.truncate_epoch = False
         config.drop_last = False
         # A param group added without its own momentum inherits the optimiser's.

@@ -14,8 +14,9 @@ digit is another symbol).
 Variants, comma-separated after a colon (``configs/odc.py:fmnist``):
   fmnist   LeNet-5 on Fashion-MNIST (IDX files of Debian's dataset-fashion-mnist), the
            optimiser and budget of configs/deepcluster.py:fmnist (lr 0.1, momentum 0.1, wd 1e-3,
-           batch 128), K=100, ODC's augmentation; probes on conv2 (ours and the authors' SGD
-           probe, eval.protocol="deepdive", as deepcluster.py:fmnist).
+           batch 128, the images padded black to 32x32), K=100, ODC's augmentation; probes on
+           conv2 (ours and the authors' SGD probe, eval.protocol="deepdive", as
+           deepcluster.py:fmnist).
   cifar10  the deep-dive paper's mini-AlexNet with Sobel on a CIFAR-10 image folder
            (``--config.data.path=...``), trunk and optimiser as configs/deepcluster.py:cifar10,
            K=1000, ODC's augmentation (crop, flip, rotation +-2 degrees, colour jitter, grey).
@@ -92,6 +93,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if "fmnist" in variants:
         config.data.source = "idx"
         config.model.name = "lenet5"
+        config.input.pad = 2  # LeNet-5's 32x32 input: a black frame, as deepcluster.py:fmnist
         config.method.num_clusters = 100
         config.optim.update(learning_rate=0.1, momentum=0.1, weight_decay=1e-3)
         config.batch_size = 128

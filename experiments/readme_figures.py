@@ -38,7 +38,9 @@ START, END = "<!-- readme_figures:start -->", "<!-- readme_figures:end -->"
 FIRST, FIRST_END = "<!-- first_command:start -->", "<!-- first_command:end -->"
 # How far outside the seeds' range a fresh run of the first command may land on another CPU
 # (its kernels round differently, which 25 cycles of pseudo-labelling amplify): accuracies, NMI.
-ACCURACY_MARGIN = 0.01
+# Measured: seed 0 on a 2-core AMD EPYC VM gave kNN 0.9711 against the Intel Xeon seeds'
+# 0.951-0.958 (the same figure at ed244c0 and after issue 29), i.e. 0.013 above the range.
+ACCURACY_MARGIN = 0.02
 FRESH_RUN_MARGIN = {
     "probe_accuracy": ACCURACY_MARGIN,
     "knn_accuracy": ACCURACY_MARGIN,

@@ -78,7 +78,7 @@ from dcjax.clustering import rows as rows_lib
 from dcjax.clustering.pca import _checked_matrix, l2_normalize
 from dcjax.clustering.precision import float32_precision
 
-__all__ = ["KMeansConfig", "KMeansResult", "fit", "assign"]
+__all__ = ["SKLEARN_SETTINGS", "KMeansConfig", "KMeansResult", "fit", "assign"]
 
 # Memory for one chunk of float32 point-to-centroid distances; the chunk has
 # max(_DISTANCE_BUDGET_BYTES // (4 * k), _MIN_CHUNK_ROWS) rows. A chunk that stays in cache
@@ -99,6 +99,18 @@ _EMPTY_CLUSTER_RULES = ("split", "relocate", "keep")
 _STOP_RULES = ("inertia", "sklearn")
 _DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 _MATMUL_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# scikit-learn's KMeans(k, max_iter=20, n_init=1), algorithm "lloyd", as KMeansConfig fields
+# (with num_iters=20): greedy k-means++, its stop rule, relocation of empty clusters, float64.
+SKLEARN_SETTINGS = dict(
+    init="kmeans++",
+    kmeanspp_trials=0,
+    stop="sklearn",
+    tol=1e-4,
+    empty_clusters="relocate",
+    dtype="float64",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

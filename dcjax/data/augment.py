@@ -695,16 +695,6 @@ def _view_crop(
     return random_resized_crop(key, image, out_size=out_size, scale=crop_scale)
 
 
-def _view_crop_flip(
-    key: jax.Array,
-    image: jax.Array,
-    out_size: tuple[int, int],
-    crop_scale: tuple[float, float],
-) -> jax.Array:
-    key_crop, key_flip = jax.random.split(key)
-    return random_flip(key_flip, _view_crop(key_crop, image, out_size, crop_scale))
-
-
 def _view_torchvision_crop(
     key: jax.Array,
     image: jax.Array,
@@ -714,14 +704,23 @@ def _view_torchvision_crop(
     return torchvision_random_resized_crop(key, image, out_size=out_size, scale=crop_scale)
 
 
-def _view_torchvision_crop_flip(
-    key: jax.Array,
-    image: jax.Array,
-    out_size: tuple[int, int],
-    crop_scale: tuple[float, float],
-) -> jax.Array:
-    key_crop, key_flip = jax.random.split(key)
-    return random_flip(key_flip, _view_torchvision_crop(key_crop, image, out_size, crop_scale))
+def _then_flip(view_fn):
+    """``view_fn`` followed by a random left-right flip (the key split as (view, flip))."""
+
+    def view(
+        key: jax.Array,
+        image: jax.Array,
+        out_size: tuple[int, int],
+        crop_scale: tuple[float, float],
+    ) -> jax.Array:
+        key_view, key_flip = jax.random.split(key)
+        return random_flip(key_flip, view_fn(key_view, image, out_size, crop_scale))
+
+    return view
+
+
+_view_crop_flip = _then_flip(_view_crop)
+_view_torchvision_crop_flip = _then_flip(_view_torchvision_crop)
 
 
 def _view_odc(

@@ -12,6 +12,7 @@ from dcjax.data.bank import place_bank
 from dcjax.evaluation import deepcluster_probe, deepdive_probe, scores
 from dcjax.evaluation.knn import knn_accuracy
 from dcjax.evaluation.linear_probe import linear_probe
+from dcjax.training import deepcluster_eval
 from dcjax.training.setup import Run, eval_layers, eval_protocol
 from dcjax.training.state import TrainState
 from dcjax.training.step import extract_features, make_feature_fn
@@ -47,7 +48,7 @@ class Evaluator:
         self._deepcluster = None
         if eval_protocol(run.config) == "deepcluster":
             model = run.ctx.model
-            self._deepcluster = deepcluster_probe.DeepclusterProbe(
+            self._deepcluster = deepcluster_eval.DeepclusterProbe(
                 lambda variables, x: model.apply(variables, x, train=False),
                 deepcluster_probe.DeepclusterProbeConfig.from_config(cfg.get("deepcluster")),
                 run.pipeline.mean,

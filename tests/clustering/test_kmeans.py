@@ -22,15 +22,7 @@ N, K, D = 37, 5, 11
 NUM_ITERS = 20
 # scikit-learn's KMeans(k, max_iter=20, n_init=1) on float64 data (configs/deepcluster.py's
 # deepdive_code).
-SKLEARN = kmeans.KMeansConfig(
-    init="kmeans++",
-    kmeanspp_trials=0,
-    stop="sklearn",
-    tol=1e-4,
-    empty_clusters="relocate",
-    dtype="float64",
-    max_points_per_centroid=0,
-)
+SKLEARN = kmeans.KMeansConfig(**kmeans.SKLEARN_SETTINGS, max_points_per_centroid=0)
 
 
 def _blobs(rng: np.random.Generator, n: int, k: int, d: int, spread: float) -> np.ndarray:

@@ -22,6 +22,7 @@ from dcjax.data.bank import place_bank
 from dcjax.evaluation import deepcluster_probe as dc
 from dcjax.models.imagenet_nets import AlexNet
 from dcjax.training import checkpoint, loop
+from dcjax.training import deepcluster_eval as dc_eval
 from dcjax.training.setup import build_run, check_config
 from tests.helpers import REPO, load_config
 
@@ -188,13 +189,13 @@ def _torchvision_ten_crop(img, size):
 def test_ten_crops_are_torchvisions_on_the_resize_square():
     cfg = dc.DeepclusterProbeConfig(resize=40, crop=27)  # odd margin: the centre rounds
     image = _coordinate_image(40)  # a bank image already at the resize side: exact pixels
-    views = jax.jit(lambda x: dc.test_views(x, cfg, (27, 27)))(image)
+    views = jax.jit(lambda x: dc_eval.test_views(x, cfg, (27, 27)))(image)
     np.testing.assert_allclose(views, _torchvision_ten_crop(image, 27), atol=1e-4)
     one = dc.DeepclusterProbeConfig(resize=40, crop=27, tencrops=False)
-    centre = jax.jit(lambda x: dc.test_views(x, one, (27, 27)))(image)
+    centre = jax.jit(lambda x: dc_eval.test_views(x, one, (27, 27)))(image)
     np.testing.assert_allclose(centre, _torchvision_ten_crop(image, 27)[4:5], atol=1e-4)
     # A bank image at another side holds the same square: its crops are the rescaled boxes.
-    small = jax.jit(lambda x: dc.test_views(x, cfg, (27, 27)))(image[::2, ::2])
+    small = jax.jit(lambda x: dc_eval.test_views(x, cfg, (27, 27)))(image[::2, ::2])
     assert small.shape == (10, 27, 27, 3)
     np.testing.assert_allclose(small[0, 0, 0, :2], [0.0, 0.0], atol=0.5)
     np.testing.assert_allclose(small[3, -1, -1, :2], [38.0, 38.0], atol=1.0)
@@ -204,7 +205,9 @@ def test_training_crops_take_every_integer_offset_and_flip():
     cfg = dc.DeepclusterProbeConfig(resize=20, crop=16)
     image = jnp.asarray(_coordinate_image(20))
     keys = jax.random.split(jax.random.PRNGKey(0), 300)
-    views = np.asarray(jax.jit(jax.vmap(lambda k: dc.train_view(k, image, cfg, (16, 16))))(keys))
+    views = np.asarray(
+        jax.jit(jax.vmap(lambda k: dc_eval.train_view(k, image, cfg, (16, 16))))(keys)
+    )
     seen, flips = set(), 0
     for view in views:
         flipped = view[0, 0, 1] > view[0, -1, 1]
@@ -226,10 +229,17 @@ def test_ten_crop_scores_average_the_softmax_and_score_the_centre_crops_loss(rng
     top1, top5, loss = scores(logits, labels)
     probs = _softmax(logits.astype(np.float64)).mean(1)
     order = np.argsort(-probs, axis=1)
-    np.testing.assert_array_equal(top1, order[:, 0] == labels)
-    np.testing.assert_array_equal(top5, (order[:, :5] == labels[:, None]).any(1))
+    ranked = np.take_along_axis(probs, order, axis=1)
+    # Rows whose float64 ranking float32 cannot settle (a gap below 1e-5 at the cut) are left
+    # out; fresh inputs leave nearly all rows in.
+    clear1, clear5 = ranked[:, 0] - ranked[:, 1] > 1e-5, ranked[:, 4] - ranked[:, 5] > 1e-5
+    assert clear1.mean() > 0.8 and clear5.mean() > 0.8
+    np.testing.assert_array_equal(np.asarray(top1)[clear1], (order[:, 0] == labels)[clear1])
+    hit5 = (order[:, :5] == labels[:, None]).any(1)
+    np.testing.assert_array_equal(np.asarray(top5)[clear5], hit5[clear5])
     centre = _softmax(logits[:, 4].astype(np.float64))  # validate(): view ncrops / 2 - 1
-    np.testing.assert_allclose(loss, -np.log(centre[np.arange(b), labels]), rtol=1e-5)
+    # float32 cross-entropy: about 2e-7 absolute where the loss is near 0.
+    np.testing.assert_allclose(loss, -np.log(centre[np.arange(b), labels]), rtol=1e-5, atol=1e-6)
     # One view (CenterCrop): the logits themselves are scored.
     top1, _, loss = scores(logits[:, :1], labels)
     np.testing.assert_array_equal(top1, logits[:, 0].argmax(1) == labels)
@@ -261,7 +271,7 @@ def test_protocol_equals_a_float64_replay_of_the_official_loop(rng):
     )  # fmt: skip
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
     mesh = make_mesh(0)  # the 8 simulated devices
-    probe = dc.DeepclusterProbe(_toy_apply, cfg, mean, std, (12, 12), mesh)
+    probe = dc_eval.DeepclusterProbe(_toy_apply, cfg, mean, std, (12, 12), mesh)
     result = probe(
         variables,
         place_bank(images[:n], mesh),
