@@ -40,19 +40,25 @@ def dotted_fields(tree: dict, prefix: str = "") -> dict:
 _REQUIRES = {"tfds": "imagenet", "deepdive_code": "fmnist", "cpu": "cifar10"}
 
 
-def parse_variants(arg: str | None, allowed: set[str], config_file: str) -> set[str]:
+def parse_variants(
+    arg: str | None, allowed: set[str], config_file: str, requires: dict[str, str] | None = None
+) -> set[str]:
     """The comma-separated variants after ``configs/<file>.py:``.
+
+    ``requires`` maps a variant to the one it modifies where a config file differs from the
+    shared rule (``tfds`` needs ``imagenet``, ``cpu`` needs ``cifar10``, ...).
 
     Raises:
       ConfigError: naming ``config_file`` and the variants not in ``allowed``, or a variant
-        given without the one it modifies (``tfds`` without ``imagenet``, ...).
+        given without the one it modifies.
     """
+    required = {**_REQUIRES, **(requires or {})}
     variants = {v for v in (arg or "").split(",") if v}
     unknown = variants - allowed
     if unknown:
         raise ConfigError(f"unknown variants {sorted(unknown)} for {config_file}")
     for variant in sorted(variants):
-        base = _REQUIRES.get(variant)
+        base = required.get(variant)
         if base and base not in variants:
             raise ConfigError(
                 f"{config_file}: the {variant} variant modifies {base}: use :{base},{variant}"
@@ -166,6 +172,9 @@ def base_config() -> ml_collections.ConfigDict:
                     flip=True,
                 )
             ),
+            # "sela" adds SeLa's official kNN on knn_layer (dcjax/evaluation/sela_knn.py):
+            # after a ReLU, 10 neighbours weighted exp(similarity / 0.1), raw and after PCA-128.
+            sela=ml_collections.ConfigDict(dict(k=10, temperature=0.1, relu=True, pca_dim=128)),
             # "deepcluster" adds DeepCluster's eval_linear.py probes on the pooled conv layers
             # (dcjax/evaluation/deepcluster_probe.py): 90 epochs through the frozen network, an
             # evaluation job of its own: python -m dcjax.evaluate --config.eval.protocol=deepcluster

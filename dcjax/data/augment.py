@@ -68,6 +68,7 @@ AUGMENT_MODES = (
     "torchvision_crop_flip",
     "odc",
     "sela",
+    "sela_cifar",
     "swav",
 )
 
@@ -747,6 +748,18 @@ def _view_sela(
     return random_flip(key_flip, color_jitter(key_jitter, image, **_SELA_JITTER))
 
 
+def _view_sela_cifar(
+    key: jax.Array,
+    image: jax.Array,
+    out_size: tuple[int, int],
+    crop_scale: tuple[float, float],
+) -> jax.Array:
+    key_crop, key_jitter, key_gray, key_flip = jax.random.split(key, 4)
+    image = _view_torchvision_crop(key_crop, image, out_size, crop_scale)
+    image = random_grayscale(key_gray, color_jitter(key_jitter, image, **_SELA_JITTER), 0.2)
+    return random_flip(key_flip, image)
+
+
 def _view_swav(
     key: jax.Array,
     image: jax.Array,
@@ -770,6 +783,7 @@ _VIEW_FNS = {
     "torchvision_crop_flip": _view_torchvision_crop_flip,
     "odc": _view_odc,
     "sela": _view_sela,
+    "sela_cifar": _view_sela_cifar,
     "swav": _view_swav,
 }
 
@@ -786,8 +800,8 @@ def augment_batch(
 
     Args:
       key: PRNG key; split into one key per image.
-      images: `(B, H, W, C)` float images; `"odc"`, `"sela"` and `"swav"` need values in
-        `[0, 1]` and `C` in `{1, 3}`.
+      images: `(B, H, W, C)` float images; `"odc"`, `"sela"`, `"sela_cifar"` and `"swav"` need
+        values in `[0, 1]` and `C` in `{1, 3}`.
       mode: one of `AUGMENT_MODES` (static): `"none"` resizes only (clustering pass, eval and
         the domain-agnostic setting), `"flip"` resizes and randomly mirrors, `"crop"` takes a
         random resized crop (for data a mirror would change, such as digits), `"crop_flip"` a
@@ -797,8 +811,10 @@ def augment_batch(
         the crop and mirror followed by a rotation within +-2 degrees, `color_jitter(0.4, 0.4,
         1.0, 0.5)` and greyscale with probability 0.2 (ODC's training augmentation), `"sela"`
         the crop, greyscale 0.2, `color_jitter(0.4, 0.4, 0.4, 0.4)` and a mirror (SeLa's
-        ImageNet augmentation), `"swav"` the crop and mirror, `color_jitter(0.8, 0.8, 0.8, 0.2)`
-        with probability 0.8, greyscale 0.2 and `random_gaussian_blur` (SwAV's).
+        ImageNet augmentation), `"sela_cifar"` torchvision's crop, `color_jitter(0.4, 0.4, 0.4,
+        0.4)`, greyscale 0.2 and a mirror (its CIFAR code's order), `"swav"` the crop and
+        mirror, `color_jitter(0.8, 0.8, 0.8, 0.2)` with probability 0.8, greyscale 0.2 and
+        `random_gaussian_blur` (SwAV's).
       out_size: static `(out_h, out_w)`.
       crop_scale: area bounds of the random crop (every mode but `"none"` and `"flip"`).
 

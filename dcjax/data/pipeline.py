@@ -7,10 +7,10 @@ A black border (``pad`` pixels of value 0 on each side, e.g. LeNet-5's 28 -> 32)
 0 would be the mean grey).
 
 Augmentation runs before the per-channel normalisation, as torchvision's ``ToTensor`` ->
-augment -> ``Normalize`` order: the colour operations of the ``odc``, ``sela`` and ``swav`` modes
-need [0, 1] pixels and the rotation's fill is black (0) before normalisation. Resizing, cropping
-and flipping commute with the normalisation, so the other modes are unchanged up to float
-rounding.
+augment -> ``Normalize`` order: the colour operations of the ``odc``, ``sela``, ``sela_cifar``
+and ``swav`` modes need [0, 1] pixels and the rotation's fill is black (0) before
+normalisation. Resizing, cropping and flipping commute with the normalisation, so the other
+modes are unchanged up to float rounding.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class Pipeline:
       out_size: (height, width) given to the network.
       augment: training augmentation mode, one of ``augment.AUGMENT_MODES`` (``none``,
         ``flip``, ``crop``, ``crop_flip``, ``torchvision_crop``, ``torchvision_crop_flip``,
-        ``odc``, ``sela``, ``swav``); evaluation and the clustering pass never augment.
+        ``odc``, ``sela``, ``sela_cifar``, ``swav``); evaluation and the clustering pass
+        never augment.
       crop_scale: area range of the random resized crop.
       eval_resize: the deterministic view (clustering pass, probes) resizes the shorter side to
         this and centre-crops ``out_size`` (torchvision's Resize then CenterCrop, the deep-dive

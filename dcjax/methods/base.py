@@ -131,6 +131,10 @@ class Method(NamedTuple):
       multi_view: whether the step hooks take several views of each image
         (``config.augment="multicrop"``): ``outputs`` then hold V B rows, view-major (row
         v B + b is view v of example ``indices[b]``).
+      label_pass: how the feature pass before ``recluster`` sees the images: ``"eval"`` (eval
+        mode, un-augmented view, ``eval_batch_size``) or ``"train"`` (the training view, dropout
+        and batch-norm batch statistics, not kept, in shuffled batches of ``batch_size``).
+      summary: a line on the method's schedule for the start banner ("" for none).
     """
 
     name: str
@@ -145,6 +149,8 @@ class Method(NamedTuple):
     state_sharding: Callable[[Context, PyTree], PyTree] | None = None
     init_variables: Callable[[Context, PyTree], PyTree] | None = None
     multi_view: bool = False
+    label_pass: str = "eval"
+    summary: str = ""
 
 
 def kmeans_config(config: ml_collections.ConfigDict) -> kmeans.KMeansConfig:

@@ -3,8 +3,8 @@
 A trunk with ``num_heads`` linear heads of ``num_clusters`` outputs each (``MultiHead``; heads
 are never re-initialised) is trained with the cross-entropy to each head's labels, averaged over
 the heads. The labels start as a random equal-size assignment per head. At the cycles of the
-label schedule, a feature pass (eval mode, no augmentation) collects every example's
-penultimate features; each head is applied to them and its labels are re-optimised by solving
+label schedule, a label pass collects every example's penultimate features; a head is applied
+to them and its labels are re-optimised by solving
 
     min_Q <Q, -log P> + (1 / lambda) KL(Q || c r^T)   s.t.  Q 1 = c,  Q^T 1 = r
 
@@ -13,10 +13,20 @@ the reference's alternating scaling and stopping rule); each example takes the c
 largest plan entry. ``r`` is uniform (equipartition, the paper) or ``cluster_prior``; ``c`` is
 uniform.
 
-Schedule: a cycle is one epoch. With C cycles and ``num_label_steps`` = S, labels are optimised
-at cycles ``floor(C (j / S)^p)``, j = 1..S-1 (``p`` = 1 for ``schedule="linear"``, as the
-reference's CIFAR code; 2 for ``"quadratic"``, its ImageNet code, denser early); with the random
-start these are S label sets. Cycles that do not optimise keep the labels and skip the pass.
+The label pass (``label_pass``): ``"train"``, the official code's (``yukimasano/self-label``
+3891e37, ``cifar.py:opt_sk`` and ``main.py`` run it inside the epoch without ``eval()``): the
+training augmentation, dropout on and batch norm on each batch's statistics, in shuffled batches
+of the training batch size; the running statistics are not updated (the official's are, as a
+side effect). ``"eval"``: eval mode on the un-augmented view.
+
+Schedule (``label_step_cycles``): a cycle is one epoch. ``num_label_steps`` = S is the
+official ``nopts``: S - 1 label steps, the first at cycle 0 (before any gradient step, so the
+random start is never trained on), at cycles ``floor(C (j / (S - 1))^p)``, ``p`` = 1 for
+``schedule="linear"`` (the CIFAR code), 2 for ``"quadratic"`` (the ImageNet code, denser early);
+S = 0 takes S = C. The official fires steps mid-epoch; here they fire at the start of the
+cycle they fall in (several in one epoch become one). Each step relabels every head
+(``heads_per_step="all"``, the ImageNet code) or one, head ``cycle % H`` (``"one"``, the CIFAR
+code). Cycles that do not optimise keep the labels and skip the pass.
 
 State kept: the labels of every head (H, N). ``pseudo_labels`` (head 0's) feeds the reports.
 Every checkpoint also writes them to ``<workdir>/pseudo_labels/cycle_<c>.npz``; a run with
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 import flax
 import jax
@@ -56,6 +67,7 @@ from dcjax.models.network import Network, build_trunk, head_logits
 __all__ = [
     "SeLaState",
     "Settings",
+    "heads_at",
     "label_step_cycles",
     "make_method",
     "random_equal_labels",
@@ -81,7 +93,14 @@ class SeLaState:
 
 
 def label_step_cycles(num_cycles: int, num_label_steps: int, schedule: str) -> list[int]:
-    """Sorted cycles at which the labels are optimised (see the module docstring).
+    """Sorted distinct cycles at whose start the labels are optimised.
+
+    The official code's S - 1 label steps (``nopts`` = S: ``cifar.py``, ``main.py``), the first
+    at iteration 0, spread over the run as ``floor(C (j / (S - 1))^p)`` for j = 0..S-2, in
+    integer arithmetic (no step lost to float rounding); ``p`` = 1 for ``"linear"`` (CIFAR), 2
+    for ``"quadratic"`` (ImageNet). Steps the official takes within one epoch share a cycle.
+    ``num_label_steps`` = 0 means S = C (``scripts/cifar.sh``: nopts = epochs); 1 means none
+    (the labels stay the start's: label transfer).
 
     Raises:
       ConfigError: naming ``config.method.schedule`` or ``num_label_steps`` when invalid.
@@ -91,11 +110,27 @@ def label_step_cycles(num_cycles: int, num_label_steps: int, schedule: str) -> l
             f"config.method.schedule={schedule!r} is unknown; choose one of "
             f"{sorted(_SCHEDULE_POWERS)}"
         )
-    if num_label_steps < 1:
-        raise ConfigError(f"config.method.num_label_steps must be >= 1, got {num_label_steps}")
+    if isinstance(num_label_steps, bool) or not isinstance(num_label_steps, int | np.integer):
+        raise ConfigError(f"config.method.num_label_steps must be an int, got {num_label_steps!r}")
+    if num_label_steps < 0:
+        raise ConfigError(
+            f"config.method.num_label_steps must be >= 0 (0: one per cycle), got {num_label_steps}"
+        )
+    steps = int(num_label_steps) or num_cycles
     power = _SCHEDULE_POWERS[schedule]
-    steps = (int(num_cycles * (j / num_label_steps) ** power) for j in range(1, num_label_steps))
-    return sorted({c for c in steps if c < num_cycles})
+    return sorted({num_cycles * j**power // (steps - 1) ** power for j in range(steps - 1)})
+
+
+def heads_at(heads_per_step: str, num_heads: int, cycle: int) -> tuple[int, ...]:
+    """The heads a label step at ``cycle`` relabels: all, or one, ``cycle % H`` (``cifar.py``:
+    ``nh = epoch % hc``)."""
+    return tuple(range(num_heads)) if heads_per_step == "all" else (cycle % num_heads,)
+
+
+def _cycles_text(cycles: Sequence[int]) -> str:
+    """``0, 2, 5`` or, for many, ``0, 1, 2, 3, ..., 97, 98``."""
+    shown = [str(c) for c in cycles]
+    return ", ".join(shown if len(shown) <= 8 else [*shown[:4], "...", *shown[-2:]])
 
 
 def random_equal_labels(seed: int, num_heads: int, n: int, k: int) -> np.ndarray:
@@ -112,9 +147,18 @@ class Settings:
     num_heads: int  # H
     sinkhorn: sinkhorn.SinkhornConfig  # ``method.sinkhorn``
     label_cycles: tuple[int, ...]  # the cycles whose start optimises the labels
+    heads_per_step: str  # "all" heads relabelled at each step, or "one" (cycle % H)
+    label_pass: str  # "train" (the official's) or "eval": how the label pass sees the images
     cluster_prior: np.ndarray | None  # (K,) cluster marginals, None = uniform
     labels_from: str  # a pseudo_labels/cycle_<c>.npz to start from, "" = random
     seed: int  # ``config.seed``: the random equal-size start
+
+
+def _choice(method: ml_collections.ConfigDict, field: str, choices: tuple[str, ...], default: str):
+    value = method.get(field, default)
+    if value not in choices:
+        raise ConfigError(f"config.method.{field}={value!r} is unknown; choose one of {choices}")
+    return value
 
 
 def read_settings(config: ml_collections.ConfigDict) -> Settings:
@@ -127,6 +171,8 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
         label_cycles=tuple(
             label_step_cycles(config.num_cycles, method.num_label_steps, method.schedule)
         ),
+        heads_per_step=_choice(method, "heads_per_step", ("all", "one"), "all"),
+        label_pass=_choice(method, "label_pass", ("train", "eval"), "eval"),
         cluster_prior=cluster_prior(config),
         labels_from=str(method.get("labels_from", "") or ""),
         seed=int(config.seed),
@@ -192,28 +238,42 @@ def _head_log_probs(head_params, features, head: int, num_classes: int) -> jax.A
 def recluster(
     settings: Settings, ctx: Context, state, features: jax.Array | None
 ) -> tuple[object, dict[str, float]]:
-    """New labels for every head by Sinkhorn on the schedule's cycles; otherwise unchanged."""
+    """New labels by Sinkhorn for the step's heads (``heads_at``) on the schedule's cycles;
+    otherwise unchanged. The logged label statistics are those of the first relabelled head."""
     if features is None:
         return state, {}
     k = settings.num_clusters
-    labels, iterations, converged, errors = [], [], [], []
-    for head in range(settings.num_heads):
+    heads = heads_at(settings.heads_per_step, settings.num_heads, int(state.cycle))
+    new_labels = state.method.labels
+    iterations, converged, errors = [], [], []
+    for head in heads:
         log_probs = _head_log_probs(state.params["head"], features, head, k)
         out = sinkhorn.solve(
             log_probs, settings.sinkhorn, cluster_marginals=settings.cluster_prior, mesh=ctx.mesh
         )
-        labels.append(out.labels)
+        new_labels = new_labels.at[head].set(out.labels)
         iterations.append(int(out.num_iters))
         converged.append(bool(out.converged))
         checked = [e for e in np.asarray(out.errors).tolist() if e >= 0]  # -1: not reached
         errors.append(checked[-1] if checked else float("nan"))
-    new_labels = jnp.stack(labels)
-    first = to_host(new_labels)[0]
-    stats = label_stats(ctx, state.method.labels[0], first, k)
+    first = heads[0]
+    stats = label_stats(ctx, state.method.labels[first], to_host(new_labels[first]), k)
+    stats["sinkhorn_head"] = float(first)
     stats["sinkhorn_iters"] = float(np.mean(iterations))
     stats["sinkhorn_converged"] = float(np.mean(converged))
     stats["sinkhorn_error"] = float(np.max(errors))  # the worst head's last error
     return state.replace(method=state.method.replace(labels=new_labels)), stats
+
+
+def summary(settings: Settings) -> str:
+    """The banner's line: heads, label steps and their cycles, the head rule, the label pass."""
+    cycles = settings.label_cycles
+    heads = "every head" if settings.heads_per_step == "all" else "one head (cycle % H)"
+    return (
+        f"{settings.num_heads} head(s) x K={settings.num_clusters}, lambda "
+        f"{settings.sinkhorn.lam:g}; {len(cycles)} label step(s) at cycles "
+        f"{_cycles_text(cycles) or '-'}; {heads} per step; {settings.label_pass}-mode label pass"
+    )
 
 
 def state_sharding(ctx: Context, method_state: SeLaState) -> SeLaState:
@@ -243,4 +303,6 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
         sample=shuffled_sample,
         state_sharding=state_sharding,
         multi_view=True,
+        label_pass=settings.label_pass,
+        summary=summary(settings),
     )

@@ -60,6 +60,7 @@ def banner(run, workdir: str, resumed_cycle: int, params) -> str:
             f"  data     {data.name}: N={len(data.train_images)} train, {n_test} test, "
             f"inputs {inputs}",
             f"  model    {config.model.name}, {parameter_count(params):,} parameters",
+            *([f"  method   {run.method.summary}"] if run.method.summary else []),
             f"  workdir  {workdir} ({start})",
         ]
     )

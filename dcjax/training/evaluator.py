@@ -9,7 +9,7 @@ from absl import logging
 
 from dcjax.core.distributed import to_host
 from dcjax.data.bank import place_bank
-from dcjax.evaluation import deepcluster_probe, deepdive_probe, scores
+from dcjax.evaluation import deepcluster_probe, deepdive_probe, scores, sela_knn
 from dcjax.evaluation.knn import knn_accuracy
 from dcjax.evaluation.linear_probe import linear_probe
 from dcjax.training import deepcluster_eval
@@ -34,6 +34,9 @@ class Evaluator:
     trained on augmented views of the whole train split through the frozen network
     (``deepcluster_top1/<layer>``, ``deepcluster_top5/<layer>``: the last epoch;
     ``deepcluster_best_top1/<layer>``: the best epoch), with ``eval.deepcluster``'s settings.
+    ``eval.protocol = "sela"`` adds SeLa's official kNN on ``knn_layer`` (after a ReLU, the
+    exp(similarity / 0.1)-weighted vote of 10 neighbours: ``sela_knn_accuracy``; after a PCA to
+    128: ``sela_knn_pca_accuracy``), with ``eval.sela``'s settings.
     """
 
     def __init__(self, run: Run):
@@ -56,6 +59,9 @@ class Evaluator:
                 run.pipeline.out_size,
                 run.mesh,
             )
+        self._sela = None
+        if eval_protocol(run.config) == "sela":
+            self._sela = sela_knn.SelaKnnConfig.from_config(cfg.get("sela"))
         self._mirrored = None  # the mirrored training images, placed on first use
 
     def features(self, state: TrainState, layer: str) -> np.ndarray:
@@ -114,6 +120,18 @@ class Evaluator:
         )
         if self._deepdive is not None:
             results.update(self._deepdive_figures(state, train, test, test_labels, num_classes))
+        if self._sela is not None:
+            results.update(
+                sela_knn.sela_knn_figures(
+                    to_host(train[cfg.knn_layer]),
+                    train_labels,
+                    to_host(test[cfg.knn_layer]),
+                    test_labels,
+                    num_classes=num_classes,
+                    config=self._sela,
+                    seed=run.config.seed,
+                )
+            )
         if self._deepcluster is not None:
             result = self._deepcluster(
                 {"params": state.params, "batch_stats": state.batch_stats},

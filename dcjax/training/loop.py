@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 RANDOM_INIT_FILE = "random_init.json"
+_LABEL_PASS_STREAM = 1 << 20  # folded into the cycle's key: the train-mode label pass's draws
 
 # Fields a resumed run may change without invalidating its checkpoints.
 _RESUMABLE_FIELDS = (
@@ -67,6 +68,8 @@ ADDED_FIELDS = {
     "method.kmeans.stop": "inertia",
     "method.kmeans.dtype": "float32",
     "method.sampler_order": "dataset",
+    "method.heads_per_step": "all",
+    "method.label_pass": "eval",
 }
 
 
@@ -154,13 +157,29 @@ def _epoch_rng(state: TrainState, epoch: int) -> np.random.Generator:
 def recluster_phase(run: Run, state: TrainState, feature_fn) -> tuple[TrainState, dict]:
     """The feature pass (when the method wants one) and the method's ``recluster``."""
     features = None
-    if run.method.wants_features(run.ctx, int(state.cycle)):
-        features = extract_features(
-            feature_fn, state, run.train_images, run.config.eval_batch_size
-        )[run.ctx.cluster_layer]
+    cycle = int(state.cycle)
+    if run.method.wants_features(run.ctx, cycle):
+        if run.method.label_pass == "train":
+            features = _train_mode_features(run, state, feature_fn, cycle)
+        else:
+            features = extract_features(
+                feature_fn, state, run.train_images, run.config.eval_batch_size
+            )[run.ctx.cluster_layer]
     state, stats = run.method.recluster(run.ctx, state, features)
     # Clustering outputs follow the data-sharded features; the state is kept replicated.
     return jax.device_put(state, run.state_sharding), stats
+
+
+def _train_mode_features(run: Run, state: TrainState, feature_fn, cycle: int) -> jax.Array:
+    """(N, ...) cluster-layer features of a train-mode pass (``make_feature_fn(mode="train")``)
+    over the examples in a random order, in batches of the training batch size (batch-norm
+    statistics are the batch's), returned in example order."""
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, cycle), _LABEL_PASS_STREAM)
+    order = np.random.default_rng(np.asarray(key).tolist()).permutation(len(run.train_images))
+    out = extract_features(
+        feature_fn, state, run.train_images, run.config.batch_size, rows=order, key=key
+    )[run.ctx.cluster_layer]
+    return out[np.argsort(order)]
 
 
 def _blocks(batches: np.ndarray, steps_per_call: int) -> list[np.ndarray]:
@@ -288,7 +307,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str,
         built.state_sharding,
     )
     feature_fn = make_feature_fn(
-        built.ctx.model, built.pipeline, [built.ctx.cluster_layer], built.mesh
+        built.ctx.model,
+        built.pipeline,
+        [built.ctx.cluster_layer],
+        built.mesh,
+        mode=built.method.label_pass,
     )
     progress = console.Progress(_steps_per_cycle(built), config.batch_size)
     history: list[dict[str, float]] = []  # this sitting's cycles, for the warnings

@@ -18,6 +18,7 @@ from dcjax.data import sources
 from dcjax.data.bank import ImageBank, place_bank
 from dcjax.data.pipeline import Pipeline, make_pipeline
 from dcjax.evaluation.deepcluster_probe import DeepclusterProbeConfig
+from dcjax.evaluation.sela_knn import SelaKnnConfig
 from dcjax.methods import Context, Method, make_method
 from dcjax.models.init import apply_init_scheme
 from dcjax.training.state import TrainState, make_optimizers
@@ -238,7 +239,7 @@ class _Plan:
     dummy: jax.ShapeDtypeStruct  # (1, H, W, C) the model's input shape
 
 
-EVAL_PROTOCOLS = ("dcjax", "deepdive", "deepcluster")
+EVAL_PROTOCOLS = ("dcjax", "deepdive", "deepcluster", "sela")
 
 
 def eval_layers(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
@@ -265,6 +266,8 @@ def eval_protocol(config: ml_collections.ConfigDict) -> str:
         )
     if protocol == "deepcluster":
         DeepclusterProbeConfig.from_config(config.eval.get("deepcluster"))
+    if protocol == "sela":
+        SelaKnnConfig.from_config(config.eval.get("sela"))
     return protocol
 
 

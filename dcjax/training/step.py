@@ -137,17 +137,37 @@ def _jit_steps(fn: TrainStep, mesh: Mesh, state_sharding) -> TrainStep:
     )
 
 
-def make_feature_fn(model: nn.Module, pipeline: Pipeline, layers: Sequence[str], mesh: Mesh):
-    """Builds ``features(params, batch_stats, images, indices) -> {layer: (B, ...)}``.
+def make_feature_fn(
+    model: nn.Module,
+    pipeline: Pipeline,
+    layers: Sequence[str],
+    mesh: Mesh,
+    mode: str = "eval",
+):
+    """Builds ``features(params, batch_stats, images, indices, key) -> {layer: (B, ...)}``.
 
-    Eval mode (batch-norm running statistics, no dropout) and no augmentation; the indices are
-    replicated, the gathered batch and the outputs sharded over the data axis.
+    ``mode="eval"``: eval mode (batch-norm running statistics, no dropout) on the un-augmented
+    view; ``key`` is unused. ``mode="train"``: the training view drawn with ``key`` (the first
+    crop of each image under multi-crop) and train-mode layers (dropout on, batch norm on the
+    batch's own statistics, which are not kept), as SeLa's official label pass computes its
+    probabilities. The indices and key are replicated, the gathered batch and the outputs
+    sharded over the data axis.
     """
+    if mode not in ("eval", "train"):
+        raise ValueError(f"feature pass mode must be 'eval' or 'train', got {mode!r}")
     layers = tuple(layers)
 
-    def features(params, batch_stats, images, indices):
-        x = pipeline.eval_batch(images.gather(indices))
-        outputs = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+    def features(params, batch_stats, images, indices, key):
+        variables = {"params": params, "batch_stats": batch_stats}
+        batch = images.gather(indices)
+        if mode == "train":
+            aug_key, dropout_key = jax.random.split(key)
+            x = pipeline.train_views(aug_key, batch)[0][: indices.shape[0]]
+            outputs, _ = model.apply(
+                variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key}
+            )
+        else:
+            outputs = model.apply(variables, pipeline.eval_batch(batch), train=False)
         missing = [name for name in layers if name not in outputs]
         if missing:
             raise ValueError(
@@ -155,32 +175,41 @@ def make_feature_fn(model: nn.Module, pipeline: Pipeline, layers: Sequence[str],
             )
         return {name: outputs[name] for name in layers}
 
+    rep = replicated(mesh)
     return jax.jit(
         features,
-        in_shardings=(replicated(mesh), replicated(mesh), data_sharded(mesh), replicated(mesh)),
+        in_shardings=(rep, rep, data_sharded(mesh), rep, rep),
         out_shardings=data_sharded(mesh),
     )
 
 
 def extract_features(
-    feature_fn, state: TrainState, images: ImageBank, batch_size: int, rows=None
+    feature_fn,
+    state: TrainState,
+    images: ImageBank,
+    batch_size: int,
+    rows=None,
+    key: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
-    """Runs ``feature_fn`` over all N images of the bank (or the (n,) ``rows``): {layer: (N or
-    n, ...)} on the devices.
+    """Runs ``feature_fn`` over all N images of the bank (or the (n,) ``rows``, in that order):
+    {layer: (N or n, ...)} on the devices.
 
     One jitted call: a ``lax.map`` over the (ceil(N / B), B) batches of indices, so the
     features feed clustering with no host round trip and no per-batch dispatch. The last batch
-    is padded by wrapping around, so every batch has the same shape.
+    is padded by wrapping around, so every batch has the same shape. ``key`` (a train-mode
+    pass's randomness) is folded with each batch's number.
     """
     rows = np.arange(len(images), dtype=np.int32) if rows is None else np.asarray(rows, np.int32)
     n = len(rows)
     num_batches = -(-n // batch_size)
     order = rows[np.arange(num_batches * batch_size) % n].reshape(num_batches, batch_size)
-    out = _mapped_features(feature_fn, state.params, state.batch_stats, images, order)
+    key = jax.random.PRNGKey(0) if key is None else key
+    keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(np.arange(num_batches))
+    out = _mapped_features(feature_fn, state.params, state.batch_stats, images, order, keys)
     return {name: value[:n] for name, value in out.items()}
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _mapped_features(feature_fn, params, batch_stats, images, order):
-    out = jax.lax.map(lambda indices: feature_fn(params, batch_stats, images, indices), order)
+def _mapped_features(feature_fn, params, batch_stats, images, order, keys):
+    out = jax.lax.map(lambda batch: feature_fn(params, batch_stats, images, *batch), (order, keys))
     return {name: value.reshape(-1, *value.shape[2:]) for name, value in out.items()}

@@ -216,7 +216,7 @@ def test_augment_batch_crop_is_a_per_example_random_resized_crop(key, images):
         np.testing.assert_allclose(o, _crop(k, x, out_size=_OUT, scale=(0.3, 1.0)), atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["odc", "sela", "swav"])
+@pytest.mark.parametrize("mode", ["odc", "sela", "sela_cifar", "swav"])
 def test_augment_batch_colour_modes_are_keyed_and_in_unit_range(key, rng, mode):
     unit = jnp.asarray(rng.uniform(size=(3, *_SHAPE)), jnp.float32)
     out = _batch(key, unit, mode=mode, out_size=_OUT)
@@ -226,6 +226,21 @@ def test_augment_batch_colour_modes_are_keyed_and_in_unit_range(key, rng, mode):
     assert not np.allclose(out, _batch(jax.random.split(key)[1], unit, mode=mode, out_size=_OUT))
     same = _batch(key, jnp.broadcast_to(unit[0], unit.shape), mode=mode, out_size=_OUT)
     assert not np.allclose(same[0], same[1])
+
+
+def test_sela_cifar_is_cifar_py_order(key, rng):
+    # self-label's cifar.py: RandomResizedCrop(scale 0.2-1), ColorJitter(0.4 x 4),
+    # RandomGrayscale(0.2), RandomHorizontalFlip, in that order.
+    unit = jnp.asarray(rng.uniform(size=(3, *_SHAPE)), jnp.float32)
+    out = _batch(key, unit, mode="sela_cifar", out_size=_OUT, crop_scale=(0.2, 1.0))
+    for o, k, x in zip(out, jax.random.split(key, 3), unit, strict=True):
+        k_crop, k_jitter, k_gray, k_flip = jax.random.split(k, 4)
+        view = augment.torchvision_random_resized_crop(k_crop, x, out_size=_OUT, scale=(0.2, 1.0))
+        view = augment.color_jitter(
+            k_jitter, view, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4
+        )
+        view = augment.random_flip(k_flip, augment.random_grayscale(k_gray, view, 0.2))
+        np.testing.assert_allclose(o, view, atol=1e-5)
 
 
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])

@@ -24,21 +24,83 @@ def run():
 @pytest.mark.parametrize(
     ("cycles", "steps", "schedule", "expected"),
     [
-        (25, 10, "linear", [2, 5, 7, 10, 12, 15, 17, 20, 22]),
-        (100, 5, "quadratic", [4, 16, 36, 64]),
+        (25, 10, "linear", [0, 2, 5, 8, 11, 13, 16, 19, 22]),
+        (100, 5, "quadratic", [0, 6, 25, 56]),
         (2, 4, "linear", [0, 1]),
-        (10, 1, "linear", []),  # the random labels only
+        (10, 0, "linear", list(range(9))),  # nopts = epochs: a step every epoch but the last
+        (10, 1, "linear", []),  # the random labels only (label transfer)
+        (10, 2, "linear", [0]),
     ],
 )
 def test_label_step_cycles(cycles, steps, schedule, expected):
     assert sela.label_step_cycles(cycles, steps, schedule) == expected
 
 
+def _official_step_epochs(epochs, nopts, power, stretch, n, batch):
+    """The epochs in which self-label's label steps fire: the times ``(E + stretch) N
+    linspace(0, 1, nopts)^p`` (``cifar.py``: stretch 1.0001, p 1; ``main.py``: 1.01, 2), a step
+    taken at the first iteration whose ``niter * batch`` reaches it (``niter`` counted over
+    ``ceil(N / batch)`` iterations per epoch), the last time never reached."""
+    per_epoch = -(-n // batch)
+    times = (epochs + stretch) * n * np.linspace(0, 1, nopts) ** power
+    fired = [int(np.ceil(t / batch)) // per_epoch for t in times]
+    return [e for e in fired if e < epochs]
+
+
+@pytest.mark.parametrize(
+    ("epochs", "nopts", "schedule", "stretch", "n", "batch"),
+    [
+        (400, 400, "linear", 1.0001, 50_000, 128),  # scripts/cifar.sh
+        (100, 100, "linear", 1.0001, 10_000, 128),
+        (400, 100, "quadratic", 1.01, 1_281_167, 256),  # scripts/alexnet.sh (400 epochs)
+    ],
+)
+def test_label_steps_follow_the_official_schedule(epochs, nopts, schedule, stretch, n, batch):
+    ours = sela.label_step_cycles(epochs, nopts, schedule)
+    power = sela._SCHEDULE_POWERS[schedule]
+    official = _official_step_epochs(epochs, nopts, power, stretch, n, batch)
+    # S - 1 steps; S when a partial last batch makes niter * batch outrun the samples seen.
+    assert len(official) in (nopts - 1, nopts) and ours[0] == official[0] == 0
+    # The official stretches its times by (E + stretch) / E (and by the partial batch's
+    # overcount); step j of ours lands within 3 epochs of the official's.
+    ours_per_step = [epochs * j**power // (nopts - 1) ** power for j in range(nopts - 1)]
+    assert max(abs(a - b) for a, b in zip(ours_per_step, official, strict=False)) <= 3
+    assert ours == sorted(set(ours_per_step))
+    assert len(ours) >= len(set(official)) - 3
+
+
+def test_linear_schedule_loses_no_cycle():
+    # int(100 * 0.29) = 28 lost cycles 29 and 58 in the float form.
+    assert sela.label_step_cycles(100, 100, "linear") == list(range(99))
+    assert sela.label_step_cycles(400, 0, "linear") == list(range(399))
+
+
+def test_cifar10_steps_follow_a_cycles_override():
+    config = load_config("sela", "cifar10")
+    config.num_cycles = 400
+    assert sela.read_settings(config).label_cycles == tuple(range(399))
+
+
 def test_label_step_cycles_reject_bad_fields():
     with pytest.raises(ValueError, match="config.method.schedule"):
         sela.label_step_cycles(10, 3, "cubic")
     with pytest.raises(ValueError, match="config.method.num_label_steps"):
-        sela.label_step_cycles(10, 0, "linear")
+        sela.label_step_cycles(10, -1, "linear")
+    with pytest.raises(ValueError, match="config.method.num_label_steps"):
+        sela.label_step_cycles(10, 2.5, "linear")
+
+
+@pytest.mark.parametrize(("field", "value"), [("heads_per_step", "two"), ("label_pass", "test")])
+def test_unknown_choices_are_refused(run, field, value):
+    config = run.config.copy_and_resolve_references()
+    config.method[field] = value
+    with pytest.raises(ValueError, match=f"config.method.{field}"):
+        sela.read_settings(config)
+
+
+def test_heads_at():
+    assert sela.heads_at("all", 3, 7) == (0, 1, 2)
+    assert [sela.heads_at("one", 3, c) for c in range(5)] == [(0,), (1,), (2,), (0,), (1,)]
 
 
 def test_random_labels_are_equal_size_and_differ_per_head():
@@ -80,6 +142,25 @@ def test_label_step_equals_sinkhorn_on_each_head(run, rng):
     # and lambda=10 the entropic plan's argmax leaves sizes 18-29 around N/K=25.6.)
     assert {"nmi_true", "nmi_previous", "sinkhorn_iters"} <= set(stats)
     np.testing.assert_array_equal(state.method.pseudo_labels, state.method.labels[0])
+
+
+def test_one_head_per_step_relabels_head_cycle_mod_h(run, rng):
+    config = run.config.copy_and_resolve_references()
+    config.method.heads_per_step = "one"
+    method = sela.make_method(config)
+    n, d = run.ctx.num_examples, run.ctx.feature_dim
+    features = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    start = run.initial_state.replace(cycle=jnp.asarray(3, run.initial_state.cycle.dtype))
+    state, stats = method.recluster(run.ctx, start, features)
+    h = config.method.num_heads
+    relabelled = 3 % h
+    for head in range(h):
+        if head != relabelled:
+            np.testing.assert_array_equal(state.method.labels[head], start.method.labels[head])
+    logits = head_logits(state.params["head"], features, relabelled, config.method.num_clusters)
+    expected = sinkhorn.solve(jax.nn.log_softmax(logits, axis=-1), sinkhorn_config(config))
+    np.testing.assert_array_equal(state.method.labels[relabelled], expected.labels)
+    assert stats["sinkhorn_head"] == relabelled
 
 
 def test_no_features_keeps_the_labels(run):

@@ -164,3 +164,48 @@ def test_steps_per_call_must_be_a_count():
     config.steps_per_call = -1  # ml_collections itself rejects a float or a string here
     with pytest.raises(ValueError, match="config.steps_per_call="):
         build_run(config)
+
+
+def test_train_mode_feature_pass_is_the_train_mode_forward_of_a_training_view():
+    run = _smoke(1)
+    fn = make_feature_fn(run.ctx.model, run.pipeline, ["features"], run.mesh, mode="train")
+    state = run.initial_state
+    indices = np.arange(16, dtype=np.int32)
+    key = jax.random.PRNGKey(3)
+    out = fn(state.params, state.batch_stats, run.train_images, indices, key)["features"]
+    aug_key, dropout_key = jax.random.split(key)
+    x = run.pipeline.train_views(aug_key, run.train_images.gather(indices))[0]
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    direct, _ = run.ctx.model.apply(
+        variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key}
+    )
+    np.testing.assert_allclose(out, direct["features"], rtol=1e-5, atol=1e-5)
+    eval_fn = make_feature_fn(run.ctx.model, run.pipeline, ["features"], run.mesh)
+    eval_out = eval_fn(state.params, state.batch_stats, run.train_images, indices, key)
+    assert float(np.max(np.abs(out - eval_out["features"]))) > 1e-3
+    with pytest.raises(ValueError, match="mode"):
+        make_feature_fn(run.ctx.model, run.pipeline, ["features"], run.mesh, mode="test")
+
+
+def test_train_mode_label_pass_shuffles_and_returns_example_order(monkeypatch):
+    from dcjax.training import loop
+
+    run = _smoke(1)
+    n, rows_seen = len(run.train_images), []
+
+    def echo(params, batch_stats, images, indices, key):  # each example's feature: its index
+        del params, batch_stats, images, key
+        return {run.ctx.cluster_layer: indices.astype(np.float32)[:, None]}
+
+    def recording(*args, **kwargs):
+        rows_seen.append(np.asarray(kwargs["rows"]))
+        assert args[3] == run.config.batch_size  # batch-norm statistics over training batches
+        return extract_features(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "extract_features", recording)
+    for cycle in (0, 1):
+        out = loop._train_mode_features(run, run.initial_state, echo, cycle=cycle)
+        np.testing.assert_array_equal(np.asarray(out)[:, 0], np.arange(n))
+    first, second = rows_seen
+    assert sorted(first) == list(range(n)) and not np.array_equal(first, np.arange(n))
+    assert not np.array_equal(first, second)
