@@ -173,8 +173,34 @@ def base_config() -> ml_collections.ConfigDict:
                 )
             ),
             # "sela" adds SeLa's official kNN on knn_layer (dcjax/evaluation/sela_knn.py):
-            # after a ReLU, 10 neighbours weighted exp(similarity / 0.1), raw and after PCA-128.
-            sela=ml_collections.ConfigDict(dict(k=10, temperature=0.1, relu=True, pca_dim=128)),
+            # after a ReLU, 10 neighbours weighted exp(similarity / 0.1), raw and after PCA-128;
+            # with probes=True also its eval_linear_probes.py (dcjax/evaluation/sela_probe.py):
+            # max-pool + BN + linear on conv1..conv5, 36 epochs through the frozen network, an
+            # evaluation job of its own: python -m dcjax.evaluate --config.eval.protocol=sela
+            # --config.eval.sela.probes=true
+            sela=ml_collections.ConfigDict(
+                dict(
+                    k=10,
+                    temperature=0.1,
+                    relu=True,
+                    pca_dim=128,
+                    probes=False,
+                    probe_layers=("relu1", "relu2", "relu3", "relu4", "relu5"),
+                    # (window, stride, padding) of each layer's max-pool downsampler
+                    probe_pools=((6, 6, 3), (4, 4, 0), (3, 3, 1), (3, 3, 1), (2, 2, 0)),
+                    probe_epochs=36,
+                    probe_batch_size=192,
+                    probe_test_batch_size=16,  # the official 19 (memory only)
+                    probe_learning_rates=(1e-2, 1e-3, 1e-4, 1e-5),
+                    probe_lr_drop_epochs=(10, 20, 30),  # 0-based epochs where the next starts
+                    probe_momentum=0.9,
+                    probe_weight_decay=1e-5,
+                    probe_test_from_epoch=27,  # 1-based: the official 0-based epoch > 25
+                    probe_resize=256,
+                    probe_crop=224,
+                    probe_tencrops=True,
+                )
+            ),
             # "deepcluster" adds DeepCluster's eval_linear.py probes on the pooled conv layers
             # (dcjax/evaluation/deepcluster_probe.py): 90 epochs through the frozen network, an
             # evaluation job of its own: python -m dcjax.evaluate --config.eval.protocol=deepcluster
@@ -220,6 +246,7 @@ def apply_smoke(config: ml_collections.ConfigDict, variants: set[str] = frozense
         config.steps_per_call = 0
         config.eval.update(train_examples=0, probe_batch_size=8, probe_epochs=1)
         config.eval.deepcluster.update(epochs=1, batch_size=8, test_batch_size=8)
+        config.eval.sela.update(probe_epochs=1, probe_batch_size=8, probe_test_batch_size=8)
 
 
 def apply_cifar10(config: ml_collections.ConfigDict) -> None:

@@ -11,6 +11,12 @@ testing) is an evaluation job of its own, run this way on a trained workdir:
   python -m dcjax.evaluate --workdir=runs/dc-imagenet --config.eval.protocol=deepcluster \\
       --random_init=false --out=runs/dc-imagenet/eval_deepcluster.json
 
+SeLa's per-layer linear probes (``eval_linear_probes.py``: max-pool + batch norm + linear on
+conv1..conv5 of its AlexNet, 36 epochs, ten-crop testing) likewise, beside its kNN:
+
+  python -m dcjax.evaluate --workdir=runs/sela-imagenet --config.eval.protocol=sela \\
+      --config.eval.sela.probes=true --random_init=false --out=runs/sela-imagenet/eval_sela.json
+
 ``--random_init=false`` skips the random-init column (which costs as much again);
 ``--out`` writes the figures as JSON.
 """
@@ -123,19 +129,27 @@ def evaluate_workdir(
     return results
 
 
-def _print_deepcluster(results: dict[str, dict[str, float]]) -> None:
-    """DeepCluster's protocol, one row per layer (top-1 / top-5 in %, as its Table 1)."""
+# The official per-layer linear protocols: (figure prefix, the title of their table).
+_LAYER_TABLES = (
+    ("deepcluster", "DeepCluster's linear protocol (eval_linear.py)"),
+    ("sela", "SeLa's linear probes (eval_linear_probes.py)"),
+)
+
+
+def _print_layer_table(results: dict[str, dict[str, float]], prefix: str, title: str) -> None:
+    """An official per-layer protocol, one row per layer (top-1 / top-5 in %, as the papers'
+    tables); nothing when the results have no ``<prefix>_top1/<layer>`` figure."""
     columns = [c for c in ("random_init", "trained") if c in results]
-    layers = [k.split("/", 1)[1] for k in results[columns[-1]] if k.startswith("deepcluster_top1/")]
+    layers = [k.split("/", 1)[1] for k in results[columns[-1]] if k.startswith(f"{prefix}_top1/")]
     if not layers:
         return
-    print("\nDeepCluster's linear protocol (eval_linear.py), top-1 / top-5 %, last epoch:")
+    print(f"\n{title}, top-1 / top-5 %, last epoch:")
     print(f"  {'layer':8s}" + "".join(f" {c:>22s}" for c in columns))
     for layer in layers:
         cells = []
         for c in columns:
-            top1 = results[c].get(f"deepcluster_top1/{layer}", float("nan"))
-            top5 = results[c].get(f"deepcluster_top5/{layer}", float("nan"))
+            top1 = results[c].get(f"{prefix}_top1/{layer}", float("nan"))
+            top5 = results[c].get(f"{prefix}_top5/{layer}", float("nan"))
             cells.append(f"{100 * top1:6.2f} / {100 * top5:6.2f}")
         print(f"  {layer:8s}" + "".join(f" {cell:>22s}" for cell in cells))
 
@@ -163,7 +177,8 @@ def main(argv: list[str]) -> None:
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
     results = evaluate_workdir(workdir, overrides, random_init=_FLAGS["random_init"].value)
     print_results(results, workdir)
-    _print_deepcluster(results)
+    for prefix, title in _LAYER_TABLES:
+        _print_layer_table(results, prefix, title)
     from dcjax.core import distributed
 
     if _FLAGS["out"].value and distributed.is_main():

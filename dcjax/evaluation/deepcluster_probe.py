@@ -30,22 +30,21 @@ The official code trains one layer per run (``--conv k``); here the probes of ev
 optimiser states are disjoint, so each follows the update of its own run; only the random
 batches are shared.
 
-Crops from dcjax's image banks: the banks hold each image fitted to an S x S square (shorter side
-S, centre crop; ImageNet at S = 224), which is the official Resize(256) + CenterCrop(256) square
-scaled by S / 256. A crop of 224 at integer offset (i, j) of that square is therefore the box of
-side 224 S / 256 at (i S / 256, j S / 256) of the bank image, bilinearly resampled to the network's
-S x S input (as the rest of dcjax: no antialiasing; PIL's resampling of the full JPEG differs by
-the rounding and the interpolation only). The training crops and the centre crop are the
-official ones. The four corner crops of ``TenCrop`` are those of the 256 x 256 centre square, not
-of the whole resized image: for an image that is not square, the official corners lie further
-out along its longer side; the bank does not keep those pixels.
+Crops from dcjax's image banks: ``dcjax.data.crops`` (a crop of 224 at offset (i, j) of the
+official 256 x 256 square is the box of side 224 S / 256 at (i S / 256, j S / 256) of the S x S
+bank image, resampled to the network's input). The training crops and the centre crop are the
+official ones; the four corner crops of ``TenCrop`` are those of the 256 x 256 centre square,
+not of the whole resized image (for an image that is not square, the official corners lie
+further out along its longer side; the bank does not keep those pixels).
+
+The linear layers, the loss, the SGD step and the top-k rule are shared with SeLa's protocol
+(``dcjax.evaluation.probe_kernels``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,13 +52,19 @@ import numpy as np
 import optax
 
 from dcjax.core.errors import ConfigError
+from dcjax.evaluation.probe_kernels import (
+    LayerScores,
+    probe_logits,
+    probe_loss,
+    sgd_update,
+    topk_hits,
+)
 
 __all__ = [
     "CENTRE_VIEW",
     "DEFAULT_LAYERS",
     "DeepclusterProbeConfig",
     "DeepclusterProbeResult",
-    "five_crop_offsets",
     "initial_params",
     "learning_rate",
     "probe_logits",
@@ -74,8 +79,6 @@ DEFAULT_LAYERS = ("probe1", "probe2", "probe3", "probe4", "probe5")
 # mirrored) order.
 CENTRE_VIEW = 4
 _TOP_K = 5
-
-Params = dict[str, dict[str, jax.Array]]  # layer -> {"kernel": (d, c), "bias": (c,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,31 +145,13 @@ class DeepclusterProbeConfig:
         return cls(**fields)
 
 
-class DeepclusterProbeResult(NamedTuple):
-    """Scores per tested epoch, as fractions in [0, 1].
-
-    Attributes:
-      epochs: (T,) the 1-based epochs after which the test split was scored.
-      top1, top5, test_loss: layer -> (T,) top-1, top-5 (top-min(5, classes)) and the mean
-        cross-entropy of the centre view.
-      train_loss: layer -> (E,) the mean training cross-entropy of each epoch.
-    """
-
-    epochs: np.ndarray
-    top1: dict[str, np.ndarray]
-    top5: dict[str, np.ndarray]
-    test_loss: dict[str, np.ndarray]
-    train_loss: dict[str, np.ndarray]
+class DeepclusterProbeResult(LayerScores):
+    """Scores per tested epoch (``LayerScores``); the test loss is the centre view's."""
 
     def figures(self) -> dict[str, float]:
         """``deepcluster_top1/<layer>`` and ``deepcluster_top5/<layer>`` (the last epoch), and
         ``deepcluster_best_top1/<layer>`` (the best tested epoch, the official ``best_prec1``)."""
-        out = {}
-        for layer in self.top1:
-            out[f"deepcluster_top1/{layer}"] = float(self.top1[layer][-1])
-            out[f"deepcluster_top5/{layer}"] = float(self.top5[layer][-1])
-            out[f"deepcluster_best_top1/{layer}"] = float(np.max(self.top1[layer]))
-        return out
+        return self.layer_figures("deepcluster")
 
 
 # ----------------------------------------------------------------------------- the linear probes
@@ -196,50 +181,6 @@ def learning_rate(lr0: float, weight_decay: float, step: jax.Array) -> jax.Array
     return lr0 / jnp.sqrt(1.0 + lr0 * weight_decay * jnp.asarray(step, jnp.float32))
 
 
-def probe_logits(params: Params, features: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """layer -> (B, c) logits of the flattened (B, ...) features of each probed layer."""
-    return {
-        layer: features[layer].reshape(features[layer].shape[0], -1) @ p["kernel"] + p["bias"]
-        for layer, p in params.items()
-    }
-
-
-def probe_loss(
-    params: Params, features: Mapping[str, jax.Array], labels: jax.Array, mask: jax.Array
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(sum over layers, layer -> loss): each layer's mean cross-entropy over the real rows.
-
-    The layers share no parameter, so the gradient of the sum is each layer's own gradient.
-
-    Args:
-      params: layer -> {"kernel": (d, c), "bias": (c,)}.
-      features: layer -> (B, ...) frozen features.
-      labels: (B,) ints in [0, c).
-      mask: (B,) bool, the real rows (False: padding of the epoch's last, partial batch).
-    """
-    weights = mask.astype(jnp.float32)
-    losses = {
-        layer: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, labels) * weights)
-        / jnp.maximum(jnp.sum(weights), 1.0)
-        for layer, z in probe_logits(params, features).items()
-    }
-    return sum(losses.values()), losses
-
-
-def sgd_update(params, momentum_buffer, grads, lr, *, momentum: float, weight_decay: float):
-    """One ``torch.optim.SGD`` step (dampening 0, no Nesterov): ``g += wd * p``,
-    ``buf = momentum * buf + g`` (the first step's buffer is g: start from zeros),
-    ``p -= lr * buf``.
-
-    Returns:
-      (new params, new momentum buffer), pytrees like ``params``.
-    """
-    grads = jax.tree.map(lambda g, w: g + weight_decay * w, grads, params)
-    momentum_buffer = jax.tree.map(lambda b, g: momentum * b + g, momentum_buffer, grads)
-    params = jax.tree.map(lambda w, b: w - lr * b, params, momentum_buffer)
-    return params, momentum_buffer
-
-
 def view_scores(logits: jax.Array, labels: jax.Array, k: int = _TOP_K):
     """Scores of (B, V, c) logits of V views per image, as the official ``validate``.
 
@@ -254,23 +195,5 @@ def view_scores(logits: jax.Array, labels: jax.Array, k: int = _TOP_K):
     else:
         scores = jax.nn.softmax(logits, axis=-1).mean(axis=1)
         centre = logits[:, CENTRE_VIEW]
-    target = jnp.take_along_axis(scores, labels[:, None], axis=1)
-    # The label's place in a stable descending sort (ties go to the lower class index); a
-    # non-finite score never hits.
-    before = jnp.arange(scores.shape[1])[None, :] < labels[:, None]
-    rank = jnp.sum((scores > target) | ((scores == target) & before), axis=1)
-    rank = jnp.where(jnp.isfinite(target[:, 0]), rank, scores.shape[1])
     loss = optax.softmax_cross_entropy_with_integer_labels(centre, labels)
-    return rank < 1, rank < min(k, logits.shape[-1]), loss
-
-
-# ------------------------------------------------------------------------------------ the views
-
-
-def five_crop_offsets(resize: int, crop: int) -> tuple[tuple[int, int], ...]:
-    """(top, left) of torchvision's ``FiveCrop(crop)`` on a resize x resize square, in its order
-    (top-left, top-right, bottom-left, bottom-right, centre); the centre rounds as
-    ``CenterCrop``."""
-    far = resize - crop
-    centre = int(round(far / 2.0))
-    return ((0, 0), (0, far), (far, 0), (far, far), (centre, centre))
+    return (*topk_hits(scores, labels, k), loss)

@@ -9,11 +9,11 @@ from absl import logging
 
 from dcjax.core.distributed import to_host
 from dcjax.data.bank import place_bank
-from dcjax.evaluation import deepcluster_probe, deepdive_probe, scores, sela_knn
+from dcjax.evaluation import deepcluster_probe, deepdive_probe, scores, sela_knn, sela_probe
 from dcjax.evaluation.knn import knn_accuracy
 from dcjax.evaluation.linear_probe import linear_probe
-from dcjax.training import deepcluster_eval
-from dcjax.training.setup import Run, eval_layers, eval_protocol
+from dcjax.training import deepcluster_eval, sela_eval
+from dcjax.training.setup import Run, eval_layers, eval_protocol, sela_probes
 from dcjax.training.state import TrainState
 from dcjax.training.step import extract_features, make_feature_fn
 
@@ -36,7 +36,11 @@ class Evaluator:
     ``deepcluster_best_top1/<layer>``: the best epoch), with ``eval.deepcluster``'s settings.
     ``eval.protocol = "sela"`` adds SeLa's official kNN on ``knn_layer`` (after a ReLU, the
     exp(similarity / 0.1)-weighted vote of 10 neighbours: ``sela_knn_accuracy``; after a PCA to
-    128: ``sela_knn_pca_accuracy``), with ``eval.sela``'s settings.
+    128: ``sela_knn_pca_accuracy``), with ``eval.sela``'s settings; with ``eval.sela.probes``
+    also SeLa's ``eval_linear_probes.py`` probes on ``eval.sela.probe_layers`` (conv1..conv5
+    max-pooled and batch-normed), trained like DeepCluster's on augmented views of the whole
+    train split (``sela_top1/<layer>``, ``sela_top5/<layer>``: the last epoch;
+    ``sela_best_top1/<layer>``: the best tested epoch), with the ``eval.sela.probe_*`` settings.
     """
 
     def __init__(self, run: Run):
@@ -48,20 +52,30 @@ class Evaluator:
         self._deepdive = None
         if eval_protocol(run.config) == "deepdive":
             self._deepdive = deepdive_probe.DeepdiveProbeConfig(**cfg.deepdive.to_dict())
-        self._deepcluster = None
+        # The official linear protocols through the frozen network: (runner, its settings).
+        bank_probes = []
         if eval_protocol(run.config) == "deepcluster":
-            model = run.ctx.model
-            self._deepcluster = deepcluster_eval.DeepclusterProbe(
+            dc_config = deepcluster_probe.DeepclusterProbeConfig.from_config(cfg.get("deepcluster"))
+            bank_probes.append((deepcluster_eval.DeepclusterProbe, dc_config))
+        self._sela = None
+        if eval_protocol(run.config) == "sela":
+            knn = sela_probe.knn_fields(cfg.get("sela"))
+            self._sela = sela_knn.SelaKnnConfig.from_config(knn)
+            probes_config = sela_probes(run.config)
+            if probes_config is not None:
+                bank_probes.append((sela_eval.SelaProbe, probes_config))
+        model = run.ctx.model
+        self._bank_probes = [
+            runner(
                 lambda variables, x: model.apply(variables, x, train=False),
-                deepcluster_probe.DeepclusterProbeConfig.from_config(cfg.get("deepcluster")),
+                settings,
                 run.pipeline.mean,
                 run.pipeline.std,
                 run.pipeline.out_size,
                 run.mesh,
             )
-        self._sela = None
-        if eval_protocol(run.config) == "sela":
-            self._sela = sela_knn.SelaKnnConfig.from_config(cfg.get("sela"))
+            for runner, settings in bank_probes
+        ]
         self._mirrored = None  # the mirrored training images, placed on first use
 
     def features(self, state: TrainState, layer: str) -> np.ndarray:
@@ -132,8 +146,8 @@ class Evaluator:
                     seed=run.config.seed,
                 )
             )
-        if self._deepcluster is not None:
-            result = self._deepcluster(
+        for probe in self._bank_probes:
+            result = probe(
                 {"params": state.params, "batch_stats": state.batch_stats},
                 run.train_images,
                 data.train_labels,

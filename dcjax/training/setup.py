@@ -17,6 +17,7 @@ from dcjax.core.mesh import make_mesh, replicated
 from dcjax.data import sources
 from dcjax.data.bank import ImageBank, place_bank
 from dcjax.data.pipeline import Pipeline, make_pipeline
+from dcjax.evaluation import sela_probe
 from dcjax.evaluation.deepcluster_probe import DeepclusterProbeConfig
 from dcjax.evaluation.sela_knn import SelaKnnConfig
 from dcjax.methods import Context, Method, make_method
@@ -33,6 +34,7 @@ __all__ = [
     "eval_protocol",
     "fresh_initial_state",
     "init_variables",
+    "sela_probes",
 ]
 
 
@@ -267,8 +269,35 @@ def eval_protocol(config: ml_collections.ConfigDict) -> str:
     if protocol == "deepcluster":
         DeepclusterProbeConfig.from_config(config.eval.get("deepcluster"))
     if protocol == "sela":
-        SelaKnnConfig.from_config(config.eval.get("sela"))
+        sela = config.eval.get("sela")
+        SelaKnnConfig.from_config(sela_probe.knn_fields(sela))
+        sela_probe.probes_enabled(sela)
+        sela_probe.SelaProbeConfig.from_config(sela)
     return protocol
+
+
+def sela_probes(config: ml_collections.ConfigDict) -> sela_probe.SelaProbeConfig | None:
+    """The settings of SeLa's linear probes when ``eval.protocol="sela"`` and
+    ``eval.sela.probes`` turn them on, else None (ConfigError naming a bad field)."""
+    if eval_protocol(config) != "sela" or not sela_probe.probes_enabled(config.eval.get("sela")):
+        return None
+    return sela_probe.SelaProbeConfig.from_config(config.eval.get("sela"))
+
+
+def _check_probe_batches(probe, prefix: str, mesh: Mesh) -> None:
+    """An official linear protocol's train and test batches split over the devices.
+
+    Raises:
+      ConfigError: naming ``config.<prefix>batch_size`` or ``test_batch_size`` when the device
+        count does not divide it.
+    """
+    devices = mesh.devices.size
+    for field in ("batch_size", "test_batch_size"):
+        if getattr(probe, field) % devices:
+            raise ConfigError(
+                f"config.{prefix}{field}={getattr(probe, field)} must be a multiple of the "
+                f"{devices} devices"
+            )
 
 
 def _check_deepcluster_protocol(config, outputs: dict, mesh: Mesh) -> None:
@@ -289,13 +318,38 @@ def _check_deepcluster_protocol(config, outputs: dict, mesh: Mesh) -> None:
             f"{', '.join(map(repr, missing))}: DeepCluster's protocol pools conv1..conv5 of its "
             f"AlexNet (model.name='alexnet': probe1..probe5); the model has {sorted(outputs)}"
         )
-    devices = mesh.devices.size
-    for field in ("batch_size", "test_batch_size"):
-        if getattr(probe, field) % devices:
+    _check_probe_batches(probe, "eval.deepcluster.", mesh)
+
+
+def _check_sela_probes(config, outputs: dict, mesh: Mesh) -> None:
+    """``eval.sela.probes``: its layers are (B, H, W, C) maps of the model that its pools
+    leave non-empty, and its batches split over the devices.
+
+    Raises:
+      ConfigError: naming ``config.eval.sela.probe_layers`` and the missing or flat outputs (a
+        backbone without AlexNet's ``relu1``..``relu5``), ``probe_pools`` for a pool that
+        leaves no pixel, or the batch field that the device count does not divide.
+    """
+    probe = sela_probes(config)
+    if probe is None:
+        return
+    missing = [layer for layer in probe.layers if layer not in outputs]
+    flat = [layer for layer in probe.layers if layer in outputs and outputs[layer].ndim != 4]
+    if missing or flat:
+        raise ConfigError(
+            f"config.eval.sela.probes=True probes config.eval.sela.probe_layers={probe.layers}, "
+            f"but config.model.name={config.model.name!r} has no (B, H, W, C) output "
+            f"{', '.join(map(repr, missing + flat))}: SeLa's probes read conv1..conv5 after their "
+            f"ReLU (model.name='alexnet': relu1..relu5); the model has {sorted(outputs)}"
+        )
+    for layer, pool in zip(probe.layers, probe.pools, strict=True):
+        shape = sela_probe.pooled_shape(tuple(outputs[layer].shape[1:]), pool)
+        if min(shape[:2]) < 1:
             raise ConfigError(
-                f"config.eval.deepcluster.{field}={getattr(probe, field)} must be a multiple of "
-                f"the {devices} devices"
+                f"config.eval.sela.probe_pools: {pool} leaves no pixel of {layer}'s "
+                f"{outputs[layer].shape[1]}x{outputs[layer].shape[2]} map"
             )
+    _check_probe_batches(probe, "eval.sela.probe_", mesh)
 
 
 def _model_shapes(config, model, dummy: jax.ShapeDtypeStruct):
@@ -365,6 +419,7 @@ def _plan(config: ml_collections.ConfigDict) -> _Plan:
     cluster_layer = config.method.get("cluster_layer", "features")
     if eval_protocol(config) == "deepcluster":
         _check_deepcluster_protocol(config, outputs, mesh)
+    _check_sela_probes(config, outputs, mesh)
     for field, layer in [("method.cluster_layer", cluster_layer), *eval_layers(config)]:
         if layer not in outputs:
             raise ConfigError(

@@ -17,38 +17,22 @@ import pytest
 from PIL import Image
 
 from dcjax.core.errors import ConfigError
-from dcjax.core.mesh import make_mesh
-from dcjax.data.bank import place_bank
 from dcjax.evaluation import deepcluster_probe as dc
 from dcjax.models.imagenet_nets import AlexNet
 from dcjax.training import checkpoint, loop
 from dcjax.training import deepcluster_eval as dc_eval
 from dcjax.training.setup import build_run, check_config
-from tests.helpers import REPO, load_config
+from tests.helpers import (
+    ONE_COLOUR_MEAN,
+    ONE_COLOUR_STD,
+    REPO,
+    assert_matches_replay,
+    load_config,
+    run_on_one_colour_images,
+)
+from tests.references import ce_grads, pool_side, softmax, torch_sgd
 
 # ------------------------------------------------------------------------- NumPy references
-
-
-def _softmax(z):
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def _ce_grads(x, y, kernel, bias):
-    """Mean cross-entropy of a Linear layer and its gradients, float64."""
-    p = _softmax(x @ kernel + bias)
-    loss = -np.log(p[np.arange(len(y)), y]).mean()
-    p[np.arange(len(y)), y] -= 1.0
-    return loss, {"kernel": x.T @ p / len(y), "bias": p.mean(0)}
-
-
-def _torch_sgd(params, state, grads, lr, momentum, wd):
-    """torch.optim.SGD.step (dampening 0, no nesterov) as its source reads, in float64:
-    d_p = grad + wd * p; buf = d_p on the first step, then momentum * buf + d_p; p -= lr * buf."""
-    for k in params:
-        d_p = grads[k] + wd * params[k]
-        state[k] = d_p.copy() if k not in state else momentum * state[k] + d_p
-        params[k] = params[k] - lr * state[k]
 
 
 def _official_lr(lr0, wd, t):
@@ -84,8 +68,8 @@ def test_sgd_step_and_schedule_equal_torchs_rule_in_float64(rng):
         params, buf, losses = step(params, buf, feats, labels, mask, t0 + i)
         for x in dims:
             rows = feats[x][mask].astype(np.float64)
-            loss, grads = _ce_grads(rows, labels[mask], ref[x]["kernel"], ref[x]["bias"])
-            _torch_sgd(ref[x], ref_state[x], grads, _official_lr(lr0, wd, t0 + i), momentum, wd)
+            loss, grads = ce_grads(rows, labels[mask], ref[x]["kernel"], ref[x]["bias"])
+            torch_sgd(ref[x], ref_state[x], grads, _official_lr(lr0, wd, t0 + i), momentum, wd)
             assert float(losses[x]) == pytest.approx(loss, rel=1e-5)
             for k in ("kernel", "bias"):
                 np.testing.assert_allclose(params[x][k], ref[x][k], rtol=1e-5, atol=1e-7)
@@ -116,18 +100,14 @@ _ALEXNET_CFG = [(96, 11, 4, 2), "M", (256, 5, 1, 2), "M", (384, 3, 1, 1), (384, 
 _ALEXNET_CFG += [(256, 3, 1, 1), "M"]
 
 
-def _out(n, kernel, stride, pad):  # PyTorch's Conv2d / MaxPool2d / AvgPool2d, floor mode
-    return (n + 2 * pad - kernel) // stride + 1
-
-
 def _official_conv_maps(size):
     """(channels, side) of the output of each ReLU (forward(x, model, conv) returns it)."""
     maps, n = [], size
     for layer in _ALEXNET_CFG:
         if layer == "M":
-            n = _out(n, 3, 2, 0)
+            n = pool_side(n, 3, 2, 0)
         else:
-            n = _out(n, *layer[1:])
+            n = pool_side(n, *layer[1:])
             maps.append((layer[0], n))
     return maps
 
@@ -135,7 +115,7 @@ def _official_conv_maps(size):
 def _official_avg_pool(x, kernel, stride, pad):
     """AvgPool2d(count_include_pad=True) of (H, W, C), as a loop over windows."""
     padded = np.pad(x, ((pad, pad), (pad, pad), (0, 0)))
-    side = _out(x.shape[0], kernel, stride, pad)
+    side = pool_side(x.shape[0], kernel, stride, pad)
     out = np.empty((side, side, x.shape[2]))
     for i in range(side):
         for j in range(side):
@@ -146,7 +126,7 @@ def _official_avg_pool(x, kernel, stride, pad):
 
 def test_probe_widths_and_values_are_reglogs_pooling_of_each_relu():
     maps = _official_conv_maps(224)
-    widths = [ch * _out(n, *_REGLOG[k][:3]) ** 2 for k, (ch, n) in enumerate(maps, 1)]
+    widths = [ch * pool_side(n, *_REGLOG[k][:3]) ** 2 for k, (ch, n) in enumerate(maps, 1)]
     assert widths == [_REGLOG[k][3] for k in range(1, 6)] == [9600, 9216, 9600, 9600, 9216]
     net = AlexNet(hidden_dim=8)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 224, 224, 2))
@@ -227,7 +207,7 @@ def test_ten_crop_scores_average_the_softmax_and_score_the_centre_crops_loss(rng
     labels = rng.integers(0, c, b)
     scores = jax.jit(dc.view_scores)
     top1, top5, loss = scores(logits, labels)
-    probs = _softmax(logits.astype(np.float64)).mean(1)
+    probs = softmax(logits.astype(np.float64)).mean(1)
     order = np.argsort(-probs, axis=1)
     ranked = np.take_along_axis(probs, order, axis=1)
     # Rows whose float64 ranking float32 cannot settle (a gap below 1e-5 at the cut) are left
@@ -237,7 +217,7 @@ def test_ten_crop_scores_average_the_softmax_and_score_the_centre_crops_loss(rng
     np.testing.assert_array_equal(np.asarray(top1)[clear1], (order[:, 0] == labels)[clear1])
     hit5 = (order[:, :5] == labels[:, None]).any(1)
     np.testing.assert_array_equal(np.asarray(top5)[clear5], hit5[clear5])
-    centre = _softmax(logits[:, 4].astype(np.float64))  # validate(): view ncrops / 2 - 1
+    centre = softmax(logits[:, 4].astype(np.float64))  # validate(): view ncrops / 2 - 1
     # float32 cross-entropy: about 2e-7 absolute where the loss is near 0.
     np.testing.assert_allclose(loss, -np.log(centre[np.arange(b), labels]), rtol=1e-5, atol=1e-6)
     # One view (CenterCrop): the logits themselves are scored.
@@ -260,29 +240,22 @@ def test_protocol_equals_a_float64_replay_of_the_official_loop(rng):
     """One-colour images make every crop and flip the same view, so the whole run (epochs,
     global steps, partial batches, schedule, ten-crop scoring) can be replayed in NumPy."""
     n, m, c = 37, 19, 3
-    colours = rng.integers(0, 256, (n + m, 3))
-    labels = (colours[:, 0] > 128).astype(int) + (colours[:, 1] > 128)
-    images = np.broadcast_to(colours[:, None, None], (n + m, 12, 12, 3)).astype(np.uint8)
     variables = {"w1": rng.normal(size=(3, 5)), "w2": rng.normal(size=(3, 4))}
     variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables)
     cfg = dc.DeepclusterProbeConfig(
         layers=("probe1", "probe2"), epochs=3, batch_size=8, test_batch_size=8,
         learning_rate=0.5, weight_decay=1e-2, resize=16, crop=12, test_every_epochs=2,
     )  # fmt: skip
-    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    mesh = make_mesh(0)  # the 8 simulated devices
-    probe = dc_eval.DeepclusterProbe(_toy_apply, cfg, mean, std, (12, 12), mesh)
-    result = probe(
+    result, x, labels = run_on_one_colour_images(
+        rng,
+        lambda mesh: dc_eval.DeepclusterProbe(
+            _toy_apply, cfg, ONE_COLOUR_MEAN, ONE_COLOUR_STD, (12, 12), mesh
+        ),
         variables,
-        place_bank(images[:n], mesh),
-        labels[:n],
-        place_bank(images[n:], mesh),
-        labels[n:],
-        num_classes=c,
-        seed=5,
+        n=n,
+        m=m,
     )
     # The replay: the same initial weights and batch order (the module's documented draws).
-    x = (colours / 255.0 - mean) / std
     feats = {"probe1": np.tanh(x @ np.asarray(variables["w1"], np.float64))}
     feats["probe2"] = x @ np.asarray(variables["w2"], np.float64)
     params = dc.initial_params(5, {"probe1": 5, "probe2": 4}, c)
@@ -296,26 +269,21 @@ def test_protocol_equals_a_float64_replay_of_the_official_loop(rng):
             rows = order[start : start + 8]
             lr = _official_lr(0.5, 1e-2, t)
             for k, p in params.items():
-                loss, grads = _ce_grads(feats[k][rows], labels[rows], p["kernel"], p["bias"])
-                _torch_sgd(p, state[k], grads, lr, 0.9, 1e-2)
+                loss, grads = ce_grads(feats[k][rows], labels[rows], p["kernel"], p["bias"])
+                torch_sgd(p, state[k], grads, lr, 0.9, 1e-2)
                 sums[k] += loss * len(rows)  # AverageMeter.update(loss, n)
             t += 1
         for k, p in params.items():
             train_loss[k].append(sums[k] / n)
             if epoch in (2, 3):
-                probs = _softmax(feats[k][n:] @ p["kernel"] + p["bias"])
+                probs = softmax(feats[k][n:] @ p["kernel"] + p["bias"])
                 tested[k].append(
                     (
                         (probs.argmax(1) == labels[n:]).mean(),
                         -np.log(probs[np.arange(m), labels[n:]]).mean(),
                     )
                 )
-    np.testing.assert_array_equal(result.epochs, [2, 3])
-    for k in params:
-        np.testing.assert_allclose(result.train_loss[k], train_loss[k], rtol=2e-4)
-        np.testing.assert_allclose(result.top1[k], [a for a, _ in tested[k]], atol=1.5 / m)
-        np.testing.assert_allclose(result.test_loss[k], [b for _, b in tested[k]], rtol=2e-4)
-        np.testing.assert_array_equal(result.top5[k], [1.0, 1.0])  # 3 classes: top-3
+    assert_matches_replay(result, [2, 3], train_loss, tested, m)
     figures = result.figures()
     assert figures["deepcluster_top1/probe2"] == result.top1["probe2"][-1]
     assert figures["deepcluster_best_top1/probe1"] == max(result.top1["probe1"])
