@@ -1406,14 +1406,22 @@ def part_d(off: Official, report: Report) -> dict[str, dict[str, np.ndarray]]:
     return {"step": golden}
 
 
-def write_golden(name: str, arrays: dict[str, np.ndarray], out_dir: Path) -> Path:
-    """``<out_dir>/dc_official_<name>.npz`` with the official repository and commit."""
+def write_golden(
+    name: str,
+    arrays: dict[str, np.ndarray],
+    out_dir: Path,
+    prefix: str = "dc_official",
+    repo: str = OFFICIAL_REPO,
+    commit: str = OFFICIAL_COMMIT,
+) -> Path:
+    """``<out_dir>/<prefix>_<name>.npz`` (compressed) with the official repository and commit
+    (the other harnesses pass theirs)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"dc_official_{name}.npz"
+    path = out_dir / f"{prefix}_{name}.npz"
     np.savez_compressed(
         path,
-        official_repo=np.array(OFFICIAL_REPO),
-        official_commit=np.array(OFFICIAL_COMMIT),
+        official_repo=np.array(repo),
+        official_commit=np.array(commit),
         **{k: np.asarray(v) for k, v in arrays.items()},
     )
     return path

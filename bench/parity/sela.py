@@ -1274,15 +1274,9 @@ def part_k(off: Official, report) -> dict[str, dict[str, np.ndarray]]:
 
 def write_golden(name: str, arrays: dict[str, np.ndarray], out_dir: Path) -> Path:
     """``sela_<name>.npz`` (compressed) with the official repository and commit."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"sela_{name}.npz"
-    np.savez_compressed(
-        path,
-        official_repo=np.array(OFFICIAL_REPO),
-        official_commit=np.array(OFFICIAL_COMMIT),
-        **{k: np.asarray(v) for k, v in arrays.items()},
+    return _sibling("deepcluster_official").write_golden(
+        name, arrays, out_dir, prefix="sela", repo=OFFICIAL_REPO, commit=OFFICIAL_COMMIT
     )
-    return path
 
 
 SOLVER_TEXT = """\
