@@ -66,12 +66,16 @@ import optax
 
 from dcjax.core.errors import ConfigError
 from dcjax.evaluation.probe_kernels import LayerScores, topk_hits
-from dcjax.models.imagenet_nets import ALEXNET_PROBE_POOLS
+
+# (window, stride, padding) of eval_linear_probes.py's MaxPool2d per layer (the windows of
+# DeepCluster's average pools, ``dcjax.models.imagenet_nets.ALEXNET_PROBE_POOLS``).
+PROBE_POOLS = ((6, 6, 3), (4, 4, 0), (3, 3, 1), (3, 3, 1), (2, 2, 0))
 
 __all__ = [
     "BN_EPS",
     "BN_MOMENTUM",
     "DEFAULT_LAYERS",
+    "PROBE_POOLS",
     "SWITCH",
     "SelaProbeConfig",
     "SelaProbeResult",
@@ -128,7 +132,7 @@ class SelaProbeConfig:
     """
 
     layers: tuple[str, ...] = DEFAULT_LAYERS
-    pools: tuple[tuple[int, int, int], ...] = ALEXNET_PROBE_POOLS
+    pools: tuple[tuple[int, int, int], ...] = PROBE_POOLS
     epochs: int = 36
     batch_size: int = 192
     test_batch_size: int = 16

@@ -226,3 +226,9 @@ def test_the_switch_is_a_bool():
     assert not sp.probes_enabled(None) and sp.probes_enabled({"probes": True, "k": 3})
     with pytest.raises(ConfigError, match="config.eval.sela.probes='yes'"):
         sp.probes_enabled({"probes": "yes"})
+
+
+def test_probe_pools_are_alexnets_probe_windows():
+    from dcjax.models.imagenet_nets import ALEXNET_PROBE_POOLS
+
+    assert sp.PROBE_POOLS == ALEXNET_PROBE_POOLS
