@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import flax
@@ -118,7 +119,17 @@ def label_step_cycles(num_cycles: int, num_label_steps: int, schedule: str) -> l
         )
     steps = int(num_label_steps) or num_cycles
     power = _SCHEDULE_POWERS[schedule]
-    return sorted({num_cycles * j**power // (steps - 1) ** power for j in range(steps - 1)})
+    if steps - 1 <= num_cycles:
+        return sorted({num_cycles * j**power // (steps - 1) ** power for j in range(steps - 1)})
+    return [c for c in range(num_cycles) if _hit(c, num_cycles, steps - 1, power)]
+
+
+def _hit(cycle: int, num_cycles: int, spans: int, power: int) -> bool:
+    """Whether some step j < ``spans`` lands on ``cycle`` (C j^p // spans^p == cycle): the first
+    j with C j^p >= cycle spans^p, by integer roots, so that more steps than cycles cost O(C)."""
+    need = -(-cycle * spans**power // num_cycles)  # ceil: the least j^p
+    j = need if power == 1 else (math.isqrt(need - 1) + 1 if need > 0 else 0)
+    return j < spans and num_cycles * j**power // spans**power == cycle
 
 
 def heads_at(heads_per_step: str, num_heads: int, cycle: int) -> tuple[int, ...]:

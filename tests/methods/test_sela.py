@@ -69,6 +69,18 @@ def test_label_steps_follow_the_official_schedule(epochs, nopts, schedule, stret
     assert len(ours) >= len(set(official)) - 3
 
 
+@pytest.mark.parametrize("schedule", ["linear", "quadratic"])
+def test_more_steps_than_cycles_take_the_cycles_the_formula_gives(rng, schedule):
+    power = sela._SCHEDULE_POWERS[schedule]
+    for _ in range(30):
+        cycles = int(rng.integers(1, 40))
+        steps = int(rng.integers(cycles + 2, 400))
+        direct = sorted({cycles * j**power // (steps - 1) ** power for j in range(steps - 1)})
+        assert sela.label_step_cycles(cycles, steps, schedule) == direct
+    # A billion steps (a fuzzed config) costs O(cycles), not a billion iterations.
+    assert sela.label_step_cycles(25, 10**9, schedule)[:3] == [0, 1, 2]
+
+
 def test_linear_schedule_loses_no_cycle():
     # int(100 * 0.29) = 28 lost cycles 29 and 58 in the float form.
     assert sela.label_step_cycles(100, 100, "linear") == list(range(99))

@@ -25,7 +25,7 @@ from dcjax.training.setup import check_config
 from tests.helpers import load_config
 
 # More cases for a thorough sitting: DCJAX_FUZZ_EXAMPLES=400 pytest tests/training/test_fuzz.py -s
-EXAMPLES = int(os.environ.get("DCJAX_FUZZ_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("DCJAX_FUZZ_EXAMPLES", "45"))
 CONFIGS = ("deepcluster", "sela", "odc", "codc", "deepcluster_v2", "deepcluster_v2_kd")
 SIGNED = {"method.sinkhorn.min_log_ratio"}
 _TRIED = {"config": 0, "rejected": 0, "data": 0}
