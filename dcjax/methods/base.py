@@ -32,6 +32,7 @@ __all__ = [
     "LabelledState",
     "Method",
     "first_cycle_only",
+    "choice_field",
     "int_field",
     "kmeans_config",
     "label_stats",
@@ -183,6 +184,20 @@ def int_field(
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
         raise ConfigError(f"config.method.{field}={value!r} must be an int >= {low}")
     return int(value)
+
+
+def choice_field(
+    method: ml_collections.ConfigDict, field: str, choices: tuple[str, ...], default: str
+) -> str:
+    """``config.method.<field>`` as one of ``choices`` (``default`` when absent).
+
+    Raises:
+      ConfigError: naming ``config.method.<field>`` and the choices when it is another value.
+    """
+    value = method.get(field, default)
+    if value not in choices:
+        raise ConfigError(f"config.method.{field}={value!r} must be one of {', '.join(choices)}")
+    return value
 
 
 def pseudo_label_loss(

@@ -36,6 +36,7 @@ from dcjax.data import sampler
 from dcjax.methods.base import (
     Context,
     Method,
+    choice_field,
     int_field,
     kmeans_config,
     label_stats,
@@ -181,20 +182,11 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
         kmeans=kmeans_config(config),
         halt_clustering_after=int_field(method, "halt_clustering_after", 0, default=0),
         truncate_epoch=bool(method.get("truncate_epoch", True)),
-        sampler_order=_sampler_order(method),
+        sampler_order=choice_field(method, "sampler_order", _SAMPLER_ORDERS, "dataset"),
     )
 
 
 _SAMPLER_ORDERS = ("dataset", "cluster_sorted")
-
-
-def _sampler_order(method: ml_collections.ConfigDict) -> str:
-    order = method.get("sampler_order", "dataset")
-    if order not in _SAMPLER_ORDERS:
-        raise ConfigError(
-            f"config.method.sampler_order={order!r} must be one of {', '.join(_SAMPLER_ORDERS)}"
-        )
-    return order
 
 
 def make_method(config: ml_collections.ConfigDict) -> Method:

@@ -55,6 +55,7 @@ from dcjax.data import label_export
 from dcjax.methods.base import (
     Context,
     Method,
+    choice_field,
     int_field,
     label_stats,
     no_online_update,
@@ -165,13 +166,6 @@ class Settings:
     seed: int  # ``config.seed``: the random equal-size start
 
 
-def _choice(method: ml_collections.ConfigDict, field: str, choices: tuple[str, ...], default: str):
-    value = method.get(field, default)
-    if value not in choices:
-        raise ConfigError(f"config.method.{field}={value!r} is unknown; choose one of {choices}")
-    return value
-
-
 def read_settings(config: ml_collections.ConfigDict) -> Settings:
     """``config.method``'s SeLa fields; ConfigError naming a bad one."""
     method = config.method
@@ -182,8 +176,8 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
         label_cycles=tuple(
             label_step_cycles(config.num_cycles, method.num_label_steps, method.schedule)
         ),
-        heads_per_step=_choice(method, "heads_per_step", ("all", "one"), "all"),
-        label_pass=_choice(method, "label_pass", ("train", "eval"), "eval"),
+        heads_per_step=choice_field(method, "heads_per_step", ("all", "one"), "all"),
+        label_pass=choice_field(method, "label_pass", ("train", "eval"), "eval"),
         cluster_prior=cluster_prior(config),
         labels_from=str(method.get("labels_from", "") or ""),
         seed=int(config.seed),
