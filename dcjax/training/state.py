@@ -139,21 +139,29 @@ def make_optimizers(
     if kind not in ("sgd", "lars"):
         raise ConfigError(f"config.optim.optimizer={kind!r} is unknown; choose sgd or lars")
 
-    def sgd(momentum: float) -> optax.GradientTransformation:
+    def sgd(momentum: float, rate) -> optax.GradientTransformation:
         if kind == "lars":  # SwAV's LARC (trust 0.001, no clipping), weight decay inside
             return optax.lars(
-                learning_rate,
+                rate,
                 weight_decay=optim.weight_decay,
                 trust_coefficient=0.001,
                 momentum=momentum,
             )
         return optax.chain(
             optax.add_decayed_weights(optim.weight_decay),
-            optax.sgd(learning_rate, momentum=momentum or None),
+            optax.sgd(rate, momentum=momentum or None),
         )
 
-    head = sgd(head_momentum(optim))
     freeze = freeze_head_steps(optim, steps_per_epoch)
+    head_rate = learning_rate
+    if freeze > 0 and callable(learning_rate):
+        # conditionally_mask holds the inner state (its schedule count included) while masked,
+        # so the head's count lags the step by ``freeze``: shift it back onto the global
+        # schedule (SwAV's prototypes follow the lr of the iteration they unfreeze at).
+        def head_rate(count):
+            return learning_rate(count + freeze)
+
+    head = sgd(head_momentum(optim), head_rate)
     if freeze > 0:
         head = optax.transforms.conditionally_mask(head, lambda count: count >= freeze)
-    return {"trunk": sgd(optim.momentum), "head": head}
+    return {"trunk": sgd(optim.momentum, learning_rate), "head": head}

@@ -94,3 +94,41 @@ def test_deepdive_head_inherits_a_command_line_momentum(momentum):
 def test_head_momentum_is_checked_when_the_optimisers_are_built():
     with pytest.raises(ConfigError, match="config.optim.head_momentum=1.0 must be in"):
         make_optimizers(_config(head_momentum=1.0))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_frozen_head_unfreezes_on_the_global_schedule(optimizer):
+    """The head's first update after the freeze uses the schedule's rate at that step, as the
+    trunk does (optax's mask holds the inner count, so an unshifted schedule restarts its
+    warm-up there: the prototype bug of the DC-v2 parity audit)."""
+    freeze, steps_per_epoch = 7, 4
+    config = _config(
+        optimizer=optimizer,
+        schedule="warmup_cosine",
+        learning_rate=0.6,
+        warmup_learning_rate=1e-3,
+        final_learning_rate=1e-3,
+        warmup_epochs=2,
+        momentum=0.0,
+        head_momentum=0.0,
+        weight_decay=0.0,
+        freeze_head_steps=freeze,
+    )
+    config.num_cycles, config.epochs_per_cycle = 3, 1
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    txs = make_optimizers(config, steps_per_epoch)
+    params = {"w": jnp.full((3,), 2.0)}
+    grads = {"w": jnp.array([1.0, -2.0, 0.5])}
+    states = {g: tx.init(params) for g, tx in txs.items()}
+    for step in range(freeze + 3):
+        updates = {}
+        for g, tx in txs.items():
+            updates[g], states[g] = tx.update(grads, states[g], params)
+        trunk = np.asarray(updates["trunk"]["w"])
+        head = np.asarray(updates["head"]["w"])
+        if step < freeze:
+            np.testing.assert_array_equal(head, 0.0)
+        else:
+            np.testing.assert_allclose(head, trunk, rtol=1e-6)
+        if optimizer == "sgd":
+            np.testing.assert_allclose(trunk, -float(schedule(step)) * grads["w"], rtol=1e-6)
