@@ -42,9 +42,11 @@ def learning_rate_schedule(
     ``optim.schedule="step"``: multiplied by ``step_factor`` at the start of each epoch in
     ``step_epochs`` (SeLa's x0.1 every 150 epochs, ODC's x0.4 at epoch 400).
 
-    ``optim.schedule="warmup_cosine"``: linear from ``warmup_learning_rate`` to
-    ``learning_rate`` over ``warmup_epochs`` epochs, then cosine down to
-    ``final_learning_rate`` at the end of the run (``num_cycles * epochs_per_cycle`` epochs).
+    ``optim.schedule="warmup_cosine"``, SwAV's per-iteration schedule: over the W steps of
+    ``warmup_epochs`` epochs, evenly spaced from ``warmup_learning_rate`` to ``learning_rate``
+    (both ends included, as ``np.linspace``: the peak is reached at step W - 1); then from step
+    W a cosine from ``learning_rate`` down to ``final_learning_rate`` over the T - W remaining
+    steps of the run (T = ``num_cycles * epochs_per_cycle`` epochs).
 
     Raises:
       ConfigError: naming ``config.optim.schedule`` when unknown.
@@ -67,13 +69,16 @@ def learning_rate_schedule(
         )
     total = max(1, config.num_cycles * config.epochs_per_cycle * steps_per_epoch)
     warmup = min(total - 1, optim.warmup_epochs * steps_per_epoch)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=optim.warmup_learning_rate,
-        peak_value=optim.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=total,
-        end_value=optim.final_learning_rate,
-    )
+    peak, final = optim.learning_rate, optim.final_learning_rate
+    cosine = optax.cosine_decay_schedule(peak, total - warmup, alpha=final / peak if peak else 0.0)
+    if warmup == 0:
+        return cosine
+    start = optim.warmup_learning_rate
+    if warmup > 1:
+        ramp = optax.linear_schedule(start, peak, warmup - 1)
+    else:
+        ramp = optax.constant_schedule(start)
+    return optax.join_schedules([ramp, cosine], [warmup])
 
 
 def freeze_head_steps(optim: ml_collections.ConfigDict, steps_per_epoch: int) -> int:

@@ -132,3 +132,27 @@ def test_frozen_head_unfreezes_on_the_global_schedule(optimizer):
             np.testing.assert_allclose(head, trunk, rtol=1e-6)
         if optimizer == "sgd":
             np.testing.assert_allclose(trunk, -float(schedule(step)) * grads["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 1, 3])
+def test_warmup_cosine_is_swavs_per_iteration_schedule(warmup_epochs):
+    """SwAV's main_deepclusterv2.py schedule written out in NumPy: np.linspace over the warm-up
+    iterations (peak at the last of them), then a cosine over the rest from the peak."""
+    steps_per_epoch, epochs = 1 if warmup_epochs == 1 else 7, 5
+    base, start, final = 0.6, 0.01, 0.002
+    config = _config(
+        schedule="warmup_cosine",
+        learning_rate=base,
+        warmup_learning_rate=start,
+        final_learning_rate=final,
+        warmup_epochs=warmup_epochs,
+    )
+    config.num_cycles, config.epochs_per_cycle = epochs, 1
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    warm = np.linspace(start, base, steps_per_epoch * warmup_epochs)
+    rest = steps_per_epoch * (epochs - warmup_epochs)
+    t = np.arange(rest)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / rest))
+    expected = np.concatenate([warm, cosine])
+    got = np.array([float(schedule(i)) for i in range(len(expected))])
+    np.testing.assert_allclose(got, expected, rtol=2e-5)  # float32 schedule arithmetic
