@@ -15,6 +15,7 @@ import ml_collections
 import optax
 
 from dcjax.core.errors import ConfigError
+from dcjax.training.larc import larc
 
 __all__ = ["TrainState", "head_momentum", "learning_rate_schedule", "make_optimizers"]
 
@@ -120,8 +121,8 @@ def make_optimizers(
     config: ml_collections.ConfigDict, steps_per_epoch: int = 1
 ) -> dict[str, optax.GradientTransformation]:
     """SGD per parameter group with PyTorch's coupled weight decay (added to the gradient), or
-    with ``optim.optimizer="lars"`` optax's LARS (SwAV's LARC: the layer-wise trust ratio 0.001
-    on SGD with momentum, DeepCluster-v2's ImageNet optimiser).
+    with ``optim.optimizer="lars"`` SwAV's LARC (``dcjax.training.larc``: apex's layer-wise
+    trust ratio 0.001 on PyTorch's SGD with momentum, DeepCluster-v2's ImageNet optimiser).
 
     ``config.optim`` has ``learning_rate``, ``momentum``, ``weight_decay`` and optionally
     ``head_momentum`` (DeepCluster v1's head has none: 0.0; None inherits ``momentum``, see
@@ -146,12 +147,7 @@ def make_optimizers(
 
     def sgd(momentum: float, rate) -> optax.GradientTransformation:
         if kind == "lars":  # SwAV's LARC (trust 0.001, no clipping), weight decay inside
-            return optax.lars(
-                rate,
-                weight_decay=optim.weight_decay,
-                trust_coefficient=0.001,
-                momentum=momentum,
-            )
+            return larc(rate, optim.weight_decay, trust_coefficient=0.001, momentum=momentum)
         return optax.chain(
             optax.add_decayed_weights(optim.weight_decay),
             optax.sgd(rate, momentum=momentum or None),

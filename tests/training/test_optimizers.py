@@ -30,23 +30,51 @@ def test_step_schedule_and_optimizer_refuse_bad_fields():
         make_optimizers(_config(optimizer="adamw"))
 
 
-def test_lars_update_is_the_trust_ratio_times_sgd(rng):
-    lr, wd, trust = 0.3, 1e-4, 0.001
-    config = _config(optimizer="lars", learning_rate=lr, weight_decay=wd, momentum=0.9)
-    tx = make_optimizers(config)["trunk"]
-    params = {"w": rng.normal(size=(4, 3)), "b": np.zeros(3)}
-    grads = {"w": rng.normal(size=(4, 3)), "b": rng.normal(size=3)}
-    params_j = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
-    state = tx.init(params_j)
-    updates, _ = tx.update(
-        {k: jnp.asarray(v, jnp.float32) for k, v in grads.items()}, state, params_j
+def _apex_larc_steps(params, grads_per_step, rates, wd, trust, momentum, eps=1e-8):
+    """apex's LARC(SGD) written out in NumPy float64: per tensor, when |p| > 0 and |g| > 0,
+    g' = (g + wd p) trust |p| / (|g| + wd |p| + eps), else g' = g; then torch's SGD:
+    buf = m buf + g' (buf = g' at the first step), p -= lr buf."""
+    params = {k: np.array(v, np.float64) for k, v in params.items()}
+    bufs, history = {}, []
+    for grads, lr in zip(grads_per_step, rates, strict=True):
+        for k, p in params.items():
+            g = np.asarray(grads[k], np.float64)
+            p_norm, g_norm = np.linalg.norm(p), np.linalg.norm(g)
+            if p_norm > 0 and g_norm > 0:
+                g = (g + wd * p) * trust * p_norm / (g_norm + wd * p_norm + eps)
+            bufs[k] = g if k not in bufs else momentum * bufs[k] + g
+            params[k] = p - lr * bufs[k]
+        history.append({k: v.copy() for k, v in params.items()})
+    return history
+
+
+def test_lars_is_apex_larc_around_torch_sgd(rng):
+    """Three steps at changing rates (the momentum must come before the rate, as in torch's
+    SGD), a large weight decay (apex's |g| + wd |p| denominator, not |g + wd p|) and a
+    zero-norm bias (no scaling, no decay)."""
+    wd, trust, momentum = 0.5, 0.001, 0.9
+    config = _config(
+        optimizer="lars",
+        schedule="step",
+        learning_rate=0.3,
+        step_epochs=(1, 2),
+        step_factor=0.1,
+        weight_decay=wd,
+        momentum=momentum,
     )
-    # First step, momentum buffer empty: -lr * trust * |p| / |g + wd p| * (g + wd p); a
-    # zero-norm parameter (the bias) gets ratio 1.
-    g = grads["w"] + wd * params["w"]
-    expected_w = -lr * trust * np.linalg.norm(params["w"]) / np.linalg.norm(g) * g
-    np.testing.assert_allclose(np.asarray(updates["w"]), expected_w, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(updates["b"]), -lr * grads["b"], rtol=1e-5)
+    tx = make_optimizers(config, steps_per_epoch=1)["trunk"]
+    params = {"w": rng.normal(size=(4, 3)), "b": np.zeros(3)}
+    grads = [{"w": 0.01 * rng.normal(size=(4, 3)), "b": rng.normal(size=3)} for _ in range(3)]
+    expected = _apex_larc_steps(params, grads, [0.3, 0.03, 0.003], wd, trust, momentum)
+    current = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    state = tx.init(current)
+    for g, want in zip(grads, expected, strict=True):
+        updates, state = tx.update(
+            {k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, current
+        )
+        current = {k: current[k] + updates[k] for k in current}
+        for k in current:
+            np.testing.assert_allclose(current[k], want[k], rtol=1e-5, atol=1e-7)
 
 
 def _command_line_config(*args: str):
