@@ -1,9 +1,12 @@
 """Memory per device and time per step of every ``:imagenet`` config on one GPU, one 8-GPU node,
 8 such nodes and a TPU v4-32 slice, estimated from XLA's analysis of the compiled step on one
-device here.
+device here; ``--variant=cifar10`` does the same for the CIFAR-10 recipes (N = 50,000, 32 px),
+with the whole run's time (the config's epochs).
 
   python bench/pod_estimate.py --out=bench/results/pod_estimate-<machine>.json
   python bench/pod_estimate.py --configs=deepcluster,sela --per_device_batch=4
+  python bench/pod_estimate.py --variant=cifar10 --configs=deepcluster_v2,deepcluster_v2_kd \
+      --out=bench/results/pod_estimate_cifar10-<machine>.json
 
 Measured here, per config (``configs/<method>.py:imagenet``, one CPU device): the FLOPs and the
 temporary memory of dcjax's compiled train step at a per-device batch of 8 (XLA's cost and
@@ -47,9 +50,16 @@ _CONFIGS = flags.DEFINE_list(
     "Config files whose :imagenet variant is estimated.",
 )
 _BATCH = flags.DEFINE_integer("per_device_batch", 8, "Batch of the compiled step measured here.")
+_VARIANT = flags.DEFINE_enum(
+    "variant", "imagenet", ["imagenet", "cifar10"], "Which variant of the configs to estimate."
+)
 
-IMAGENET_N = 1_281_167
-IMAGE_BYTES = 224 * 224 * 3  # the bank, as the configs decode ImageNet
+# Training examples and bytes per stored image of each variant's data set (the bank as the
+# configs decode it).
+DATA = {
+    "imagenet": dict(n=1_281_167, image_bytes=224 * 224 * 3),
+    "cifar10": dict(n=50_000, image_bytes=32 * 32 * 3),
+}
 UTILISATION = 0.40  # of peak, typical of a convolutional train step
 
 # Published peak figures (dense matmul at the precision JAX uses for float32: TF32 on H100,
@@ -85,9 +95,9 @@ def _bytes(tree) -> float:
     return float(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
 
 
-def measure(name: str, per_device_batch: int) -> dict[str, float]:
+def measure(name: str, per_device_batch: int, variant: str = "imagenet") -> dict[str, float]:
     """The compiled step's FLOPs and memory, and the state's sizes, on one device here."""
-    config = load_config(name, "imagenet")
+    config = load_config(name, variant)
     global_batch = int(config.batch_size)
     n = max(_examples_needed(config), 4 * per_device_batch)
     rng = np.random.default_rng(0)
@@ -120,7 +130,9 @@ def measure(name: str, per_device_batch: int) -> dict[str, float]:
         np.asarray(x).nbytes for x in jax.tree.leaves(state.method) if n in np.shape(x)
     )
     return dict(
-        config=f"configs/{name}.py:imagenet",
+        config=f"configs/{name}.py:{variant}",
+        variant=variant,
+        epochs=int(config.num_cycles * config.epochs_per_cycle),
         model=config.model.name,
         global_batch=global_batch,
         per_device_batch=per_device_batch,
@@ -143,15 +155,17 @@ def estimate(m: dict[str, float], target: dict[str, float]) -> dict[str, float]:
     devices = target["hosts"] * target["chips_per_host"]
     batch = m["global_batch"] // devices
     scale = batch / m["per_device_batch"]  # FLOPs and activations grow with the batch
-    rows = -(-IMAGENET_N // devices)
-    bank = rows * IMAGE_BYTES
+    data = DATA[m.get("variant", "imagenet")]
+    rows = -(-data["n"] // devices)
+    bank = rows * data["image_bytes"]
     features = rows * m["recluster_feature_dim"] * 4  # float32, collected for a recluster
     method_state = rows * m["method_bytes_per_example"]
     activations = scale * m["train_step_temp_bytes"]
     memory = bank + features + method_state + m["replicated_state_bytes"] + activations
     compute = scale * m["train_step_flops"] / (target["peak"] * UTILISATION)
     link = target["inter"] if target["hosts"] > 1 else target["intra"]
-    comms = 0.0 if devices == 1 else (2 * m["param_bytes"] + m["global_batch"] * IMAGE_BYTES) / link
+    batch_bytes = m["global_batch"] * data["image_bytes"]
+    comms = 0.0 if devices == 1 else (2 * m["param_bytes"] + batch_bytes) / link
     step = compute + comms
     return dict(
         devices=devices,
@@ -163,23 +177,25 @@ def estimate(m: dict[str, float], target: dict[str, float]) -> dict[str, float]:
         step_ms=1e3 * step,
         step_compute_ms=1e3 * compute,
         step_comms_ms=1e3 * comms,
-        epoch_minutes=(IMAGENET_N // m["global_batch"]) * step / 60,
+        epoch_minutes=(data["n"] // m["global_batch"]) * step / 60,
+        run_minutes=m.get("epochs", 0) * (data["n"] // m["global_batch"]) * step / 60,
     )
 
 
 def table(measured: list[dict], estimates: list[dict[str, dict]]) -> str:
     lines = [
-        "# The :imagenet configs on one GPU, 8 GPUs and a TPU v4-32: estimates",
+        f"# The :{measured[0]['variant']} configs on one GPU, 8 GPUs and a TPU v4-32: estimates",
         "",
-        "Command: `python bench/pod_estimate.py --out=bench/results/pod_estimate-<machine>.json`",
+        f"Command: `python bench/pod_estimate.py --variant={measured[0]['variant']} "
+        "--out=bench/results/pod_estimate-<machine>.json`",
         f"Machine: {cpu_model()}, JAX {jax.__version__}, commit {git_commit()}. Each step "
         f"compiled and run here at a per-device batch of {measured[0]['per_device_batch']}, "
         "scaled linearly to the target's.",
         "",
         "| config (global batch) | measured here: GFLOP / temp GB / params MB / s per step "
         "| target (batch per device) | memory per device (GB): total / bank / activations "
-        "| fits | step (ms): compute + comms | epoch (min) |",
-        "|" + " --- |" * 7,
+        "| fits | step (ms): compute + comms | epoch (min) | run (min) |",
+        "|" + " --- |" * 8,
     ]
     for m, per_target in zip(measured, estimates, strict=True):
         here = (
@@ -193,7 +209,7 @@ def table(measured: list[dict], estimates: list[dict[str, dict]]) -> str:
                 f"{r['bank_per_device_gb']:.0f} / {r['activations_gb']:.0f} | "
                 f"{'yes' if r['fits'] else 'no'} | {r['step_ms']:.0f} = "
                 f"{r['step_compute_ms']:.0f} + {r['step_comms_ms']:.0f} | "
-                f"{r['epoch_minutes']:.1f} |"
+                f"{r['epoch_minutes']:.1f} | {r['run_minutes']:.0f} |"
             )
     lines += [
         "",
@@ -218,7 +234,7 @@ def main(argv: list[str]) -> None:
     del argv
     measured, estimates = [], []
     for name in _CONFIGS.value:
-        m = measure(name, _BATCH.value)
+        m = measure(name, _BATCH.value, _VARIANT.value)
         print(json.dumps(m), flush=True)
         measured.append(m)
         estimates.append({t: estimate(m, spec) for t, spec in TARGETS.items()})

@@ -16,7 +16,11 @@ Variants, comma-separated after a colon (``configs/deepcluster_v2.py:cifar10``):
            (CIFAR stem), SGD lr 6e-2 -> 3e-4 cosine, 5 warm-up epochs from 1e-6, momentum 0.9,
            wd 1e-6, 150 epochs, batch 256, 60 prototypes, temperature 0.5, feature dim 128,
            hidden 1024, 5000 iterations of frozen prototypes; probe Adam 1e-3, 200 epochs, on
-           the backbone's pooled features.
+           the backbone's pooled features. The optimiser is plain SGD because the seed says
+           "SGD"; SwAV's main_deepclusterv2.py, which the seed says it ran, always wraps that SGD
+           in LARC (trust 0.001, no clipping), and the seed does not say it removed it: ``larc``
+           runs that reading.
+  larc     with cifar10: LARC around the SGD (``optim.optimizer="lars"``), as SwAV's script.
   cpu      with cifar10: the same recipe cut to a 2-core CPU (ResNet-18 at width 8, 5,000
            training and 2,000 test images, 10 epochs, batch 128, frozen prototypes for 2 epochs,
            probe 50 epochs).
@@ -27,14 +31,17 @@ Variants, comma-separated after a colon (``configs/deepcluster_v2.py:cifar10``):
            64 GPUs), 800 epochs, multi-crop 2 x 224 (area 0.14-1) + 6 x 96 (area 0.05-0.14)
            with SwAV's flip, colour distortion and blur (``augment="multicrop"``,
            ``input.crops``): every crop is scored against its image's label, each large crop
-           writes its own memory, and prototype set j clusters crop j mod 2's. For the 2 x 224
-           recipe: ``--config.input.crops='((2, 224, (0.14, 1.0)),)'``. Image folder with
-           train/ and val/; add ``tfds`` for TFDS's imagenet2012.
+           writes its own memory, and prototype set j clusters crop j mod 2's; the backbone
+           runs per crop size, the projection head once over all crops (SwAV's forward). The
+           2 x 224 recipe is below. Image folder with train/ and val/; add ``tfds`` for TFDS's
+           imagenet2012.
              one host:  python -m dcjax.main --config configs/deepcluster_v2.py:imagenet \
                           --config.data.path=/data/imagenet --workdir=runs/dcv2-imagenet
              pod:       the same command on every host (experiments/launch/tpu_pod.sh).
-           Expected (swav README, linear top-1): 75.2 % at 800 epochs with 2 x 224 + 6 x 96;
-           74.3 % at 400 with 2 x 160 + 4 x 96; 70.2 % at 400 with 2 x 224.
+           Expected (swav README, linear top-1 of eval_linear.py, which ``eval.protocol="swav"``
+           runs: best epoch of 100, ``swav_best_top1``): 75.2 % at 800 epochs with 2 x 224 +
+           6 x 96; 74.3 % at 400 with 2 x 160 + 4 x 96; 70.2 % at 400 with 2 x 224 (area
+           0.08-1 in that script: ``--config.input.crops='((2, 224, (0.08, 1.0)),)'``).
   vectors  vector data and an MLP, no augmentation (config_base.apply_vectors; digits as
            64-d vectors by default, ``--config.data.path`` for yours), 30 prototypes.
   smoke    a few seconds: tiny data subset and 2 cycles (the tests); with cifar10 a ResNet-18
@@ -58,8 +65,9 @@ from dcjax.config_base import (
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = parse_variants(
         arg,
-        {"cifar10", "cpu", "imagenet", "tfds", "vectors", "smoke"},
+        {"cifar10", "larc", "cpu", "imagenet", "tfds", "vectors", "smoke"},
         "configs/deepcluster_v2.py",
+        requires={"larc": "cifar10"},
     )
 
     config = base_config()
@@ -78,9 +86,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 max_points_per_centroid=0,
                 empty_clusters="keep",
             ),
+            # The first memory: "train" (SwAV's init_memory: the training views, batch-norm
+            # batch statistics, not kept) or "eval" (running statistics, the clean view).
+            label_pass="train",
             self_distillation=False,  # True: configs/deepcluster_v2_kd.py
             distill_alpha=0.9,  # self-distillation only
             hint_weight=1e-5,
+            # "byot": BYOT's branch block, T^2-scaled KD at temperature kd_temperature on
+            # scores / tau, hint on pooled features summed over the batch (the official code,
+            # where the seed is silent); "dcjax": dcjax's own (configs/deepcluster_v2_kd.py).
+            kd_style="byot",
+            kd_temperature=3.0,  # BYOT's T; "byot" only
             cluster_layer="embeddings",
             samples_per_epoch=0,  # 0 = N: one shuffled pass per epoch
         )
@@ -116,6 +132,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.eval.update(
             probe_layer="pooled", knn_layer="pooled", probe_epochs=200, probe_batch_size=256
         )
+    if "larc" in variants:
+        config.optim.optimizer = "lars"
     if "cpu" in variants:  # measured: about 3 min per run (KD) on 2 cores
         config.model.kwargs = {**config.model.kwargs, "width": 8}
         config.data.update(max_train_examples=5_000, max_test_examples=2_000)
@@ -147,7 +165,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             freeze_head_steps=300_000,
             freeze_head_epochs=0.0,
         )
-        config.eval.update(probe_layer="pooled", knn_layer="pooled")
+        # SwAV's eval_linear.py on the pooled layer4, beside dcjax's own probe: the protocol
+        # behind the figures quoted above.
+        config.eval.update(probe_layer="pooled", knn_layer="pooled", protocol="swav")
     if "vectors" in variants:
         apply_vectors(config)
     if "smoke" in variants:

@@ -219,6 +219,25 @@ def base_config() -> ml_collections.ConfigDict:
                     test_every_epochs=1,
                 )
             ),
+            # "swav" adds SwAV's eval_linear.py (dcjax/evaluation/swav_probe.py): a linear layer
+            # on the globally pooled layer (""= probe_layer), SGD 0.3 with a cosine rate, 100
+            # epochs through the frozen network, best top-1 over the epochs; an evaluation job
+            # of its own: python -m dcjax.evaluate --config.eval.protocol=swav
+            swav=ml_collections.ConfigDict(
+                dict(
+                    layer="",
+                    epochs=100,
+                    batch_size=256,  # 32 per process x 8
+                    test_batch_size=256,  # memory only
+                    learning_rate=0.3,
+                    final_lr=0.0,
+                    momentum=0.9,
+                    weight_decay=1e-6,
+                    resize=256,
+                    crop=224,
+                    test_every_epochs=1,
+                )
+            ),
         )
     )
     config.checkpoint = ml_collections.ConfigDict(dict(keep=2))
@@ -247,6 +266,7 @@ def apply_smoke(config: ml_collections.ConfigDict, variants: set[str] = frozense
         config.eval.update(train_examples=0, probe_batch_size=8, probe_epochs=1)
         config.eval.deepcluster.update(epochs=1, batch_size=8, test_batch_size=8)
         config.eval.sela.update(probe_epochs=1, probe_batch_size=8, probe_test_batch_size=8)
+        config.eval.swav.update(epochs=1, batch_size=8, test_batch_size=8)
 
 
 def apply_cifar10(config: ml_collections.ConfigDict) -> None:

@@ -17,6 +17,13 @@ conv1..conv5 of its AlexNet, 36 epochs, ten-crop testing) likewise, beside its k
   python -m dcjax.evaluate --workdir=runs/sela-imagenet --config.eval.protocol=sela \\
       --config.eval.sela.probes=true --random_init=false --out=runs/sela-imagenet/eval_sela.json
 
+SwAV's linear evaluation (``eval_linear.py``: SGD with a cosine rate on the globally pooled
+``eval.swav.layer``, default ``eval.probe_layer``, 100 epochs, centre-crop testing; the figure
+it reports is the best epoch's top-1) likewise:
+
+  python -m dcjax.evaluate --workdir=runs/dcv2-imagenet --config.eval.protocol=swav \\
+      --random_init=false --out=runs/dcv2-imagenet/eval_swav.json
+
 ``--random_init=false`` skips the random-init column (which costs as much again);
 ``--out`` writes the figures as JSON.
 """
@@ -133,25 +140,29 @@ def evaluate_workdir(
 _LAYER_TABLES = (
     ("deepcluster", "DeepCluster's linear protocol (eval_linear.py)"),
     ("sela", "SeLa's linear probes (eval_linear_probes.py)"),
+    ("swav", "SwAV's linear evaluation (eval_linear.py)"),
 )
 
 
 def _print_layer_table(results: dict[str, dict[str, float]], prefix: str, title: str) -> None:
     """An official per-layer protocol, one row per layer (top-1 / top-5 in %, as the papers'
-    tables); nothing when the results have no ``<prefix>_top1/<layer>`` figure."""
+    tables, then the best tested epoch's top-1); nothing when the results have no
+    ``<prefix>_top1/<layer>`` figure."""
     columns = [c for c in ("random_init", "trained") if c in results]
     layers = [k.split("/", 1)[1] for k in results[columns[-1]] if k.startswith(f"{prefix}_top1/")]
     if not layers:
         return
-    print(f"\n{title}, top-1 / top-5 %, last epoch:")
-    print(f"  {'layer':8s}" + "".join(f" {c:>22s}" for c in columns))
+    print(f"\n{title}, top-1 / top-5 %, last epoch (best top-1):")
+    print(f"  {'layer':8s}" + "".join(f" {c:>31s}" for c in columns))
     for layer in layers:
         cells = []
         for c in columns:
-            top1 = results[c].get(f"{prefix}_top1/{layer}", float("nan"))
-            top5 = results[c].get(f"{prefix}_top5/{layer}", float("nan"))
-            cells.append(f"{100 * top1:6.2f} / {100 * top5:6.2f}")
-        print(f"  {layer:8s}" + "".join(f" {cell:>22s}" for cell in cells))
+            top1, top5, best = (
+                results[c].get(f"{prefix}_{name}/{layer}", float("nan"))
+                for name in ("top1", "top5", "best_top1")
+            )
+            cells.append(f"{100 * top1:6.2f} / {100 * top5:6.2f} ({100 * best:6.2f})")
+        print(f"  {layer:8s}" + "".join(f" {cell:>31s}" for cell in cells))
 
 
 def _define_flags() -> None:

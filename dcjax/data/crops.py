@@ -9,8 +9,9 @@ and the crops exact copies. ``TenCrop``'s four corner crops are those of the cen
 of the whole resized image: for an image that is not square, the official corners lie further
 out along its longer side, pixels the bank does not keep.
 
-Used by DeepCluster's (``dcjax.training.deepcluster_eval``) and SeLa's
-(``dcjax.training.sela_eval``) linear evaluations.
+Used by DeepCluster's (``dcjax.training.deepcluster_eval``), SeLa's
+(``dcjax.training.sela_eval``) and SwAV's (``dcjax.training.swav_eval``: the centre crop only)
+linear evaluations.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Kernels the official per-layer linear evaluations share (DeepCluster's ``eval_linear.py``,
-SeLa's ``eval_linear_probes.py``): linear logits of flattened features, the masked mean
-cross-entropy summed over layers, ``torch.optim.SGD``'s step, top-k hits, and the per-layer
-scores a run returns.
+"""Kernels the official linear evaluations share (DeepCluster's ``eval_linear.py``, SeLa's
+``eval_linear_probes.py``, SwAV's ``eval_linear.py``): linear logits of flattened features,
+the masked mean cross-entropy summed over layers, ``torch.optim.SGD``'s step, top-k hits, and
+the per-layer scores a run returns.
 
-The protocols' own settings and kernels are in ``dcjax.evaluation.deepcluster_probe`` and
-``dcjax.evaluation.sela_probe``.
+The protocols' own settings and kernels are in ``dcjax.evaluation.deepcluster_probe``,
+``dcjax.evaluation.sela_probe`` and ``dcjax.evaluation.swav_probe``.
 """
 
 from __future__ import annotations

@@ -132,9 +132,14 @@ class Method(NamedTuple):
       multi_view: whether the step hooks take several views of each image
         (``config.augment="multicrop"``): ``outputs`` then hold V B rows, view-major (row
         v B + b is view v of example ``indices[b]``).
+      joint_views: multi-crop: the model takes the list of view groups in one call (its
+        backbone per group, its head once over every crop: SwAV's forward); otherwise the step
+        applies the model once per group.
       label_pass: how the feature pass before ``recluster`` sees the images: ``"eval"`` (eval
         mode, un-augmented view, ``eval_batch_size``) or ``"train"`` (the training view, dropout
         and batch-norm batch statistics, not kept, in shuffled batches of ``batch_size``).
+      label_views: with ``label_pass="train"``, how many of the first training views the pass
+        embeds, each in its own forward: 1 gives (N, ...) features, V > 1 (N, V, ...).
       summary: a line on the method's schedule for the start banner ("" for none).
     """
 
@@ -150,7 +155,9 @@ class Method(NamedTuple):
     state_sharding: Callable[[Context, PyTree], PyTree] | None = None
     init_variables: Callable[[Context, PyTree], PyTree] | None = None
     multi_view: bool = False
+    joint_views: bool = False
     label_pass: str = "eval"
+    label_views: int = 1
     summary: str = ""
 
 

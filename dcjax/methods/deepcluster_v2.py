@@ -12,7 +12,15 @@ pass before the first epoch; the labels (S, N) of the S prototype sets. A = 1, o
 multi-crop (``config.augment="multicrop"``) the number of large crops (``input.crops[0]``'s
 count, SwAV's 2): each large crop writes its own memory and prototype set j clusters crop
 j mod A's, as SwAV's ``cluster_memory`` does; the loss then scores every crop against its
-image's label.
+image's label. Under multi-crop the backbone runs once per crop size and the projection
+head(s) and prototypes once over all crops (SwAV's ``forward``), so the head's batch norm
+normalises every crop together.
+
+The first fill (``method.label_pass``): ``"train"``, SwAV's ``init_memory``: each large crop's
+training view, one forward per crop in train mode (batch-norm batch statistics, not kept) over
+shuffled batches of the training batch size; or ``"eval"``: the clean view in eval mode (at
+init the running statistics are 0 / 1, so every batch norm is the identity), tiled over the
+A crops (runs saved before the field existed).
 
 Each epoch (one cycle) starts with, for every prototype set j of K_j prototypes: spherical
 k-means on the deepest classifier's memory of crop j mod A (``method.kmeans``: ``num_iters``
@@ -23,16 +31,27 @@ same clusters (an empty cluster keeps its prototype): its embedding space differ
 teacher's, the labels do not. The prototypes are frozen (no update, no momentum) for
 ``config.optim.freeze_head_steps`` steps or ``freeze_head_epochs`` epochs.
 
-Loss, for each classifier c and set j, CE_cj = cross-entropy of softmax(scores_cj / tau) against
-set j's labels; L_c = mean_j CE_cj. DeepCluster-v2: L_0. With self-distillation (seed eq. 5):
+Loss, for each classifier c and set j, CE_cj = cross-entropy of softmax(z_cj) against set j's
+labels, z_cj = scores_cj / tau the logits; L_c = mean_j CE_cj. DeepCluster-v2: L_0. With
+self-distillation, the seed's eq. 5 with its alpha = 0.9, lambda = 1e-5 (App. A.1):
 
     L = L_0 + (1 - alpha) sum_i L_i + alpha L_KL + lambda L_hints,
 
-L_KL = sum_i mean_j KL(softmax(scores_0j / tau) || softmax(scores_ij / tau)) and L_hints =
-sum_i ||branch_i_map - stage4||^2 (summed over elements, mean over the batch), the teacher
-detached in both. The KL uses the classifiers' own temperature tau: the seed defines the
-classifiers' probabilities at tau (its eq. 2-3) and gives no separate distillation temperature,
-so BYOT's T = 3 (and its T^2 factor) is not applied.
+(BYOT's ``train.py`` weighs L_0 by (1 - alpha) too; the seed's equation is followed), the
+teacher detached in L_KL and L_hints. The seed's eq. 3-4 name the two terms but give no
+temperature, normalisation or feature layer; ``method.kd_style`` picks them:
+
+  ``"byot"``  BYOT's published forms (``distillation.soft_target_loss`` / ``masked_hint_loss``):
+      L_KL = sum_i mean_j T^2 mean_b H(softmax(z_0j / T), softmax(z_ij / T)) (a cross-entropy:
+      the KL plus the teacher's entropy, same gradients) with T = ``method.kd_temperature``
+      (BYOT's 3), and L_hints = sum_i sum over batch and channels of (branch_i - pool(stage4))^2
+      where either is > 0, on the pooled (B, C4) features. T divides the logits z = scores / tau,
+      not the scores: BYOT softens the logits its cross-entropy reads, and T = 1 gives back the
+      seed's eq. 3 on the classifiers' own q = softmax(z). (Cosine scores in [-1, 1] divided by
+      T = 3 alone would make near-uniform targets over the K prototypes.)
+  ``"dcjax"`` dcjax's own (runs saved before the field): L_KL = sum_i mean_j mean_b
+      KL(softmax(z_0j) || softmax(z_ij)) at the classifiers' tau, no T^2; L_hints = sum_i
+      ||branch_i_map - stage4||^2 on the spatial maps, summed over elements, mean over the batch.
 """
 
 from __future__ import annotations
@@ -54,6 +73,7 @@ from dcjax.core.mesh import example_sharded
 from dcjax.methods.base import (
     Context,
     Method,
+    choice_field,
     first_cycle_only,
     int_field,
     kmeans_config,
@@ -61,11 +81,23 @@ from dcjax.methods.base import (
     shuffled_sample,
     view_indices,
 )
-from dcjax.methods.distillation import hint_loss, kl_to_teacher
+from dcjax.methods.distillation import (
+    hint_loss,
+    kl_to_teacher,
+    masked_hint_loss,
+    soft_target_loss,
+)
 from dcjax.models.network import build_trunk
 from dcjax.models.prototypes import BRANCH_KEYS, EmbeddingTrunk, PrototypeNetwork
 
-__all__ = ["DCv2State", "Settings", "make_method", "read_settings", "set_prototypes"]
+__all__ = [
+    "KD_STYLES",
+    "DCv2State",
+    "Settings",
+    "make_method",
+    "read_settings",
+    "set_prototypes",
+]
 
 
 @flax.struct.dataclass
@@ -93,10 +125,35 @@ class Settings:
     num_classifiers: int  # C: 1, or 4 with self-distillation (the deepest + 3 branches)
     distill_alpha: float  # alpha of the self-distillation loss (0 without it)
     hint_weight: float  # lambda of the hint loss (0 without it)
+    kd_style: str  # "byot" (BYOT's published KD and hint terms) or "dcjax" (its own)
+    kd_temperature: float  # T of the "byot" KD term, on scores / tau; unused by "dcjax"
     feat_dim: int  # D of the embeddings
     hidden_dim: int  # width of the projection head's hidden layer
     kmeans: kmeans.KMeansConfig  # ``method.kmeans``
     assign_crops: int = 1  # A: multi-crop's large crops, each with its own memory (SwAV's 2)
+    label_pass: str = "eval"  # how the first memory is filled: "train" (SwAV's) or "eval"
+
+
+KD_STYLES = ("byot", "dcjax")
+
+
+def _kd_fields(config: ml_collections.ConfigDict, distill: bool) -> tuple[str, float]:
+    """``method.kd_style`` ("dcjax" when absent: runs saved before the field) and
+    ``method.kd_temperature`` (BYOT's 3 when absent), checked against a ResNet's
+    ``model.kwargs.branch_style`` (the KD config links the two)."""
+    method = config.method
+    style = choice_field(method, "kd_style", KD_STYLES, "dcjax")
+    temperature = float(method.get("kd_temperature", 3.0))
+    if temperature <= 0:
+        raise ConfigError(f"config.method.kd_temperature must be > 0, got {temperature}")
+    branches = config.model.get("kwargs", {}).get("branch_style", "dcjax")
+    if distill and config.model.name.startswith("resnet") and branches != style:
+        raise ConfigError(
+            f"config.model.kwargs.branch_style={branches!r} with config.method.kd_style="
+            f"{style!r}: the branches and the loss terms come as a pair; set both alike "
+            "(configs/deepcluster_v2_kd.py links them)"
+        )
+    return style, temperature
 
 
 def read_settings(config: ml_collections.ConfigDict) -> Settings:
@@ -114,20 +171,25 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
     multicrop = config.get("augment") == "multicrop"
     if multicrop and distill:
         raise ConfigError(
-            "config.augment='multicrop' with config.method.self_distillation: the hint loss "
-            "compares feature maps of one size; use one view (the seed's setting has none)"
+            "config.augment='multicrop' with config.method.self_distillation: the students "
+            "train on one view per image (kd_style='dcjax' compares feature maps of one size); "
+            "use one view (the seed's setting has none)"
         )
     crops = tuple(config.input.get("crops", ())) if multicrop else ()
+    kd_style, kd_temperature = _kd_fields(config, distill)
     return Settings(
         sizes=sizes,
         temperature=float(method.temperature),
         num_classifiers=1 + len(BRANCH_KEYS) if distill else 1,
         distill_alpha=float(method.distill_alpha) if distill else 0.0,
         hint_weight=float(method.hint_weight) if distill else 0.0,
+        kd_style=kd_style,
+        kd_temperature=kd_temperature,
         feat_dim=int_field(method, "feat_dim", 1),
         hidden_dim=int_field(method, "hidden_dim", 1),
         kmeans=kmeans_config(config),
         assign_crops=int(crops[0][0]) if crops else 1,
+        label_pass=choice_field(method, "label_pass", ("train", "eval"), "eval"),
     )
 
 
@@ -175,6 +237,42 @@ def classifier_losses(
     return jnp.mean(jnp.stack(losses), axis=0)
 
 
+def _pool(x: jax.Array) -> jax.Array:
+    """(B, ..., F) -> (B, F): the mean over the spatial axes ((B, F) vectors are unchanged)."""
+    return jnp.mean(x, axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
+
+
+def _distillation_terms(
+    settings: Settings, scores: jax.Array, outputs: dict[str, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    """(L_KL, L_hints) of ``settings.kd_style``, summed over the students, L_KL averaged over
+    the prototype sets (see the module docstring).
+
+    Args:
+      scores: (B, C, sum K) prototype scores; outputs: the network's, with ``stage4``,
+        ``branch<i>_map`` and (for "byot") the pooled ``branch<i>``.
+    """
+    sizes, temperature = settings.sizes, settings.temperature
+    students = range(1, scores.shape[1])
+    if settings.kd_style == "byot":
+        t = settings.kd_temperature
+        kl = sum(
+            soft_target_loss(scores[:, 0, cols] / temperature, scores[:, i, cols] / temperature, t)
+            for i in students
+            for cols in _set_slices(sizes)
+        ) / len(sizes)
+        teacher = _pool(outputs["stage4"])  # (B, C4): the ResNet's ``pooled``
+        hints = sum(masked_hint_loss(outputs[b], teacher) for b in BRANCH_KEYS)
+        return kl, hints
+    kl = sum(
+        kl_to_teacher(scores[:, 0, cols] / temperature, scores[:, i, cols] / temperature)
+        for i in students
+        for cols in _set_slices(sizes)
+    ) / len(sizes)
+    hints = sum(hint_loss(outputs[f"{b}_map"], outputs["stage4"]) for b in BRANCH_KEYS)
+    return kl, hints
+
+
 def loss_fn(
     settings: Settings, method_state: DCv2State, outputs: dict[str, jax.Array], indices: jax.Array
 ):
@@ -187,12 +285,7 @@ def loss_fn(
     metrics = {"pseudo_label_accuracy": accuracy, "loss_deepest": per_classifier[0]}
     if scores.shape[1] == 1:
         return per_classifier[0], metrics
-    kl = sum(
-        kl_to_teacher(scores[:, 0, cols] / temperature, scores[:, i, cols] / temperature)
-        for i in range(1, scores.shape[1])
-        for cols in _set_slices(sizes)
-    ) / len(sizes)
-    hints = sum(hint_loss(outputs[f"{b}_map"], outputs["stage4"]) for b in BRANCH_KEYS)
+    kl, hints = _distillation_terms(settings, scores, outputs)
     students = jnp.sum(per_classifier[1:])
     alpha = settings.distill_alpha
     loss = per_classifier[0] + (1 - alpha) * students + alpha * kl
@@ -246,6 +339,16 @@ def set_prototypes(
     return prototypes.at[:, :, columns].set(new)
 
 
+def _first_memory(settings: Settings, features: jax.Array) -> jax.Array:
+    """(A C, N, D) memory from the first feature pass: train mode gives each large crop its own
+    view, (N, A, C, D) (or (N, C, D) for A = 1); eval mode's clean view (N, C, D) is tiled
+    over the A crops."""
+    n, d = features.shape[0], features.shape[-1]
+    if features.ndim == 4:
+        return jnp.moveaxis(features, 0, 2).reshape(-1, n, d)
+    return jnp.tile(jnp.swapaxes(features, 0, 1), (settings.assign_crops, 1, 1))
+
+
 def recluster(
     settings: Settings, ctx: Context, state, features: jax.Array | None
 ) -> tuple[object, dict[str, float]]:
@@ -253,9 +356,8 @@ def recluster(
     cycle = int(state.cycle)
     memory = state.method.memory
     c = settings.num_classifiers
-    if features is not None:  # every large crop's memory starts from the same clean view
-        memory = jnp.swapaxes(features.astype(memory.dtype), 0, 1)
-        memory = jnp.tile(memory, (settings.assign_crops, 1, 1))
+    if features is not None:
+        memory = _first_memory(settings, features.astype(memory.dtype))
     head = dict(state.params["head"])
     prototypes = head["prototypes"]
     sizes = settings.sizes
@@ -303,4 +405,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
         sample=shuffled_sample,
         state_sharding=state_sharding,
         multi_view=settings.num_classifiers == 1,
+        joint_views=True,
+        label_pass=settings.label_pass,
+        label_views=settings.assign_crops if settings.label_pass == "train" else 1,
     )

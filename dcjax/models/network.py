@@ -22,6 +22,7 @@ __all__ = [
     "Network",
     "build_trunk",
     "head_logits",
+    "stack_views",
 ]
 
 # The heads' one Dense layer, named explicitly (``head_logits`` and the tests read its params;
@@ -154,3 +155,17 @@ class Network(nn.Module):
             head = ClassifierHead(self.num_classes, name="head")
         out["logits"] = head(out[self.feature_key])
         return out
+
+
+def stack_views(parts: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+    """View groups' outputs concatenated along the batch (view-major), for every output whose
+    shape past the batch is the same in each group; feature maps of another size are dropped.
+    One group is returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return {
+        k: jax.numpy.concatenate([p[k] for p in parts])
+        for k in first
+        if all(p[k].shape[1:] == first[k].shape[1:] for p in parts)
+    }

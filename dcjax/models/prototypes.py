@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from dcjax.clustering.pca import l2_normalize
-from dcjax.models.network import Trunk
+from dcjax.models.network import Trunk, stack_views
 
 __all__ = ["ProjectionHead", "EmbeddingTrunk", "Prototypes", "PrototypeNetwork", "BRANCH_KEYS"]
 
@@ -54,8 +54,12 @@ class EmbeddingTrunk(nn.Module):
     num_classifiers: int = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-        out = dict(self.trunk(x, train=train))
+    def __call__(self, x: jax.Array | Sequence[jax.Array], *, train: bool) -> dict[str, jax.Array]:
+        """``x``: (B, H, W, C) images, or multi-crop's list of view groups (V_g B, H_g, W_g, C):
+        the trunk runs per group, the projection heads once over every crop (SwAV's forward,
+        so the head's batch norm sees all crops together); outputs view-major (V B, ...)."""
+        groups = list(x) if isinstance(x, (list, tuple)) else [x]
+        out = stack_views([dict(self.trunk(g, train=train)) for g in groups])
         keys = ("features", *BRANCH_KEYS)[: self.num_classifiers]
         missing = [k for k in keys if k not in out]
         if missing:
@@ -96,7 +100,7 @@ class PrototypeNetwork(nn.Module):
     num_prototypes: Sequence[int]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    def __call__(self, x: jax.Array | Sequence[jax.Array], *, train: bool) -> dict[str, jax.Array]:
         out = self.trunk(x, train=train)
         out["scores"] = Prototypes(tuple(self.num_prototypes), name="head")(out["embeddings"])
         return out

@@ -1,12 +1,13 @@
-"""The loop the official per-layer linear evaluations share, over a run's image banks.
+"""The loop the official linear evaluations share, over a run's image banks.
 
-DeepCluster's (``dcjax.training.deepcluster_eval``) and SeLa's (``dcjax.training.sela_eval``)
-protocols both train linear probes on augmented views of the whole train split through the
-frozen network and score them on test views: each epoch a fresh permutation cut into batches
-(the last one partial: padded, its padding masked out), one jitted ``lax.scan`` over the steps,
-then on the protocol's epochs one jitted ``lax.map`` over the test batches. A protocol
-(``BankProbe`` subclass) supplies its views, its carry (probe weights, optimiser state, ...), the
-update of one step, the scores of one test batch and the per-epoch hyper-parameters.
+DeepCluster's (``dcjax.training.deepcluster_eval``), SeLa's (``dcjax.training.sela_eval``) and
+SwAV's (``dcjax.training.swav_eval``) protocols all train linear probes on augmented views of
+the whole train split through the frozen network and score them on test views: each epoch a
+fresh permutation cut into batches (the last one partial: padded, its padding masked out), one
+jitted ``lax.scan`` over the steps, then on the protocol's epochs one jitted ``lax.map`` over
+the test batches. A protocol (``BankProbe`` subclass) supplies its views, its carry (probe
+weights, optimiser state, ...), the update of one step, the scores of one test batch and the
+per-epoch hyper-parameters.
 
 Random streams, for a run's ``seed``: the batch order from ``default_rng([seed, 3])``; the views
 of step t (global, from 0) of epoch e (from 1) from ``fold_in(fold_in(PRNGKey(seed), e), t)``,

@@ -12,8 +12,8 @@ from dcjax.data.bank import place_bank
 from dcjax.evaluation import deepcluster_probe, deepdive_probe, scores, sela_knn, sela_probe
 from dcjax.evaluation.knn import knn_accuracy
 from dcjax.evaluation.linear_probe import linear_probe
-from dcjax.training import deepcluster_eval, sela_eval
-from dcjax.training.setup import Run, eval_layers, eval_protocol, sela_probes
+from dcjax.training import deepcluster_eval, sela_eval, swav_eval
+from dcjax.training.setup import Run, eval_layers, eval_protocol, sela_probes, swav_probe
 from dcjax.training.state import TrainState
 from dcjax.training.step import extract_features, make_feature_fn
 
@@ -41,6 +41,12 @@ class Evaluator:
     max-pooled and batch-normed), trained like DeepCluster's on augmented views of the whole
     train split (``sela_top1/<layer>``, ``sela_top5/<layer>``: the last epoch;
     ``sela_best_top1/<layer>``: the best tested epoch), with the ``eval.sela.probe_*`` settings.
+    ``eval.protocol = "swav"`` adds SwAV's ``eval_linear.py`` on ``eval.swav.layer`` (default
+    ``probe_layer``, globally pooled): one linear layer trained by SGD with a cosine rate on
+    augmented views of the whole train split through the frozen network, scored on the centre
+    crop (``swav_top1/<layer>``, ``swav_top5/<layer>``: the last epoch;
+    ``swav_best_top1/<layer>``: the best epoch, the official figure), with ``eval.swav``'s
+    settings.
     """
 
     def __init__(self, run: Run):
@@ -64,6 +70,8 @@ class Evaluator:
             probes_config = sela_probes(run.config)
             if probes_config is not None:
                 bank_probes.append((sela_eval.SelaProbe, probes_config))
+        if eval_protocol(run.config) == "swav":
+            bank_probes.append((swav_eval.SwavProbe, swav_probe(run.config)))
         model = run.ctx.model
         self._bank_probes = [
             runner(

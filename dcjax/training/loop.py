@@ -69,6 +69,10 @@ ADDED_FIELDS = {
     "method.kmeans.dtype": "float32",
     "method.sampler_order": "dataset",
     "method.heads_per_step": "all",
+    # DC-v2 self-distillation before BYOT's forms (the temperature is unused by "dcjax").
+    "method.kd_style": "dcjax",
+    "method.kd_temperature": 3.0,
+    "model.kwargs.branch_style": "dcjax",
     "method.label_pass": "eval",
 }
 
@@ -312,6 +316,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str,
         [built.ctx.cluster_layer],
         built.mesh,
         mode=built.method.label_pass,
+        views=built.method.label_views,
     )
     progress = console.Progress(_steps_per_cycle(built), config.batch_size)
     history: list[dict[str, float]] = []  # this sitting's cycles, for the warnings

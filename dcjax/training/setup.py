@@ -20,6 +20,7 @@ from dcjax.data.pipeline import Pipeline, make_pipeline
 from dcjax.evaluation import sela_probe
 from dcjax.evaluation.deepcluster_probe import DeepclusterProbeConfig
 from dcjax.evaluation.sela_knn import SelaKnnConfig
+from dcjax.evaluation.swav_probe import SwavProbeConfig
 from dcjax.methods import Context, Method, make_method
 from dcjax.models.init import apply_init_scheme
 from dcjax.training.state import TrainState, make_optimizers
@@ -35,6 +36,7 @@ __all__ = [
     "fresh_initial_state",
     "init_variables",
     "sela_probes",
+    "swav_probe",
 ]
 
 
@@ -241,7 +243,7 @@ class _Plan:
     dummy: jax.ShapeDtypeStruct  # (1, H, W, C) the model's input shape
 
 
-EVAL_PROTOCOLS = ("dcjax", "deepdive", "deepcluster", "sela")
+EVAL_PROTOCOLS = ("dcjax", "deepdive", "deepcluster", "sela", "swav")
 
 
 def eval_layers(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
@@ -273,6 +275,8 @@ def eval_protocol(config: ml_collections.ConfigDict) -> str:
         SelaKnnConfig.from_config(sela_probe.knn_fields(sela))
         sela_probe.probes_enabled(sela)
         sela_probe.SelaProbeConfig.from_config(sela)
+    if protocol == "swav":
+        swav_probe(config)
     return protocol
 
 
@@ -282,6 +286,12 @@ def sela_probes(config: ml_collections.ConfigDict) -> sela_probe.SelaProbeConfig
     if eval_protocol(config) != "sela" or not sela_probe.probes_enabled(config.eval.get("sela")):
         return None
     return sela_probe.SelaProbeConfig.from_config(config.eval.get("sela"))
+
+
+def swav_probe(config: ml_collections.ConfigDict) -> SwavProbeConfig:
+    """The settings of SwAV's linear evaluation (``config.eval.swav``, its ``layer`` "" taken
+    from ``config.eval.probe_layer``); ConfigError naming a bad field."""
+    return SwavProbeConfig.from_config(config.eval.get("swav"), config.eval.probe_layer)
 
 
 def _check_probe_batches(probe, prefix: str, mesh: Mesh) -> None:
@@ -319,6 +329,29 @@ def _check_deepcluster_protocol(config, outputs: dict, mesh: Mesh) -> None:
             f"AlexNet (model.name='alexnet': probe1..probe5); the model has {sorted(outputs)}"
         )
     _check_probe_batches(probe, "eval.deepcluster.", mesh)
+
+
+def _check_swav_protocol(config, outputs: dict, mesh: Mesh) -> None:
+    """``eval.protocol="swav"``: its layer is a (B, H, W, C) map or (B, D) features of the
+    model, and its batches split over the devices.
+
+    Raises:
+      ConfigError: naming ``config.eval.swav.layer`` (or ``eval.probe_layer`` it defaults to)
+        when the model has no such output or one of another rank, or the batch field that the
+        device count does not divide.
+    """
+    probe = swav_probe(config)
+    field = "eval.swav.layer" if config.eval.get("swav", {}).get("layer") else "eval.probe_layer"
+    shape = outputs[probe.layer].shape if probe.layer in outputs else None
+    if shape is None or len(shape) not in (2, 4):
+        found = "no such output" if shape is None else f"a {len(shape)}-d output {tuple(shape)}"
+        raise ConfigError(
+            f"config.eval.protocol='swav' probes config.{field}={probe.layer!r}, but "
+            f"config.model.name={config.model.name!r} has {found}: SwAV's protocol pools a "
+            f"(B, H, W, C) map or takes (B, D) features (resnet: 'pooled', 'stage4'); the model "
+            f"has {sorted(outputs)}"
+        )
+    _check_probe_batches(probe, "eval.swav.", mesh)
 
 
 def _check_sela_probes(config, outputs: dict, mesh: Mesh) -> None:
@@ -419,6 +452,8 @@ def _plan(config: ml_collections.ConfigDict) -> _Plan:
     cluster_layer = config.method.get("cluster_layer", "features")
     if eval_protocol(config) == "deepcluster":
         _check_deepcluster_protocol(config, outputs, mesh)
+    if eval_protocol(config) == "swav":
+        _check_swav_protocol(config, outputs, mesh)
     _check_sela_probes(config, outputs, mesh)
     for field, layer in [("method.cluster_layer", cluster_layer), *eval_layers(config)]:
         if layer not in outputs:

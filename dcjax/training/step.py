@@ -15,6 +15,7 @@ from dcjax.core.mesh import data_sharded, replicated
 from dcjax.data.bank import ImageBank
 from dcjax.data.pipeline import Pipeline
 from dcjax.methods.base import Method
+from dcjax.models.network import stack_views
 from dcjax.training.state import TrainState
 
 __all__ = ["make_train_step", "make_train_steps", "make_feature_fn", "extract_features"]
@@ -35,10 +36,13 @@ def _step_fn(
         views = pipeline.train_views(aug_key, images.gather(indices))
 
         def loss_of(params):
-            # One forward pass per view size (multi-crop: SwAV's groups), batch-norm statistics
-            # updated by each in turn; the outputs stacked view-major, (V B, ...).
+            # Multi-crop (several view sizes): a joint-view model takes the list of groups in
+            # one call (SwAV's forward: the backbone per group, the head once over all crops);
+            # otherwise one forward per group. Batch-norm statistics are updated by each group
+            # in turn; the outputs are stacked view-major, (V B, ...).
             batch_stats, parts = state.batch_stats, []
-            for g, x in enumerate(views):
+            calls = [views] if method.joint_views and len(views) > 1 else views
+            for g, x in enumerate(calls):
                 out, mutated = model.apply(
                     {"params": params, "batch_stats": batch_stats},
                     x,
@@ -48,7 +52,7 @@ def _step_fn(
                 )
                 batch_stats = mutated["batch_stats"]
                 parts.append(out)
-            outputs = parts[0] if len(parts) == 1 else _stack_views(parts)
+            outputs = stack_views(parts)
             loss, metrics = method.loss_fn(state.method, outputs, indices)
             return loss, (metrics, outputs, batch_stats)
 
@@ -72,17 +76,6 @@ def _step_fn(
         return new_state, {"loss": loss, **metrics, **online_metrics}
 
     return train_step
-
-
-def _stack_views(parts: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
-    """The groups' outputs concatenated along the batch, for every output whose shape past the
-    batch is the same in each group (feature maps of another size are dropped)."""
-    first = parts[0]
-    return {
-        k: jax.numpy.concatenate([p[k] for p in parts])
-        for k in first
-        if all(p[k].shape[1:] == first[k].shape[1:] for p in parts)
-    }
 
 
 def make_train_step(
@@ -143,6 +136,7 @@ def make_feature_fn(
     layers: Sequence[str],
     mesh: Mesh,
     mode: str = "eval",
+    views: int = 1,
 ):
     """Builds ``features(params, batch_stats, images, indices, key) -> {layer: (B, ...)}``.
 
@@ -150,30 +144,45 @@ def make_feature_fn(
     view; ``key`` is unused. ``mode="train"``: the training view drawn with ``key`` (the first
     crop of each image under multi-crop) and train-mode layers (dropout on, batch norm on the
     batch's own statistics, which are not kept), as SeLa's official label pass computes its
-    probabilities. The indices and key are replicated, the gathered batch and the outputs
-    sharded over the data axis.
+    probabilities and SwAV fills DeepCluster-v2's first memory. With ``views=V > 1`` (train
+    mode) the first V crops are embedded, each in its own forward as SwAV's ``init_memory``
+    does, and every layer is (B, V, ...). The indices and key are replicated, the gathered
+    batch and the outputs sharded over the data axis.
     """
     if mode not in ("eval", "train"):
         raise ValueError(f"feature pass mode must be 'eval' or 'train', got {mode!r}")
+    if views < 1 or (views > 1 and mode != "train"):
+        raise ValueError(f"views={views}: more than one view needs mode='train'")
     layers = tuple(layers)
 
-    def features(params, batch_stats, images, indices, key):
-        variables = {"params": params, "batch_stats": batch_stats}
-        batch = images.gather(indices)
-        if mode == "train":
-            aug_key, dropout_key = jax.random.split(key)
-            x = pipeline.train_views(aug_key, batch)[0][: indices.shape[0]]
-            outputs, _ = model.apply(
-                variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key}
-            )
-        else:
-            outputs = model.apply(variables, pipeline.eval_batch(batch), train=False)
+    def check(outputs):
         missing = [name for name in layers if name not in outputs]
         if missing:
             raise ValueError(
                 f"layers {missing} are not among the model's outputs {sorted(outputs)}"
             )
         return {name: outputs[name] for name in layers}
+
+    def features(params, batch_stats, images, indices, key):
+        variables = {"params": params, "batch_stats": batch_stats}
+        batch = images.gather(indices)
+        if mode == "eval":
+            return check(model.apply(variables, pipeline.eval_batch(batch), train=False))
+        aug_key, dropout_key = jax.random.split(key)
+        group, b = pipeline.train_views(aug_key, batch)[0], indices.shape[0]
+        per_view = []
+        for v in range(views):
+            outputs, _ = model.apply(
+                variables,
+                group[v * b : (v + 1) * b],
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.fold_in(dropout_key, v) if v else dropout_key},
+            )
+            per_view.append(check(outputs))
+        if views == 1:
+            return per_view[0]
+        return {name: jax.numpy.stack([o[name] for o in per_view], axis=1) for name in layers}
 
     rep = replicated(mesh)
     return jax.jit(

@@ -1,5 +1,5 @@
-"""The DC-v2 vs DC-v2 + KD experiment's set-up: identical budgets, seeds and data, and its
-mean +- std table (the runs themselves are the loop's tests)."""
+"""The DC-v2 vs DC-v2 + KD experiment's set-up: identical budgets, seeds and data for DC-v2 and
+each KD style, and its mean +- std table (the runs themselves are the loop's tests)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from tests.helpers import load_experiment
 EXPERIMENT = load_experiment("kd_vs_dcv2")
 
 
+@pytest.mark.parametrize("style", EXPERIMENT.KD_STYLES)
 @pytest.mark.parametrize("setting", ["full", "cpu", "smoke"])
-def test_both_methods_get_identical_budgets_seeds_and_data(setting):
+def test_every_run_gets_identical_budgets_seeds_and_data(setting, style):
     dc, kd = (
-        EXPERIMENT.experiment_config(m, setting, 7, "/data/cifar") for m in EXPERIMENT.METHODS
+        EXPERIMENT.experiment_config(run, setting, 7, "/data/cifar")
+        for run in ("deepcluster_v2", f"deepcluster_v2_kd_{style}")
     )
     for field in ("data", "optim", "input", "eval", "augment", "num_cycles", "batch_size", "seed"):
         assert dc[field] == kd[field], field
@@ -22,16 +24,24 @@ def test_both_methods_get_identical_budgets_seeds_and_data(setting):
     assert dc.model.name == kd.model.name == "resnet18"
     only_branches = {**kd.model.kwargs}
     assert only_branches.pop("num_branches") == 3
+    assert only_branches.pop("branch_style") == style == kd.method.kd_style
     assert only_branches == dict(dc.model.kwargs)
     assert dc.eval.probe_layer == kd.eval.probe_layer == "pooled"  # the backbone, branches dropped
     assert not dc.method.self_distillation and kd.method.self_distillation  # the one switch
-    assert {k: v for k, v in dc.method.items() if k != "self_distillation"} == {
-        k: v for k, v in kd.method.items() if k != "self_distillation"
+    assert {k: v for k, v in dc.method.items() if k not in ("self_distillation", "kd_style")} == {
+        k: v for k, v in kd.method.items() if k not in ("self_distillation", "kd_style")
     }
 
 
+def test_runs_are_dcv2_then_one_per_kd_style():
+    assert EXPERIMENT.runs_for(["byot", "dcjax"]) == tuple(EXPERIMENT.RUNS)
+    assert EXPERIMENT.runs_for(["dcjax"]) == ("deepcluster_v2", "deepcluster_v2_kd_dcjax")
+    with pytest.raises(ValueError, match="unknown"):
+        EXPERIMENT.runs_for(["byt"])
+
+
 def test_full_setting_is_the_seed_papers_recipe():
-    config = EXPERIMENT.experiment_config("deepcluster_v2_kd", "full", 0, "/data/cifar")
+    config = EXPERIMENT.experiment_config("deepcluster_v2_kd_byot", "full", 0, "/data/cifar")
     assert config.optim.learning_rate == 6e-2 and config.optim.final_learning_rate == 3e-4
     assert config.optim.warmup_epochs == 5 and config.optim.warmup_learning_rate == 1e-6
     assert config.optim.momentum == 0.9 and config.optim.weight_decay == 1e-6
@@ -58,11 +68,14 @@ def test_table_reports_mean_and_sample_std_over_seeds():
         for m, s, acc in [
             ("deepcluster_v2", 0, 0.30),
             ("deepcluster_v2", 1, 0.32),
-            ("deepcluster_v2_kd", 0, 0.35),
-            ("deepcluster_v2_kd", 1, 0.39),
+            ("deepcluster_v2_kd_byot", 0, 0.35),
+            ("deepcluster_v2_kd_byot", 1, 0.39),
+            ("deepcluster_v2_kd_dcjax", 0, 0.33),
+            ("deepcluster_v2_kd_dcjax", 1, 0.33),
         ]
     ]
     table = EXPERIMENT.summary_table(rows, ["# t"])
-    assert "| deepcluster_v2 | 0,1 | 20.00 +- 0.00 | 31.00 +- 1.41 |" in table
-    assert "| deepcluster_v2_kd | 0,1 | 20.00 +- 0.00 | 37.00 +- 2.83 |" in table
-    assert "33.27 +- 0.06" in table and "38.00 +- 0.34" in table
+    assert "| DC-v2 | 0,1 | 20.00 +- 0.00 | 31.00 +- 1.41 |" in table
+    assert "| DC-v2 + KD (byot) | 0,1 | 20.00 +- 0.00 | 37.00 +- 2.83 |" in table
+    assert "| DC-v2 + KD (dcjax) | 0,1 | 20.00 +- 0.00 | 33.00 +- 0.00 |" in table
+    assert "33.27 +- 0.06" in table and table.count("38.00 +- 0.34") == 2

@@ -185,7 +185,7 @@ def test_kl_and_hint_match_numpy(rng):
 
 def test_total_kd_loss_matches_numpy(kd_run, rng):
     state = kd_run.initial_state.method
-    settings = dcv2.read_settings(kd_run.config)
+    settings = dataclasses.replace(dcv2.read_settings(kd_run.config), kd_style="dcjax")
     b, sizes, tau = 6, settings.sizes, settings.temperature
     c = state.memory.shape[0]
     scores = rng.normal(size=(b, c, sum(sizes)))
@@ -196,7 +196,7 @@ def test_total_kd_loss_matches_numpy(kd_run, rng):
     indices = rng.choice(state.labels.shape[1], b, replace=False)
     outputs = {k: jnp.asarray(v, jnp.float32) for k, v in maps.items()}
     outputs["scores"] = jnp.asarray(scores, jnp.float32)
-    loss, metrics = kd_run.method.loss_fn(method_state, outputs, jnp.asarray(indices))
+    loss, metrics = dcv2.loss_fn(settings, method_state, outputs, jnp.asarray(indices))
 
     log_p = _log_softmax64(scores / tau)  # one prototype set
     ce = -log_p[np.arange(b), :, labels[0, indices]].mean(0)  # (C,)
@@ -213,6 +213,61 @@ def test_total_kd_loss_matches_numpy(kd_run, rng):
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss_kl"], kl, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss_hints"], hints, rtol=1e-5)
+
+
+def _byot_features(rng, b: int, trunk: str) -> dict[str, np.ndarray]:
+    """A ResNet's (B, 2, 2, 8) stage4 and pooled branches, or an MLP's (B, 8) vectors; normal
+    draws, so the hint's mask (either side > 0) matters."""
+    if trunk == "resnet":
+        out = {"stage4": rng.normal(size=(b, 2, 2, 8))}
+        for i in (1, 2, 3):
+            out[f"branch{i}_map"] = rng.normal(size=(b, 2, 2, 8))
+            out[f"branch{i}"] = out[f"branch{i}_map"].mean(axis=(1, 2))
+        return out
+    out = {"stage4": rng.normal(size=(b, 8))}
+    for i in (1, 2, 3):
+        out[f"branch{i}_map"] = out[f"branch{i}"] = rng.normal(size=(b, 8))
+    return out
+
+
+@pytest.mark.parametrize("trunk", ["resnet", "mlp"])
+def test_total_byot_kd_loss_matches_numpy(kd_run, rng, trunk):
+    # Two prototype sets: the KD term is averaged over them, summed over the students.
+    state = kd_run.initial_state.method
+    settings = dataclasses.replace(dcv2.read_settings(kd_run.config), sizes=(4, 7))
+    assert (settings.kd_style, settings.kd_temperature) == ("byot", 3.0)  # the config default
+    b, tau, t, c = 6, settings.temperature, settings.kd_temperature, state.memory.shape[0]
+    n = state.labels.shape[1]
+    scores = rng.normal(size=(b, c, 11))
+    features = _byot_features(rng, b, trunk)
+    labels = np.stack([rng.integers(0, 4, n), rng.integers(0, 7, n)])
+    method_state = state.replace(labels=jnp.asarray(labels, jnp.int32))
+    indices = rng.choice(n, b, replace=False)
+    outputs = {k: jnp.asarray(v, jnp.float32) for k, v in features.items()}
+    outputs["scores"] = jnp.asarray(scores, jnp.float32)
+    loss, metrics = dcv2.loss_fn(settings, method_state, outputs, jnp.asarray(indices))
+
+    ce, kl = np.zeros(c), 0.0
+    for j, cols in enumerate((slice(0, 4), slice(4, 11))):
+        z = scores[:, :, cols] / tau  # the classifiers' logits
+        ce += -_log_softmax64(z)[np.arange(b), :, labels[j, indices]].mean(0) / 2
+        p = np.exp(_log_softmax64(z[:, 0] / t))
+        kl += (
+            sum(t**2 * np.mean(-np.sum(p * _log_softmax64(z[:, i] / t), -1)) for i in (1, 2, 3)) / 2
+        )
+    teacher = features["stage4"].reshape(b, -1, 8).mean(1)  # pooled
+    hints = sum(
+        np.sum(
+            (features[f"branch{i}"] - teacher) ** 2 * ((features[f"branch{i}"] > 0) | (teacher > 0))
+        )
+        for i in (1, 2, 3)
+    )
+    alpha, lam = settings.distill_alpha, settings.hint_weight
+    assert (alpha, lam) == (0.9, 1e-5)  # the seed's, not BYOT's 0.1 and 1e-6
+    expected = ce[0] + (1 - alpha) * ce[1:].sum() + alpha * kl + lam * hints
+    np.testing.assert_allclose(metrics["loss_kl"], kl, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss_hints"], hints, rtol=1e-5)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
 def test_teacher_gets_no_gradient_from_kl_and_hints(rng):
@@ -296,6 +351,66 @@ def test_bad_method_fields_are_named(field, value, match):
     config.method[field] = value
     with pytest.raises(ValueError, match=match):
         build_run(config)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("kd_style", "byt", r"config.method.kd_style='byt' must be one of byot, dcjax"),
+        ("kd_temperature", 0.0, r"config.method.kd_temperature must be > 0, got 0.0"),
+    ],
+)
+def test_bad_kd_fields_are_named(field, value, match):
+    from dcjax.core.errors import ConfigError
+
+    config = load_config("deepcluster_v2_kd", "smoke")
+    config.method[field] = value
+    with pytest.raises(ConfigError, match=match):
+        dcv2.read_settings(config)
+
+
+def test_kd_style_sets_the_branches_and_refuses_a_mismatch():
+    from dcjax.core.errors import ConfigError
+    from dcjax.models.network import build_trunk
+
+    config = load_config("deepcluster_v2_kd", "smoke")
+    assert config.method.kd_style == config.model.kwargs.branch_style == "byot"
+    assert build_trunk(config.model).backbone.branch_style == "byot"
+    config.update_from_flattened_dict({"method.kd_style": "dcjax"})  # as --config.method...
+    assert build_trunk(config.model).backbone.branch_style == "dcjax"
+    assert dcv2.read_settings(config).kd_style == "dcjax"
+    # A copied kwargs dict loses the link: the pair must still agree.
+    config.model.kwargs = {**config.model.kwargs, "branch_style": "byot"}
+    with pytest.raises(ConfigError, match=r"branch_style='byot' with config.method.kd_style="):
+        dcv2.read_settings(config)
+    # Without self-distillation the field changes nothing and is not checked against the model.
+    plain = load_config("deepcluster_v2", "cifar10,smoke")
+    assert "branch_style" not in plain.model.kwargs
+    assert dcv2.read_settings(plain).kd_style == "byot"
+
+
+def test_configs_without_the_kd_fields_read_as_dcjax_and_old_runs_resume(tmp_path):
+    import json
+
+    from dcjax.training import loop
+
+    config = load_config("deepcluster_v2_kd", "smoke")
+    del config.method["kd_style"], config.method["kd_temperature"]
+    del config.model.kwargs["branch_style"]
+    assert (dcv2.read_settings(config).kd_style, dcv2.read_settings(config).kd_temperature) == (
+        "dcjax",
+        3.0,
+    )
+    # A run saved before the fields existed resumes under kd_style="dcjax" (which sets the
+    # branches too), and is refused under the new default.
+    loop.check_workdir_config(config, str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "kd_style" not in saved["method"] and "branch_style" not in saved["model"]["kwargs"]
+    now = load_config("deepcluster_v2_kd", "smoke")
+    with pytest.raises(ValueError, match=r"'method.kd_style', 'model.kwargs.branch_style'"):
+        loop.check_workdir_config(now, str(tmp_path), write=False)
+    now.method.kd_style = "dcjax"
+    loop.check_workdir_config(now, str(tmp_path), write=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,3 +524,112 @@ def test_multicrop_is_refused_where_it_cannot_work(change, message):
     kd = _multicrop_config("deepcluster_v2_kd")
     with pytest.raises(ConfigError, match="self_distillation"):
         check_config(kd)
+
+
+def _head_once_reference(run, params, batch_stats, groups):
+    """SwAV's forward composed by hand from the submodules: the trunk on each crop size in turn
+    (its running statistics carried), the projection head once on the concatenated pooled
+    features, L2, then the prototypes. Returns (embeddings (V B, D), scores (V B, K), stats)."""
+    from dcjax.models.prototypes import ProjectionHead
+
+    model = run.ctx.model
+    trunk_vars = {"params": params["trunk"]["trunk"], "batch_stats": batch_stats["trunk"]["trunk"]}
+    pooled = []
+    for x in groups:
+        out, mutated = model.trunk.trunk.apply(trunk_vars, x, train=True, mutable=["batch_stats"])
+        trunk_vars = {"params": trunk_vars["params"], "batch_stats": mutated["batch_stats"]}
+        pooled.append(np.asarray(out["features"], np.float64))
+    head = ProjectionHead(model.trunk.hidden_dim, model.trunk.feat_dim)
+    head_vars = {
+        "params": params["trunk"]["projection_0"],
+        "batch_stats": batch_stats["trunk"]["projection_0"],
+    }
+    z, head_stats = head.apply(
+        head_vars,
+        jnp.asarray(np.concatenate(pooled), jnp.float32),
+        train=True,
+        mutable=["batch_stats"],
+    )
+    z = np.asarray(z, np.float64)
+    z /= np.linalg.norm(z, axis=-1, keepdims=True)
+    scores = z @ np.asarray(params["head"]["prototypes"][0], np.float64)
+    return z, scores, head_stats["batch_stats"]
+
+
+def test_multicrop_forward_runs_the_head_once_over_all_crops():
+    run = build_run(_multicrop_config())
+    state = run.initial_state
+    indices = jnp.arange(run.config.batch_size, dtype=jnp.int32)
+    groups = run.pipeline.train_views(jax.random.PRNGKey(4), run.train_images.gather(indices))
+    assert len(groups) == 2 and groups[0].shape[1] != groups[1].shape[1]
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    out, mutated = run.ctx.model.apply(variables, groups, train=True, mutable=["batch_stats"])
+    z, scores, head_stats = _head_once_reference(run, state.params, state.batch_stats, groups)
+    np.testing.assert_allclose(out["embeddings"][:, 0], z, atol=2e-5)
+    np.testing.assert_allclose(out["scores"][:, 0], scores, atol=2e-5)
+    ours = mutated["batch_stats"]["trunk"]["projection_0"]
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(head_stats), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_multicrop_train_step_scores_the_joint_forward(rng):
+    # The step's loss is the loss of SwAV's forward (one head call over all crops), not of
+    # one model call per crop size.
+    run = build_run(_multicrop_config())
+    assert run.method.joint_views
+    state = _copy(run.initial_state)
+    n, k = run.ctx.num_examples, run.method.num_clusters
+    labels = jnp.asarray(rng.integers(0, k, (1, n)), jnp.int32)
+    state = state.replace(method=state.method.replace(labels=labels))
+    indices = jnp.arange(run.config.batch_size, dtype=jnp.int32)
+    aug_key = jax.random.split(jax.random.fold_in(state.rng, state.step))[0]
+    groups = run.pipeline.train_views(aug_key, run.train_images.gather(indices))
+    _, scores, _ = _head_once_reference(run, state.params, state.batch_stats, groups)
+    b, tau = indices.shape[0], run.config.method.temperature
+    log_p = _log_softmax64(scores / tau)
+    expected = -np.mean(
+        log_p[np.arange(len(scores)), np.asarray(labels[0])[np.arange(len(scores)) % b]]
+    )
+    _, metrics = _train_step(run)(state, run.train_images, indices)
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-4)
+
+
+def test_first_memory_gives_each_large_crop_its_own_training_view(rng):
+    settings = dataclasses.replace(
+        dcv2.read_settings(_multicrop_config()), assign_crops=2, label_pass="train"
+    )
+    n, c, d = 6, 3, 4
+    features = rng.normal(size=(n, 2, c, d)).astype(np.float32)  # (N, A, C, D)
+    memory = np.asarray(dcv2._first_memory(settings, jnp.asarray(features)))
+    for a in range(2):
+        for ci in range(c):
+            np.testing.assert_array_equal(memory[a * c + ci], features[:, a, ci])
+    clean = features[:, 0]  # eval mode: (N, C, D), tiled over the crops
+    tiled = np.asarray(dcv2._first_memory(settings, jnp.asarray(clean)))
+    np.testing.assert_array_equal(tiled, np.concatenate([np.swapaxes(clean, 0, 1)] * 2))
+
+
+def test_train_mode_first_pass_embeds_each_large_crop_in_its_own_forward():
+    from dcjax.training.step import make_feature_fn
+
+    run = build_run(_multicrop_config())
+    assert (run.method.label_pass, run.method.label_views) == ("train", 2)
+    assert load_config("deepcluster_v2").method.label_pass == "train"  # SwAV's init_memory
+    state, key = run.initial_state, jax.random.PRNGKey(5)
+    indices = np.arange(run.config.batch_size, dtype=np.int32)
+    fn = make_feature_fn(run.ctx.model, run.pipeline, ["embeddings"], run.mesh, "train", views=2)
+    out = np.asarray(
+        fn(state.params, state.batch_stats, run.train_images, indices, key)["embeddings"]
+    )
+    assert out.shape[:2] == (len(indices), 2)
+    aug_key, _ = jax.random.split(key)
+    group = run.pipeline.train_views(aug_key, run.train_images.gather(indices))[0]
+    b = len(indices)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    for v in range(2):  # one train-mode forward per crop: its own batch statistics
+        direct, _ = run.ctx.model.apply(
+            variables, group[v * b : (v + 1) * b], train=True, mutable=["batch_stats"]
+        )
+        np.testing.assert_allclose(out[:, v], direct["embeddings"], atol=2e-5)
+    with pytest.raises(ValueError, match="views"):
+        make_feature_fn(run.ctx.model, run.pipeline, ["embeddings"], run.mesh, views=2)

@@ -185,12 +185,61 @@ def test_build_trunk_builds_a_branched_resnet18(rng, trunk_and_vars):
         assert branch in variables["params"]["backbone"]
 
 
+BYOT18 = RESNET18.clone(branch_style="byot")
+BYOT50 = RESNET50.clone(branch_style="byot")
+
+
+@pytest.mark.parametrize(
+    "module, image, stage4",
+    [
+        # The CIFAR stem at 32 px: stages 32, 16, 8, 4 -> BYOT's k = 8, 4, 2.
+        (BYOT18, IMAGE18, (4, 4, 32)),
+        # The ImageNet stem at 64 px: stages 16, 8, 4, 2 -> k = 8, 4, 2; C4 = 32 * width.
+        (BYOT50, IMAGE50, (2, 2, 128)),
+        # 28 px on the CIFAR stem: stages 28, 14, 7, 4 -> k = 7, 3, 1 and maps of 4, 4, 7.
+        (BYOT18, (2, 28, 28, 3), (4, 4, 32)),
+    ],
+)
+def test_byot_branches_are_one_strided_block_with_stage4_channels(rng, module, image, stage4):
+    variables = _numpy_variables(module, image)
+    x = _images(rng, image)
+    out = module.apply(variables, x, train=False)
+    assert out["stage4"].shape == (2, *stage4)
+    channels, inner = stage4[-1], stage4[-1] // 4
+    for index, branch in enumerate(BRANCHES, start=1):
+        size, c_in = out[f"stage{index}"].shape[1], out[f"stage{index}"].shape[-1]
+        k = size // stage4[0]
+        assert out[f"{branch}_map"].shape == (2, size // k, size // k, channels), branch
+        assert out[branch].shape == (2, channels)
+        np.testing.assert_allclose(out[branch], out[f"{branch}_map"].mean(axis=(1, 2)), rtol=1e-6)
+        params = variables["params"][branch]
+        assert sorted(params) == ["bn1", "bn2", "bn3", "conv1", "conv2", "conv3"]
+        assert [params[f"conv{j}"]["kernel"].shape for j in (1, 2, 3)] == [
+            (1, 1, c_in, inner),
+            (k, k, inner, inner),
+            (1, 1, inner, channels),
+        ]
+        assert [params[f"conv{j}"]["bias"].shape for j in (1, 2, 3)] == [
+            (inner,),
+            (inner,),
+            (channels,),
+        ]
+        assert set(variables["batch_stats"][branch]) == {"bn1", "bn2", "bn3"}
+        assert np.all(np.asarray(out[f"{branch}_map"]) >= 0)  # ends in a ReLU, no shortcut
+    # The branch style changes the branches only: the backbone's outputs are the branch-free
+    # net's on the same variables.
+    plain = module.clone(num_branches=0).apply(_without_branches(variables), x, train=False)
+    for name in BACKBONE_KEYS:
+        np.testing.assert_array_equal(out[name], plain[name], err_msg=name)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"block": "wide"}, "block='wide'"),
         ({"num_branches": 2}, "num_branches=2"),
         ({"stage_sizes": (2, 2, 2)}, "stage_sizes="),
+        ({"num_branches": 3, "branch_style": "byt"}, "branch_style='byt'"),
     ],
 )
 def test_bad_configuration_names_the_field(kwargs, message):
