@@ -15,14 +15,23 @@
 #                against the published peak) and Sinkhorn N=1,281,167 K=3,000 (time, peak memory)
 #   train_speed  bench/train_speed.py's train-step cases beside PyTorch (CUDA), float32
 #   dc_cycle     bench/train_speed.py's DeepCluster cycle
-#   kd           experiments/kd_vs_dcv2.py on CIFAR-10 (.device_data/), one seed per method, as
-#                many epochs as the remaining time allows (both methods the same)
+#   kd           experiments/kd_vs_dcv2.py on CIFAR-10 (.device_data/), one seed per run (DC-v2 and
+#                DC-v2 + KD in each style of DCJAX_KD_STYLES), as many epochs as the remaining
+#                time allows (every run the same); DCJAX_KD_FULL=1: the seed's full setting
+#                instead (150 epochs, no overrides) for the seeds in DCJAX_KD_SEEDS, e.g.
+#                  DCJAX_DEVICE_STEPS=install,devices,kd DCJAX_KD_FULL=1 DCJAX_KD_SEEDS=0 \
+#                    DCJAX_DEVICE_DEADLINE_S=560 bash bench/device_run.sh
+#                estimated 2.1 min (DC-v2) and 2.3 min (KD) of training per run on one H100 at
+#                40 % of its TF32 peak (bench/results/pod_estimate_cifar10-amd-epyc-2cpu.md),
+#                so about 7 min for one seed of the three runs and 21 min for three seeds: one
+#                seed per lease
 # then summary.md / summary.json and at most 8 files in $OUT (logs.tar.gz holds every log).
 #
 # Environment: OUT (default bench/results/device_{run,smoke}/), DCJAX_DEVICE_DEADLINE_S (whole
 # run, default 525), DCJAX_DEVICE_STEPS (comma list, default all), DCJAX_TEST_WORKERS (pytest-xdist
 # workers on a GPU, default 4; 0 = serial), DCJAX_KD_EPOCHS (fixes the epochs),
-# DCJAX_KD_OVERHEAD_S (per-method compile + evaluation guess, default 75), PYTHON (python3).
+# DCJAX_KD_OVERHEAD_S (per-run compile + evaluation guess, default 75), DCJAX_KD_STYLES (comma
+# list of KD styles, default byot), DCJAX_KD_FULL, DCJAX_KD_SEEDS (default 0), PYTHON (python3).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -31,7 +40,7 @@ SMOKE=0
 for arg in "$@"; do
   case $arg in
     --smoke) SMOKE=1 ;;
-    -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,38p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (see --help)"; exit 2 ;;
   esac
 done
@@ -234,7 +243,8 @@ try:
 except (OSError, KeyError, StopIteration, ValueError):
     pass
 epoch_s = n_train / rate if rate else 30.0
-epochs = int(max(1, min(150, (budget - 2 * overhead) // (2 * epoch_s))))
+runs = 1 + len(os.environ.get("DCJAX_KD_STYLES", "byot").split(","))
+epochs = int(max(1, min(150, (budget - runs * overhead) // (runs * epoch_s))))
 if os.environ.get("DCJAX_KD_EPOCHS"):
     epochs = int(os.environ["DCJAX_KD_EPOCHS"])
 if setting == "smoke":
@@ -247,6 +257,7 @@ plan = {
     "kd_images_per_s_batch64": rate,
     "epoch_s_estimate": round(epoch_s, 1),
     "overhead_s_per_run": overhead,
+    "runs": runs,
     "epochs": epochs,
     "warmup_epochs": max(1, round(5 * epochs / 150)),
     "freeze_head_steps": max(1, math.ceil(5000 / (150 * 195) * epochs * steps_per_epoch)),
@@ -261,10 +272,16 @@ print(
 EOF
   )
   cat "$LOGS/kd_plan.json"
+  local seeds=0
+  if [ "${DCJAX_KD_FULL:-0}" = 1 ] && [ "$SMOKE" = 0 ]; then
+    plan="--override=figures=False" # the seed's setting as the configs hold it
+    seeds=${DCJAX_KD_SEEDS:-0}
+  fi
   echo "overrides: $plan"
   # shellcheck disable=SC2086  # $plan holds several flags
-  "$PY" experiments/kd_vs_dcv2.py --data="$data" --setting="$setting" --seeds=0 \
-    --workdir="$SCRATCH/runs" --out="$LOGS" --cache_dir="$SCRATCH/cache" $plan
+  "$PY" experiments/kd_vs_dcv2.py --data="$data" --setting="$setting" --seeds="$seeds" \
+    --kd_styles="${DCJAX_KD_STYLES:-byot}" --workdir="$SCRATCH/runs" --out="$LOGS" \
+    --cache_dir="$SCRATCH/cache" $plan
 }
 
 export -f step_install step_devices step_tests step_clustering step_train_speed step_dc_cycle step_kd

@@ -207,9 +207,9 @@ def table(measured: list[dict], estimates: list[dict[str, dict]]) -> str:
                 f"| `{m['config']}` ({m['global_batch']}) | {here} | {target} "
                 f"({r['per_device_batch']}) | {r['memory_per_device_gb']:.0f} / "
                 f"{r['bank_per_device_gb']:.0f} / {r['activations_gb']:.0f} | "
-                f"{'yes' if r['fits'] else 'no'} | {r['step_ms']:.0f} = "
-                f"{r['step_compute_ms']:.0f} + {r['step_comms_ms']:.0f} | "
-                f"{r['epoch_minutes']:.1f} | {r['run_minutes']:.0f} |"
+                f"{'yes' if r['fits'] else 'no'} | {r['step_ms']:.3g} = "
+                f"{r['step_compute_ms']:.3g} + {r['step_comms_ms']:.3g} | "
+                f"{r['epoch_minutes']:.3g} | {r['run_minutes']:.3g} |"
             )
     lines += [
         "",
