@@ -20,8 +20,9 @@ Variants, comma-separated after a colon (``configs/odc.py:fmnist``):
   cifar10  the deep-dive paper's mini-AlexNet with Sobel on a CIFAR-10 image folder
            (``--config.data.path=...``), trunk and optimiser as configs/deepcluster.py:cifar10,
            K=1000, ODC's augmentation (crop, flip, rotation +-2 degrees, colour jitter, grey).
-  imagenet OpenSelfSup's ODC (configs/selfsup/odc/r50_v1.py): ResNet-50 with the neck fc
-           2048 -> 512 -> BN -> ReLU -> fc 256 (``model.neck``; its output is what the memory
+  imagenet OpenSelfSup's ODC (configs/selfsup/odc/r50_v1.py): ResNet-50 with its neck fc
+           2048 -> 512 -> BN (no affine) -> ReLU -> Dropout 0.5 -> fc 256 -> ReLU
+           (``model.neck``, ``model.neck_style="openselfsup"``; its output is what the memory
            holds and the head reads), K=10,000, memory momentum 0.5, re-weighting power 0.5,
            clusters under 20 dissolved, SGD lr 0.06, momentum 0.9 (none on the head), wd 1e-5,
            x0.4 at epoch 400 of 440, batch 512, ODC's augmentation. Image folder with train/
@@ -40,10 +41,12 @@ Variants, comma-separated after a colon (``configs/odc.py:fmnist``):
 
 Fields of ``config.method``: ``num_clusters`` K; ``memory_momentum``; ``reweight_pow``;
 ``centroids_update_interval``; ``small_cluster_interval``; ``min_cluster_size``;
-``max_small_clusters`` (clusters dissolved per check, the rest wait for the next check);
-``split_iters`` (2-means iterations of a split); ``kmeans`` (the initial k-means, one field per
-field of ``KMeansConfig``). K and
-``min_cluster_size`` must satisfy N >= 2 K min_cluster_size.
+``max_small_clusters`` (clusters dissolved per check, the rest wait for the next check; 0:
+all); ``split_iters`` (2-means iterations of a split); ``memory_features`` (``relu`` or ``raw``),
+``relabel_metric`` (``dot`` or ``euclidean``) and ``small_cluster_split`` (``whole`` or
+``subset``): OpenSelfSup's geometry by default, the other values dcjax's former one
+(``dcjax/methods/odc.py``); ``kmeans`` (the initial k-means, one field per field of
+``KMeansConfig``). K and ``min_cluster_size`` must satisfy N >= 2 K min_cluster_size.
 """
 
 import ml_collections
@@ -75,8 +78,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             centroids_update_interval=10,
             small_cluster_interval=1,
             min_cluster_size=20,
-            max_small_clusters=16,
+            max_small_clusters=0,  # 0: every small cluster at each check
             split_iters=20,
+            # OpenSelfSup's geometry: the memory holds ReLU(features) ("raw": them) and the
+            # batch is relabelled, and dissolved clusters' members moved, by the largest dot
+            # product with the member means ("euclidean": the smallest distance); a freed id
+            # takes one side of a 2-means split of every member of the largest cluster
+            # ("subset": of a sample of them).
+            memory_features="relu",
+            relabel_metric="dot",
+            small_cluster_split="whole",
             # CODC (configs/codc.py): trunks trained together, their constructor arguments and
             # the runs they start from; empty: ODC on config.model.
             backbones=(),

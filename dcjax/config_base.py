@@ -132,9 +132,17 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     # init: flax | pytorch | deepcluster (dcjax/models/init.py); the random filters matter.
-    # neck: () or (hidden, out), an fc-bn-relu-fc on the features (ODC's on ResNet-50).
+    # neck: () or (hidden, out), fc-bn-relu-(dropout)-fc(-relu) on the features (ODC's on
+    # ResNet-50); neck_style: "openselfsup" (its NonLinearNeckV0) or "dcjax" (models/network.py).
     config.model = ml_collections.ConfigDict(
-        dict(name="small_cnn", sobel=False, kwargs={}, init="flax", neck=())
+        dict(
+            name="small_cnn",
+            sobel=False,
+            kwargs={},
+            init="flax",
+            neck=(),
+            neck_style="openselfsup",
+        )
     )
     config.optim = ml_collections.ConfigDict(
         dict(
@@ -238,6 +246,29 @@ def base_config() -> ml_collections.ConfigDict:
                     test_every_epochs=1,
                 )
             ),
+            # "openselfsup" adds OpenSelfSup's linear classification benchmark, "ImageNet (Last)"
+            # (dcjax/evaluation/openselfsup_probe.py): a linear layer on the globally pooled layer
+            # (""= probe_layer), SGD 30 with the rate x0.1 at epochs 60 and 80, 100 epochs
+            # through the frozen network, best top-1 over the epochs (the initial weights
+            # included); an evaluation job of its own:
+            # python -m dcjax.evaluate --config.eval.protocol=openselfsup
+            openselfsup=ml_collections.ConfigDict(
+                dict(
+                    layer="",
+                    epochs=100,
+                    batch_size=256,  # 32 per GPU x 8
+                    test_batch_size=256,  # memory only
+                    learning_rate=30.0,
+                    momentum=0.9,
+                    weight_decay=0.0,
+                    lr_drop_epochs=(60, 80),  # 0-based epochs from which the rate is x factor
+                    lr_drop_factor=0.1,
+                    resize=256,
+                    crop=224,
+                    test_every_epochs=1,
+                    test_initial=True,
+                )
+            ),
         )
     )
     config.checkpoint = ml_collections.ConfigDict(dict(keep=2))
@@ -267,6 +298,7 @@ def apply_smoke(config: ml_collections.ConfigDict, variants: set[str] = frozense
         config.eval.deepcluster.update(epochs=1, batch_size=8, test_batch_size=8)
         config.eval.sela.update(probe_epochs=1, probe_batch_size=8, probe_test_batch_size=8)
         config.eval.swav.update(epochs=1, batch_size=8, test_batch_size=8)
+        config.eval.openselfsup.update(epochs=1, batch_size=8, test_batch_size=8)
 
 
 def apply_cifar10(config: ml_collections.ConfigDict) -> None:

@@ -5,12 +5,18 @@ centroids are the (un-normalised) means of their members. Every function here is
 traceable: the train step calls them on the batch, and, behind ``lax.cond``, on the whole memory
 every few steps.
 
-Small clusters (fewer than ``min_size`` members) are handled at most ``max_small`` at a time:
-their members move to the nearest normal centroid, then each freed id takes one half of the
-then-largest cluster, split by 2-means. Clusters beyond ``max_small`` wait for the next check.
-A split gathers the cluster's members into a buffer of ``gather_size`` rows (8x the mean
-cluster size by default), so it costs O(N) index work, not O(N D) arithmetic, unless the
-cluster is larger than that.
+"Nearest" centroid (``metric``): ``"dot"``, the largest dot product with the un-normalised mean
+(OpenSelfSup's ``odc_memory.py``, which relabels and dissolves that way), or ``"euclidean"``,
+the smallest distance (the ODC paper's wording). The two differ by |c|^2 / 2: Euclidean favours
+diffuse, low-norm clusters.
+
+Small clusters (fewer than ``min_size`` members): their members move to the nearest centroid
+among the clusters that are not small, then each freed id takes one half of the then-largest
+cluster, split by 2-means. ``split="whole"`` (OpenSelfSup's) fits the 2-means on every member of
+that cluster (masked over the whole memory: O(N D) per iteration) and recomputes both means
+exactly; ``split="subset"`` gathers at most ``gather_size`` members (8x the mean cluster size by
+default: O(N) index work) and approximates the staying mean. ``max_small`` caps the clusters
+handled per check (None: every one, as OpenSelfSup); the rest wait for the next check.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ __all__ = [
     "nearest_centroid",
     "reweight",
     "split_cluster",
+    "split_whole_cluster",
 ]
 
 
@@ -61,17 +68,29 @@ def momentum_write(
     return memory.at[indices].set(rows), rows
 
 
-def nearest_centroid(
-    x: jax.Array, centroids: jax.Array, allowed: jax.Array | None = None
-) -> jax.Array:
-    """(n,) int32 index of the Euclidean-nearest of the (K, D) centroids for each (n, D) row.
+METRICS = ("dot", "euclidean")
+SPLITS = ("whole", "subset")
 
+
+def nearest_centroid(
+    x: jax.Array,
+    centroids: jax.Array,
+    allowed: jax.Array | None = None,
+    metric: str = "euclidean",
+) -> jax.Array:
+    """(n,) int32 index of the nearest of the (K, D) centroids for each (n, D) row.
+
+    ``metric``: ``"dot"`` (largest dot product) or ``"euclidean"`` (smallest distance).
     ``allowed`` (K,) bool restricts the choice to some centroids.
     """
-    dist = jnp.sum(jnp.square(centroids), axis=-1)[None, :] - 2.0 * x @ centroids.T
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} must be one of {METRICS}")
+    dots = x @ centroids.T
+    if metric == "euclidean":  # argmax of 2 x.c - |c|^2 = argmin of |x - c|^2
+        dots = 2.0 * dots - jnp.sum(jnp.square(centroids), axis=-1)[None, :]
     if allowed is not None:
-        dist = jnp.where(allowed[None, :], dist, jnp.inf)
-    return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+        dots = jnp.where(allowed[None, :], dots, -jnp.inf)
+    return jnp.argmax(dots, axis=-1).astype(jnp.int32)
 
 
 def cluster_means(
@@ -177,52 +196,90 @@ def split_cluster(
     return OnlineClusters(labels, centroids, counts)
 
 
+def split_whole_cluster(
+    memory: jax.Array,
+    clusters: OnlineClusters,
+    source: jax.Array,
+    target: jax.Array,
+    *,
+    num_iters: int = 20,
+) -> OnlineClusters:
+    """Moves one side of a 2-means split of every member of cluster ``source`` into the (empty)
+    id ``target`` (OpenSelfSup's ``_partition_max_cluster``); both centroids become the exact
+    member means, and the counts are updated.
+
+    The 2-means is fitted on all members, masked over the whole (N, D) memory: farthest-point
+    seeds, then ``num_iters`` Lloyd iterations (OpenSelfSup: scikit-learn's ``KMeans(2,
+    max_iter=20)``, k-means++ seeds). Where one side would be empty (identical members), the
+    members are halved along the seeds' axis instead (OpenSelfSup halves at random).
+    """
+    mask = clusters.labels == source
+    to_b = _split_rows(memory, mask, min_size=1, num_iters=num_iters)
+    labels = jnp.where(to_b, target, clusters.labels)
+    moved = jnp.sum(to_b).astype(jnp.int32)
+    counts = clusters.counts.at[source].add(-moved).at[target].set(moved)
+    stay = _masked_mean(memory, mask & ~to_b)
+    leave = _masked_mean(memory, to_b)
+    centroids = clusters.centroids.at[source].set(stay).at[target].set(leave)
+    return OnlineClusters(labels, centroids, counts)
+
+
 def handle_small_clusters(
     key: jax.Array,
     memory: jax.Array,
     clusters: OnlineClusters,
     *,
     min_size: int,
-    max_small: int,
+    max_small: int | None = None,
     split_iters: int = 20,
     gather_size: int | None = None,
+    metric: str = "euclidean",
+    split: str = "subset",
 ) -> tuple[OnlineClusters, jax.Array]:
-    """Dissolves up to ``max_small`` clusters under ``min_size`` members and refills their ids.
+    """Dissolves the clusters under ``min_size`` members (up to ``max_small`` of them; None:
+    all) and refills their ids.
 
     The handled clusters' members (fewer than ``max_small * min_size`` rows) move to their
-    nearest centroid among the clusters that were not small; then, one id at a time, the
-    currently largest cluster is split in two (``split_cluster``) and one part takes the id.
-    With N >= 2 K ``min_size`` (checked by the method's config) the largest cluster always has
-    at least ``2 min_size`` members, so no handled id ends under the threshold.
+    nearest centroid (``metric``) among the clusters that were not small; then, one id at a
+    time in increasing order, the currently largest cluster is split in two
+    (``split="whole"``: ``split_whole_cluster``; ``"subset"``: ``split_cluster``) and one part
+    takes the id. With N >= 2 K ``min_size`` (checked by the method's config) the largest
+    cluster always has at least ``2 min_size`` members.
 
     Args:
-      key: PRNG key for the splits' member subsets.
+      key: PRNG key for the splits' member subsets (``split="subset"``).
       memory: (N, D) features; clusters: the current labels, centroids and counts.
 
     Returns:
       The updated clusters and () int32 the number of small clusters found (before handling);
       if it exceeds ``max_small`` the rest are handled by later calls.
     """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} must be one of {SPLITS}")
     k, n = clusters.centroids.shape[0], memory.shape[0]
+    max_small = k if max_small is None else min(max_small, k)
     if gather_size is None:  # 8x the mean cluster size: splits of ordinary clusters stay O(N)
         gather_size = max(256, 8 * -(-n // k))
     small = clusters.counts < min_size
     found = jnp.sum(small).astype(jnp.int32)
     slots = jnp.nonzero(small, size=max_small, fill_value=k)[0]
     handled = jnp.zeros((k,), bool).at[slots].set(True, mode="drop")
-    rows = jnp.nonzero(handled[clusters.labels], size=max_small * min_size, fill_value=n)[0]
+    rows = jnp.nonzero(handled[clusters.labels], size=min(max_small * min_size, n), fill_value=n)[0]
     feats = memory.at[rows].get(mode="fill", fill_value=0.0)
-    moved_to = nearest_centroid(feats, clusters.centroids, allowed=~small)
+    moved_to = nearest_centroid(feats, clusters.centroids, allowed=~small, metric=metric)
     labels = clusters.labels.at[rows].set(moved_to, mode="drop")
     counts = jnp.bincount(labels, length=k).astype(jnp.int32)
     clusters = OnlineClusters(labels, clusters.centroids, counts)
 
     def refill(i, clusters):
+        source = jnp.argmax(clusters.counts)
+        if split == "whole":
+            return split_whole_cluster(memory, clusters, source, slots[i], num_iters=split_iters)
         return split_cluster(
             jax.random.fold_in(key, i),
             memory,
             clusters,
-            jnp.argmax(clusters.counts),
+            source,
             slots[i],
             min_size=min_size,
             num_iters=split_iters,

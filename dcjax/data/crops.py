@@ -10,8 +10,8 @@ of the whole resized image: for an image that is not square, the official corner
 out along its longer side, pixels the bank does not keep.
 
 Used by DeepCluster's (``dcjax.training.deepcluster_eval``), SeLa's
-(``dcjax.training.sela_eval``) and SwAV's (``dcjax.training.swav_eval``: the centre crop only)
-linear evaluations.
+(``dcjax.training.sela_eval``), SwAV's and OpenSelfSup's (``dcjax.training.pooled_eval``: the
+centre crop only) linear evaluations.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ than the quota, empty labels are skipped (commit 483391c), and the concatenation
 truncated to N. Because `K' * (N // K' + 1) > N` the official padding branch never fires, so it
 is absent here. The deep-dive authors' sampler keeps all `K' * q` draws (`truncate=False`).
 
+`shuffled` joins passes so that no batch repeats an example when given the batch size (ODC
+updates its cluster counts incrementally from each batch's distinct indices).
+
 `steps_batches` cuts an epoch into full batches; `last_batch` is the partial batch it leaves,
 which PyTorch's `DataLoader` (`drop_last=False`, its default) also trains on: the deep-dive
 authors' 60,005 draws make 468 batches of 128 and one of 101.
@@ -36,27 +39,70 @@ def _check_positive(value: int, name: str) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}.")
 
 
-def shuffled(seed: Seed, num_examples: int, num_samples: int) -> np.ndarray:
+def shuffled(
+    seed: Seed, num_examples: int, num_samples: int, batch_size: int | None = None
+) -> np.ndarray:
     """Visits every example once per pass, in a fresh random order each pass.
+
+    With more samples than examples the passes are concatenated, so a batch that straddles two
+    passes could hold an example twice (the end of one pass and the start of the next). Given
+    ``batch_size``, such a batch cannot: each head element of a pass that the previous pass's
+    tail already put in its batch swaps places with a uniformly drawn later element of the same
+    pass that is not in that tail. The result is a uniform draw among the orders that repeat
+    nothing within a batch, and is the plain permutations when nothing repeats (in particular
+    for ``num_samples <= num_examples``, a single pass, or when passes end on batch
+    boundaries).
 
     Args:
       seed: an integer seed or a `np.random.Generator` (advanced in place).
       num_examples: size of the data set, `n >= 1`.
       num_samples: number of indices to return, `>= 1`; may exceed `num_examples`.
+      batch_size: the batches `steps_batches` and `last_batch` will cut the result into,
+        `1 <= batch_size <= n`; None: no batch constraint.
 
     Returns:
-      `(num_samples,)` int32 array: `ceil(num_samples / n)` independent permutations of
-      `range(n)`, concatenated and truncated to `num_samples`.
+      `(num_samples,)` int32 array: `ceil(num_samples / n)` permutations of `range(n)`,
+      concatenated and truncated to `num_samples`; with `batch_size`, no run of
+      `[j batch_size, (j + 1) batch_size)` positions repeats an index.
 
     Raises:
-      ValueError: if `num_examples < 1` or `num_samples < 1`.
+      ValueError: if `num_examples < 1` or `num_samples < 1`, or `batch_size` is given with
+        `batch_size < 1`, or `batch_size > n` while `num_samples > n` (a batch must repeat).
     """
     _check_positive(num_examples, "num_examples")
     _check_positive(num_samples, "num_samples")
+    if batch_size is not None:
+        _check_positive(batch_size, "batch_size")
+        if batch_size > num_examples and num_samples > num_examples:
+            raise ValueError(
+                f"batch_size={batch_size} is larger than num_examples={num_examples}: with "
+                f"num_samples={num_samples} > num_examples a batch must repeat an example."
+            )
     rng = _generator(seed)
     num_passes = -(-num_samples // num_examples)
-    passes = [rng.permutation(num_examples) for _ in range(num_passes)]
+    passes = [rng.permutation(num_examples)]
+    for p in range(1, num_passes):
+        order = rng.permutation(num_examples)
+        tail = (p * num_examples) % batch_size if batch_size else 0  # previous pass, this batch
+        if tail:
+            _avoid_repeats(rng, order, passes[-1][-tail:], batch_size - tail)
+        passes.append(order)
     return np.concatenate(passes)[:num_samples].astype(np.int32)
+
+
+def _avoid_repeats(
+    rng: np.random.Generator, order: np.ndarray, taken: np.ndarray, head: int
+) -> None:
+    """Reorders ``order`` (a permutation of range(n)) in place so that its first ``head``
+    entries avoid ``taken`` (distinct, ``len(taken) + head <= n``): each head entry in
+    ``taken`` swaps with a distinct, uniformly drawn later entry not in ``taken``."""
+    in_taken = np.zeros(order.size, bool)
+    in_taken[taken] = True
+    clashes = np.flatnonzero(in_taken[order[:head]])
+    if clashes.size:
+        free = head + np.flatnonzero(~in_taken[order[head:]])
+        swaps = rng.choice(free, clashes.size, replace=False)
+        order[clashes], order[swaps] = order[swaps], order[clashes]
 
 
 def uniform_over_labels(

@@ -1,10 +1,11 @@
 """Kernels the official linear evaluations share (DeepCluster's ``eval_linear.py``, SeLa's
-``eval_linear_probes.py``, SwAV's ``eval_linear.py``): linear logits of flattened features,
-the masked mean cross-entropy summed over layers, ``torch.optim.SGD``'s step, top-k hits, and
-the per-layer scores a run returns.
+``eval_linear_probes.py``, SwAV's ``eval_linear.py``, OpenSelfSup's linear classification
+benchmark): linear logits of flattened features, the masked mean cross-entropy summed over
+layers, ``torch.optim.SGD``'s step, top-k hits, and the per-layer scores a run returns.
 
 The protocols' own settings and kernels are in ``dcjax.evaluation.deepcluster_probe``,
-``dcjax.evaluation.sela_probe`` and ``dcjax.evaluation.swav_probe``.
+``dcjax.evaluation.sela_probe``, ``dcjax.evaluation.swav_probe`` and
+``dcjax.evaluation.openselfsup_probe`` (the last two share ``dcjax.evaluation.pooled_probe``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class LayerScores(NamedTuple):
     """Scores per tested epoch, as fractions in [0, 1].
 
     Attributes:
-      epochs: (T,) the 1-based epochs after which the test split was scored.
+      epochs: (T,) the 1-based epochs after which the test split was scored (0: before the
+        first, the initial weights, for a protocol that scores them).
       top1, top5, test_loss: layer -> (T,) top-1, top-5 (top-min(5, classes)) and the mean
         test cross-entropy (which logits: the protocol's).
       train_loss: layer -> (E,) the mean training cross-entropy of each epoch.

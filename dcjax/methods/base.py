@@ -247,9 +247,13 @@ def first_cycle_only(ctx: Context, cycle: int) -> bool:
 
 
 def shuffled_sample(ctx: Context, state, rng: np.random.Generator) -> np.ndarray:
-    """``Method.sample`` of a shuffled pass over the examples (``samples_per_epoch`` indices)."""
+    """``Method.sample`` of a shuffled pass over the examples (``samples_per_epoch`` indices);
+    past N the passes are joined so that no batch of ``config.batch_size`` repeats an example
+    (ODC's incremental cluster counts need distinct indices)."""
     del state
-    return sampler.shuffled(rng, ctx.num_examples, ctx.samples_per_epoch)
+    return sampler.shuffled(
+        rng, ctx.num_examples, ctx.samples_per_epoch, int(ctx.config.batch_size)
+    )
 
 
 def view_indices(outputs_rows: int, indices: jax.Array) -> jax.Array:

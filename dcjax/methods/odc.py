@@ -9,34 +9,46 @@ Each train step (``online_update`` runs after the gradient, on the same forward'
   1. the loss reads the batch's labels from the memory: cross-entropy weighted per class by
      ``(1 / (count + 1e-5)) ** reweight_pow`` (normalised), a weighted mean as PyTorch's
      ``CrossEntropyLoss(weight=...)``;
-  2. the batch's memory rows become ``l2((1 - m) old + m new)``, ``m = memory_momentum``;
-  3. the batch is re-labelled with its nearest centroid (Euclidean, the paper's rule;
-     OpenSelfSup takes the largest dot product with the un-normalised means);
+  2. the batch's memory rows become ``l2((1 - m) old + m new)``, ``m = memory_momentum``, where
+     new is ReLU(features) (``memory_features="relu"``, OpenSelfSup's: its neck ends in a
+     ReLU, so its memory is non-negative) or the features themselves (``"raw"``);
+  3. the batch is re-labelled with its nearest centroid (``relabel_metric``: ``"dot"``, the
+     largest dot product with the un-normalised means, OpenSelfSup's; ``"euclidean"``, the
+     paper's wording);
   4. every ``centroids_update_interval`` steps all centroids become member means (an empty
      cluster keeps its centroid);
-  5. every ``small_cluster_interval`` steps up to ``max_small_clusters`` clusters under
-     ``min_cluster_size`` are dissolved and refilled (``dcjax.clustering.online``).
+  5. every ``small_cluster_interval`` steps the clusters under ``min_cluster_size`` (at most
+     ``max_small_clusters`` per check; 0: all, OpenSelfSup's) are dissolved into their nearest
+     other centroid and their ids refilled by halving the largest cluster
+     (``small_cluster_split``: ``"whole"``, 2-means on all its members, OpenSelfSup's;
+     ``"subset"``, on a sample; ``dcjax.clustering.online``).
 
-Batches must hold distinct examples (the shuffled sampler's do): the class counts are updated
-incrementally from the batch's old and new labels.
+The initial clustering reads the same transform of the features as the memory (step 2).
+
+Batches must hold distinct examples (the shuffled sampler's do, ``samples_per_epoch`` > N
+included: ``data.sampler.shuffled``): the class counts are updated incrementally from the
+batch's old and new labels.
 
 CODC (``config.method.backbones`` not empty): several trunks trained together. Each
 has its own head (and so its own optimizer state, all in one pytree); the memory holds the
 concatenation of their L2-normalised features (re-normalised), and the labels it gives are the
-targets of every head. A backbone can start from an earlier dcjax run's checkpoint
-(``config.method.init_workdirs``).
+targets of every head. A trunk can start from an earlier run of any method
+(``config.method.init_workdirs``, ``start_trunk``): the whole trunk, or the backbone alone under
+a new neck when the run has none, as the report's pre-trained backbones.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from dcjax.clustering import kmeans, online
 from dcjax.clustering.pca import l2_normalize
@@ -46,6 +58,7 @@ from dcjax.core.mesh import example_sharded, replicated
 from dcjax.methods.base import (
     Context,
     Method,
+    choice_field,
     first_cycle_only,
     int_field,
     kmeans_config,
@@ -56,7 +69,14 @@ from dcjax.models.collaborative import CollaborativeNetwork, MultiTrunk
 from dcjax.models.network import Network, build_trunk
 from dcjax.models.pretrained import restore_trunk
 
-__all__ = ["ODCState", "Settings", "check_sizes", "make_method", "read_settings"]
+__all__ = [
+    "ODCState",
+    "Settings",
+    "check_sizes",
+    "make_method",
+    "read_settings",
+    "start_trunk",
+]
 
 
 @flax.struct.dataclass
@@ -97,8 +117,11 @@ class Settings:
     centroids_interval: int  # ``centroids_update_interval`` steps between member means
     small_interval: int  # ``small_cluster_interval`` steps between small-cluster checks
     min_cluster_size: int  # clusters below it are dissolved and refilled
-    max_small: int  # ``max_small_clusters`` handled per check
+    max_small: int | None  # ``max_small_clusters`` handled per check (0 in the config: all)
     split_iters: int  # Lloyd iterations of each refill's 2-means split
+    metric: str  # ``relabel_metric``: "dot" (OpenSelfSup's) or "euclidean"
+    memory_relu: bool  # ``memory_features="relu"``: the memory holds ReLU(features)
+    split: str  # ``small_cluster_split``: "whole" (OpenSelfSup's) or "subset"
     kmeans: kmeans.KMeansConfig  # ``method.kmeans``: the initial clustering
     backbones: tuple[str, ...]  # CODC: the trunks' names (empty: ODC, one ``config.model``)
     init_workdirs: tuple[str, ...]  # CODC: a run per trunk to start it from ("" = random init)
@@ -140,8 +163,11 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
         centroids_interval=int_field(method, "centroids_update_interval", 1),
         small_interval=int_field(method, "small_cluster_interval", 1),
         min_cluster_size=int_field(method, "min_cluster_size", 0),
-        max_small=int_field(method, "max_small_clusters", 1),
+        max_small=int_field(method, "max_small_clusters", 0) or None,
         split_iters=int_field(method, "split_iters", 1),
+        metric=choice_field(method, "relabel_metric", online.METRICS, "euclidean"),
+        memory_relu=choice_field(method, "memory_features", ("relu", "raw"), "raw") == "relu",
+        split=choice_field(method, "small_cluster_split", online.SPLITS, "subset"),
         kmeans=kmeans_config(config),
         backbones=backbones,
         init_workdirs=init_workdirs,
@@ -167,40 +193,114 @@ def build_model(config: ml_collections.ConfigDict, settings: Settings):
                 sobel=config.model.sobel,
                 kwargs=dict(extra),
                 neck=tuple(config.model.get("neck", ())),  # each trunk its own neck
+                neck_style=config.model.get("neck_style", "dcjax"),
             )
         )
         trunks.append(build_trunk(model))
     return CollaborativeNetwork(MultiTrunk(tuple(trunks)), settings.num_clusters)
 
 
+# The trunk's sub-module that holds the backbone (``models.network.Trunk``); its other
+# sub-modules are the neck's layers.
+_BACKBONE = "backbone"
+
+
+def _shapes(tree: dict) -> dict[str, tuple[int, ...]]:
+    """``{"a/b/kernel": shape}`` of a params or batch-stats pytree."""
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    return {path: tuple(np.shape(leaf)) for path, leaf in flat.items()}
+
+
+def _difference(theirs: dict, mine: dict) -> str:
+    """What differs between two params pytrees, for an error message (a few paths)."""
+    a, b = _shapes(theirs), _shapes(mine)
+    parts = [
+        f"{path}: {a[path]} in the run, {b[path]} here"
+        for path in sorted(a.keys() & b.keys())
+        if a[path] != b[path]
+    ]
+    only_theirs = sorted({path.split("/")[0] for path in a.keys() - b.keys()})
+    only_mine = sorted({path.split("/")[0] for path in b.keys() - a.keys()})
+    if only_theirs:
+        parts.append(f"only the run has {', '.join(only_theirs)}")
+    if only_mine:
+        parts.append(f"only here: {', '.join(only_mine)}")
+    return "; ".join(parts[:6]) + ("; ..." if len(parts) > 6 else "")
+
+
+def start_trunk(
+    source: tuple[dict, dict], trunk: tuple[dict, dict], *, field: str, backbone: str
+) -> tuple[dict, dict, str]:
+    """A CODC trunk's (params, batch_stats) started from an earlier run's trunk.
+
+    Takes the run's whole trunk when it has the same structure and shapes (with or without a
+    neck); only its backbone when the run has no neck and the trunk has one (the paper's
+    pre-trained backbone under a new fc-bn-relu-fc neck: the neck keeps its initialisation).
+
+    Args:
+      source: the run's trunk (params, batch_stats), ``models.pretrained.restore_trunk``'s.
+      trunk: the freshly initialised trunk's (params, batch_stats).
+      field: the config field naming the run, for the error (``init_workdirs[i]='...'``).
+      backbone: the trunk, for the error (``backbone i ('small_cnn')``).
+
+    Returns:
+      (params, batch_stats, taken): the started trunk, and ``"trunk"`` or ``"backbone"``.
+
+    Raises:
+      ConfigError: naming ``field`` and what differs otherwise: another backbone network (name,
+        width, Sobel input), or a neck the run has and the trunk has not or of other widths.
+    """
+    (loaded, loaded_stats), (params, stats) = source, trunk
+    if _shapes(loaded) == _shapes(params):
+        return loaded, loaded_stats or stats, "trunk"
+    if set(loaded) == {_BACKBONE} and _BACKBONE in params and len(params) > 1:
+        if _shapes(loaded[_BACKBONE]) == _shapes(params[_BACKBONE]):
+            stats = dict(stats)
+            if _BACKBONE in loaded_stats:
+                stats[_BACKBONE] = loaded_stats[_BACKBONE]
+            return {**params, _BACKBONE: loaded[_BACKBONE]}, stats, "backbone"
+    raise ConfigError(
+        f"{field}: its trunk does not have the architecture of {backbone}: "
+        f"{_difference(loaded, params)}. A run without a neck can start a trunk with one (its "
+        "backbone only); otherwise the trunks must be the same network"
+    )
+
+
 def init_variables(settings: Settings, ctx: Context, variables: dict) -> dict:
     """CODC: trunk i from the latest checkpoint of ``config.method.init_workdirs[i]`` if set.
 
+    Any method's run works (DeepCluster, DeepCluster-v2, SeLa, ODC): its ``params["trunk"]``
+    and ``batch_stats["trunk"]`` are read (``models.pretrained.restore_trunk``). The whole
+    trunk is taken when its structure matches trunk i's; a run without a neck gives a trunk
+    with one its backbone (params and batch statistics), the neck keeping its random init.
+
     Raises:
-      ConfigError: naming the workdir when its trunk's parameter shapes differ from trunk i's.
+      ConfigError: naming the workdir and what differs when its backbone is another network
+        (name, width, Sobel input) or the two necks differ.
     """
     del ctx
     params = {**variables["params"], "trunk": dict(variables["params"]["trunk"])}
     stats = dict(variables.get("batch_stats", {}))
-    if "trunk" in stats:
-        stats["trunk"] = dict(stats["trunk"])
+    stats["trunk"] = dict(stats.get("trunk", {}))
     for i, workdir in enumerate(settings.init_workdirs):
         if not workdir:
             continue
         key = f"trunks_{i}"
-        loaded, loaded_stats = restore_trunk(workdir)
-        mine = params["trunk"][key]
-        shapes = jax.tree.map(jnp.shape, loaded)
-        if jax.tree.structure(loaded) != jax.tree.structure(mine) or shapes != jax.tree.map(
-            jnp.shape, mine
-        ):
-            raise ConfigError(
-                f"config.method.init_workdirs[{i}]={workdir!r}: its trunk does not have the "
-                f"architecture of backbone {i} ({settings.backbones[i]!r})"
-            )
-        params["trunk"][key] = jax.tree.map(jnp.asarray, loaded)
-        if loaded_stats:
-            stats["trunk"][key] = jax.tree.map(jnp.asarray, loaded_stats)
+        trunk, trunk_stats, taken = start_trunk(
+            restore_trunk(workdir),
+            (params["trunk"][key], stats["trunk"].get(key, {})),
+            field=f"config.method.init_workdirs[{i}]={workdir!r}",
+            backbone=(
+                f"backbone {i} ({settings.backbones[i]!r}, config.method.backbone_kwargs[{i}], "
+                "config.model.sobel and neck)"
+            ),
+        )
+        logging.info("CODC trunk %d: its %s from the run in %s", i, taken, workdir)
+        params["trunk"][key] = jax.tree.map(jnp.asarray, trunk)
+        if trunk_stats:
+            stats["trunk"][key] = jax.tree.map(jnp.asarray, trunk_stats)
+    if not stats["trunk"]:
+        del stats["trunk"]
     return {**variables, "params": params, "batch_stats": stats}
 
 
@@ -216,6 +316,12 @@ def init_state(settings: Settings, ctx: Context) -> ODCState:
         step=jnp.zeros((), jnp.int32),
         epoch_labels=jnp.zeros((ctx.num_examples,), jnp.int32),
     )
+
+
+def memory_features(settings: Settings, features: jax.Array) -> jax.Array:
+    """What the memory stores of the (B, D) cluster-layer features, before normalisation:
+    ReLU(features) (OpenSelfSup's neck ends in a ReLU; the head reads the ReLU too) or them."""
+    return jax.nn.relu(features) if settings.memory_relu else features
 
 
 def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
@@ -247,10 +353,10 @@ def online_update(
 ):
     """Memory write, batch re-labelling, periodic centroids and small clusters; see the module."""
     hp, s = settings, method_state
-    features = l2_normalize(jax.lax.stop_gradient(outputs["features"]))
+    features = l2_normalize(memory_features(hp, jax.lax.stop_gradient(outputs["features"])))
     memory, rows = online.momentum_write(s.memory, indices, features, hp.momentum)
     old = s.labels[indices]
-    new = online.nearest_centroid(rows, s.centroids)
+    new = online.nearest_centroid(rows, s.centroids, metric=hp.metric)
     k = s.counts.shape[0]
     counts = s.counts - jnp.bincount(old, length=k) + jnp.bincount(new, length=k)
     s = s.replace(
@@ -272,6 +378,8 @@ def online_update(
             min_size=hp.min_cluster_size,
             max_small=hp.max_small,
             split_iters=hp.split_iters,
+            metric=hp.metric,
+            split=hp.split,
         )
         return s.with_clusters(clusters), found
 
@@ -300,7 +408,8 @@ def recluster(settings: Settings, ctx: Context, state, features: jax.Array | Non
         stats["changed_since_previous"] = float(np.mean(labels != previous))
         # A copy: the train step donates the state, and one buffer may not be donated twice.
         return state.replace(method=s.replace(epoch_labels=jnp.copy(s.labels))), stats
-    memory = l2_normalize(features.astype(jnp.float32).reshape(features.shape[0], -1))
+    flat = features.astype(jnp.float32).reshape(features.shape[0], -1)
+    memory = l2_normalize(memory_features(settings, flat))
     result = kmeans.fit(
         jax.random.fold_in(state.rng, 0),
         memory,

@@ -23,6 +23,7 @@ __all__ = [
     "build_trunk",
     "head_logits",
     "stack_views",
+    "NECK_STYLES",
 ]
 
 # The heads' one Dense layer, named explicitly (``head_logits`` and the tests read its params;
@@ -42,18 +43,31 @@ BACKBONES: dict[str, type[nn.Module]] = {
 }
 
 
+NECK_STYLES = ("openselfsup", "dcjax")
+# OpenSelfSup's kaiming_init(mode="fan_in", nonlinearity="relu") of the neck's Linear layers.
+_NECK_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
 class Trunk(nn.Module):
     """Backbone with an optional fixed Sobel front end (grey + Sobel-x/y, 2 channels) and an
     optional neck.
 
-    ``neck = (hidden, out)``: Linear(hidden) -> BN -> ReLU -> Linear(out) on the backbone's
-    ``"features"`` (OpenSelfSup's ODC neck, 2048 -> 512 -> 256 on ResNet-50); the result
-    replaces ``"features"`` and the backbone's own is kept as ``"backbone_features"``.
+    ``neck = (hidden, out)`` on the backbone's ``"features"`` (2048 -> 512 -> 256 on ResNet-50);
+    the result replaces ``"features"`` and the backbone's own is kept as
+    ``"backbone_features"``. ``neck_style``:
+
+      ``"openselfsup"``  OpenSelfSup's ODC neck (``NonLinearNeckV0``): Linear(hidden) ->
+                         BatchNorm without scale and shift (PyTorch momentum 0.001) -> ReLU ->
+                         Dropout(0.5) -> Linear(out) -> ReLU; Linear weights kaiming-normal
+                         (fan in), biases 0.
+      ``"dcjax"``        Linear(hidden) -> BatchNorm (scale and shift, momentum 0.1) -> ReLU ->
+                         Linear(out) (runs saved before the field existed).
     """
 
     backbone: nn.Module
     use_sobel: bool = False
     neck: tuple[int, ...] = ()
+    neck_style: str = "dcjax"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
@@ -61,14 +75,29 @@ class Trunk(nn.Module):
         if self.use_sobel:
             x = sobel(x)
         out = self.backbone(x, train=train)
-        if self.neck:
-            hidden, width = self.neck
-            out = dict(out, backbone_features=out["features"])
+        if not self.neck:
+            return out
+        hidden, width = self.neck
+        out = dict(out, backbone_features=out["features"])
+        if self.neck_style == "dcjax":
             h = nn.Dense(hidden, name="neck_fc0")(out["features"])
             h = nn.BatchNorm(
                 use_running_average=not train, momentum=0.9, epsilon=1e-5, name="neck_bn0"
             )(h)
             out["features"] = nn.Dense(width, name="neck_fc1")(nn.relu(h))
+            return out
+        h = nn.Dense(hidden, kernel_init=_NECK_INIT, name="neck_fc0")(out["features"])
+        h = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.999,
+            epsilon=1e-5,
+            use_scale=False,
+            use_bias=False,
+            name="neck_bn0",
+        )(h)
+        h = nn.Dropout(0.5, deterministic=not train)(nn.relu(h))
+        h = nn.Dense(width, kernel_init=_NECK_INIT, name="neck_fc1")(h)
+        out["features"] = nn.relu(h)
         return out
 
 
@@ -128,9 +157,19 @@ def build_trunk(model_config: ml_collections.ConfigDict) -> Trunk:
         )
     kwargs = dict(model_config.get("kwargs", {}))
     neck = tuple(int(d) for d in model_config.get("neck", ()))
+    neck_style = model_config.get("neck_style", "dcjax")
+    if neck_style not in NECK_STYLES:
+        raise ConfigError(
+            f"config.model.neck_style={neck_style!r} must be one of {', '.join(NECK_STYLES)}"
+        )
     if neck and (len(neck) != 2 or min(neck) < 1):
         raise ConfigError(f"config.model.neck={neck} must be () or (hidden, out), both >= 1")
-    return Trunk(backbone=BACKBONES[name](**kwargs), use_sobel=bool(model_config.sobel), neck=neck)
+    return Trunk(
+        backbone=BACKBONES[name](**kwargs),
+        use_sobel=bool(model_config.sobel),
+        neck=neck,
+        neck_style=neck_style,
+    )
 
 
 class Network(nn.Module):

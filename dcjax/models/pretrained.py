@@ -8,7 +8,12 @@ import orbax.checkpoint as ocp
 
 from dcjax.core.errors import UserError
 
-__all__ = ["checkpoints_dir", "restore_trunk"]
+__all__ = ["checkpoints_dir", "plain_trunk", "restore_trunk"]
+
+# DeepCluster-v2's trunk group (``models.prototypes.EmbeddingTrunk``): the Trunk's params under
+# its attribute name, beside one projection head per classifier.
+_EMBEDDING_TRUNK = "trunk"
+_PROJECTION = "projection_"
 
 
 def checkpoints_dir(workdir: str) -> str:
@@ -16,10 +21,23 @@ def checkpoints_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def plain_trunk(tree: dict) -> dict:
+    """A run's ``params["trunk"]`` (or ``batch_stats["trunk"]``) as a ``models.network.Trunk``'s.
+
+    DeepCluster, SeLa and ODC keep the ``Trunk`` itself there; DeepCluster-v2 keeps an
+    ``EmbeddingTrunk``, ``{"trunk": <Trunk>, "projection_<i>": ...}``, whose projection heads
+    are dropped here (like a classifier head, they belong to the method, not the backbone).
+    """
+    if tree and all(key == _EMBEDDING_TRUNK or key.startswith(_PROJECTION) for key in tree):
+        return dict(tree.get(_EMBEDDING_TRUNK, {}))  # batch stats: none if the backbone has no BN
+    return dict(tree)
+
+
 def restore_trunk(workdir: str) -> tuple[dict, dict]:
     """The trunk's (params, batch_stats) from the latest checkpoint of the run in ``workdir``.
 
-    Any method's run works: only ``params["trunk"]`` and ``batch_stats["trunk"]`` are read.
+    Any method's run works: only ``params["trunk"]`` and ``batch_stats["trunk"]`` are read, as
+    a ``Trunk``'s (``plain_trunk``: DeepCluster-v2's projection heads are left out).
 
     Raises:
       UserError: naming ``workdir`` when it holds no checkpoint.
@@ -32,4 +50,5 @@ def restore_trunk(workdir: str) -> tuple[dict, dict]:
     if step is None:
         raise UserError(f"{workdir} holds no checkpoint under checkpoints/")
     state = manager.restore(step, args=ocp.args.StandardRestore())
-    return state["params"]["trunk"], state.get("batch_stats", {}).get("trunk", {})
+    params = plain_trunk(state["params"]["trunk"])
+    return params, plain_trunk(state.get("batch_stats", {}).get("trunk", {}))

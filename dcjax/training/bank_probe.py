@@ -1,13 +1,14 @@
 """The loop the official linear evaluations share, over a run's image banks.
 
-DeepCluster's (``dcjax.training.deepcluster_eval``), SeLa's (``dcjax.training.sela_eval``) and
-SwAV's (``dcjax.training.swav_eval``) protocols all train linear probes on augmented views of
-the whole train split through the frozen network and score them on test views: each epoch a
-fresh permutation cut into batches (the last one partial: padded, its padding masked out), one
-jitted ``lax.scan`` over the steps, then on the protocol's epochs one jitted ``lax.map`` over
-the test batches. A protocol (``BankProbe`` subclass) supplies its views, its carry (probe
-weights, optimiser state, ...), the update of one step, the scores of one test batch and the
-per-epoch hyper-parameters.
+DeepCluster's (``dcjax.training.deepcluster_eval``), SeLa's (``dcjax.training.sela_eval``),
+SwAV's (``dcjax.training.swav_eval``) and OpenSelfSup's (``dcjax.training.openselfsup_eval``)
+protocols all train linear probes on augmented views of the whole train split through the
+frozen network and score them on test views: each epoch a fresh permutation cut into batches
+(the last one partial: padded, its padding masked out), one jitted ``lax.scan`` over the steps,
+then on the protocol's epochs (and, for a protocol that asks, before the first) one jitted
+``lax.map`` over the test batches. A protocol (``BankProbe`` subclass) supplies its views, its
+carry (probe weights, optimiser state, ...), the update of one step, the scores of one test
+batch and the per-epoch hyper-parameters.
 
 Random streams, for a run's ``seed``: the batch order from ``default_rng([seed, 3])``; the views
 of step t (global, from 0) of epoch e (from 1) from ``fold_in(fold_in(PRNGKey(seed), e), t)``,
@@ -67,7 +68,8 @@ class BankProbe:
 
     Subclasses set ``name`` (for the log) and ``result_type``, and implement ``train_view``,
     ``test_views``, ``init_carry``, ``epoch_hyper``, ``tests_after``, ``update``,
-    ``test_logits`` and ``score_views``. ``config`` needs ``layers``, ``epochs``, ``batch_size`` and
+    ``test_logits`` and ``score_views`` (and ``tests_before_training`` to score the initial
+    weights too). ``config`` needs ``layers``, ``epochs``, ``batch_size`` and
     ``test_batch_size``.
 
     Args:
@@ -120,6 +122,10 @@ class BankProbe:
     def tests_after(self, epoch: int) -> bool:
         """Whether the test split is scored after 1-based ``epoch``."""
         raise NotImplementedError
+
+    def tests_before_training(self) -> bool:
+        """Whether the test split is also scored on the initial weights (as epoch 0)."""
+        return False
 
     def update(self, carry, outputs, labels, mask, step, hyper) -> tuple[Carry, jax.Array]:
         """One step on a batch's frozen ``outputs`` (layer -> (B, ...)): (carry, (L,) losses)."""
@@ -223,6 +229,9 @@ class BankProbe:
         rng = np.random.default_rng([seed, 3])
         key = jax.random.PRNGKey(seed)
         tested, scores, train_loss, step = [], [], [], 0
+        if self.tests_before_training():
+            tested.append(0)
+            scores.append(self._score(carry, variables, test_images, test_y))
         for epoch in range(1, cfg.epochs + 1):
             batches = epoch_batches(rng, train_y, cfg.batch_size, step)
             step += len(batches.steps)

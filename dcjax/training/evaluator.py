@@ -12,12 +12,15 @@ from dcjax.data.bank import place_bank
 from dcjax.evaluation import deepcluster_probe, deepdive_probe, scores, sela_knn, sela_probe
 from dcjax.evaluation.knn import knn_accuracy
 from dcjax.evaluation.linear_probe import linear_probe
-from dcjax.training import deepcluster_eval, sela_eval, swav_eval
-from dcjax.training.setup import Run, eval_layers, eval_protocol, sela_probes, swav_probe
+from dcjax.training import deepcluster_eval, openselfsup_eval, sela_eval, swav_eval
+from dcjax.training.setup import Run, eval_layers, eval_protocol, pooled_probe, sela_probes
 from dcjax.training.state import TrainState
 from dcjax.training.step import extract_features, make_feature_fn
 
 __all__ = ["Evaluator"]
+
+# The runners of the pooled linear protocols (``setup.pooled_probe``), by protocol.
+_POOLED_RUNNERS = {"swav": swav_eval.SwavProbe, "openselfsup": openselfsup_eval.OpenselfsupProbe}
 
 
 class Evaluator:
@@ -46,7 +49,12 @@ class Evaluator:
     augmented views of the whole train split through the frozen network, scored on the centre
     crop (``swav_top1/<layer>``, ``swav_top5/<layer>``: the last epoch;
     ``swav_best_top1/<layer>``: the best epoch, the official figure), with ``eval.swav``'s
-    settings.
+    settings. ``eval.protocol = "openselfsup"`` adds OpenSelfSup's linear classification
+    benchmark ("ImageNet (Last)") on ``eval.openselfsup.layer`` likewise, with its step rate
+    (SGD 30, x0.1 at epochs 60 and 80 of 100) and the initial weights tested too
+    (``openselfsup_top1/<layer>``, ``openselfsup_top5/<layer>``: the last epoch;
+    ``openselfsup_best_top1/<layer>``: the best epoch, the official figure), with
+    ``eval.openselfsup``'s settings.
     """
 
     def __init__(self, run: Run):
@@ -70,8 +78,9 @@ class Evaluator:
             probes_config = sela_probes(run.config)
             if probes_config is not None:
                 bank_probes.append((sela_eval.SelaProbe, probes_config))
-        if eval_protocol(run.config) == "swav":
-            bank_probes.append((swav_eval.SwavProbe, swav_probe(run.config)))
+        pooled = pooled_probe(run.config)
+        if pooled is not None:
+            bank_probes.append((_POOLED_RUNNERS[pooled[0]], pooled[1]))
         model = run.ctx.model
         self._bank_probes = [
             runner(

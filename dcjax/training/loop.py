@@ -74,6 +74,10 @@ ADDED_FIELDS = {
     "method.kd_temperature": 3.0,
     "model.kwargs.branch_style": "dcjax",
     "method.label_pass": "eval",
+    "model.neck_style": "dcjax",
+    "method.relabel_metric": "euclidean",
+    "method.memory_features": "raw",
+    "method.small_cluster_split": "subset",
 }
 
 

@@ -19,6 +19,8 @@ from dcjax.data.bank import ImageBank, place_bank
 from dcjax.data.pipeline import Pipeline, make_pipeline
 from dcjax.evaluation import sela_probe
 from dcjax.evaluation.deepcluster_probe import DeepclusterProbeConfig
+from dcjax.evaluation.openselfsup_probe import OpenselfsupProbeConfig
+from dcjax.evaluation.pooled_probe import PooledProbeConfig
 from dcjax.evaluation.sela_knn import SelaKnnConfig
 from dcjax.evaluation.swav_probe import SwavProbeConfig
 from dcjax.methods import Context, Method, make_method
@@ -35,6 +37,8 @@ __all__ = [
     "eval_protocol",
     "fresh_initial_state",
     "init_variables",
+    "openselfsup_probe",
+    "pooled_probe",
     "sela_probes",
     "swav_probe",
 ]
@@ -243,7 +247,7 @@ class _Plan:
     dummy: jax.ShapeDtypeStruct  # (1, H, W, C) the model's input shape
 
 
-EVAL_PROTOCOLS = ("dcjax", "deepdive", "deepcluster", "sela", "swav")
+EVAL_PROTOCOLS = ("dcjax", "deepdive", "deepcluster", "sela", "swav", "openselfsup")
 
 
 def eval_layers(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
@@ -275,8 +279,8 @@ def eval_protocol(config: ml_collections.ConfigDict) -> str:
         SelaKnnConfig.from_config(sela_probe.knn_fields(sela))
         sela_probe.probes_enabled(sela)
         sela_probe.SelaProbeConfig.from_config(sela)
-    if protocol == "swav":
-        swav_probe(config)
+    if protocol in _POOLED_PROTOCOLS:
+        _POOLED_PROTOCOLS[protocol][0](config)
     return protocol
 
 
@@ -292,6 +296,31 @@ def swav_probe(config: ml_collections.ConfigDict) -> SwavProbeConfig:
     """The settings of SwAV's linear evaluation (``config.eval.swav``, its ``layer`` "" taken
     from ``config.eval.probe_layer``); ConfigError naming a bad field."""
     return SwavProbeConfig.from_config(config.eval.get("swav"), config.eval.probe_layer)
+
+
+def openselfsup_probe(config: ml_collections.ConfigDict) -> OpenselfsupProbeConfig:
+    """The settings of OpenSelfSup's linear evaluation (``config.eval.openselfsup``, its
+    ``layer`` "" taken from ``config.eval.probe_layer``); ConfigError naming a bad field."""
+    return OpenselfsupProbeConfig.from_config(
+        config.eval.get("openselfsup"), config.eval.probe_layer
+    )
+
+
+# The protocols that train one linear layer on a globally pooled layer (their settings are
+# ``evaluation.pooled_probe.PooledProbeConfig``s): name -> (settings reader, whose protocol).
+_POOLED_PROTOCOLS = {
+    "swav": (swav_probe, "SwAV's"),
+    "openselfsup": (openselfsup_probe, "OpenSelfSup's"),
+}
+
+
+def pooled_probe(config: ml_collections.ConfigDict) -> tuple[str, PooledProbeConfig] | None:
+    """(``config.eval.protocol``, its settings) when it is a pooled linear protocol ("swav",
+    "openselfsup"), else None; ConfigError naming a bad field."""
+    protocol = eval_protocol(config)
+    if protocol not in _POOLED_PROTOCOLS:
+        return None
+    return protocol, _POOLED_PROTOCOLS[protocol][0](config)
 
 
 def _check_probe_batches(probe, prefix: str, mesh: Mesh) -> None:
@@ -331,27 +360,29 @@ def _check_deepcluster_protocol(config, outputs: dict, mesh: Mesh) -> None:
     _check_probe_batches(probe, "eval.deepcluster.", mesh)
 
 
-def _check_swav_protocol(config, outputs: dict, mesh: Mesh) -> None:
-    """``eval.protocol="swav"``: its layer is a (B, H, W, C) map or (B, D) features of the
-    model, and its batches split over the devices.
+def _check_pooled_protocol(config, outputs: dict, mesh: Mesh) -> None:
+    """``eval.protocol="swav"`` or ``"openselfsup"``: its layer is a (B, H, W, C) map or (B, D)
+    features of the model, and its batches split over the devices.
 
     Raises:
-      ConfigError: naming ``config.eval.swav.layer`` (or ``eval.probe_layer`` it defaults to)
-        when the model has no such output or one of another rank, or the batch field that the
-        device count does not divide.
+      ConfigError: naming ``config.eval.<protocol>.layer`` (or ``eval.probe_layer`` it
+        defaults to) when the model has no such output or one of another rank, or the batch
+        field that the device count does not divide.
     """
-    probe = swav_probe(config)
-    field = "eval.swav.layer" if config.eval.get("swav", {}).get("layer") else "eval.probe_layer"
+    protocol, probe = pooled_probe(config)
+    whose = _POOLED_PROTOCOLS[protocol][1]
+    field = f"eval.{protocol}.layer"
+    field = field if config.eval.get(protocol, {}).get("layer") else "eval.probe_layer"
     shape = outputs[probe.layer].shape if probe.layer in outputs else None
     if shape is None or len(shape) not in (2, 4):
         found = "no such output" if shape is None else f"a {len(shape)}-d output {tuple(shape)}"
         raise ConfigError(
-            f"config.eval.protocol='swav' probes config.{field}={probe.layer!r}, but "
-            f"config.model.name={config.model.name!r} has {found}: SwAV's protocol pools a "
+            f"config.eval.protocol={protocol!r} probes config.{field}={probe.layer!r}, but "
+            f"config.model.name={config.model.name!r} has {found}: {whose} protocol pools a "
             f"(B, H, W, C) map or takes (B, D) features (resnet: 'pooled', 'stage4'); the model "
             f"has {sorted(outputs)}"
         )
-    _check_probe_batches(probe, "eval.swav.", mesh)
+    _check_probe_batches(probe, f"eval.{protocol}.", mesh)
 
 
 def _check_sela_probes(config, outputs: dict, mesh: Mesh) -> None:
@@ -452,8 +483,8 @@ def _plan(config: ml_collections.ConfigDict) -> _Plan:
     cluster_layer = config.method.get("cluster_layer", "features")
     if eval_protocol(config) == "deepcluster":
         _check_deepcluster_protocol(config, outputs, mesh)
-    if eval_protocol(config) == "swav":
-        _check_swav_protocol(config, outputs, mesh)
+    if eval_protocol(config) in _POOLED_PROTOCOLS:
+        _check_pooled_protocol(config, outputs, mesh)
     _check_sela_probes(config, outputs, mesh)
     for field, layer in [("method.cluster_layer", cluster_layer), *eval_layers(config)]:
         if layer not in outputs:

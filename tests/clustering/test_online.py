@@ -10,7 +10,7 @@ from dcjax.clustering import online
 _write = jax.jit(online.momentum_write, static_argnames="momentum")
 _handle = jax.jit(
     online.handle_small_clusters,
-    static_argnames=("min_size", "max_small", "split_iters", "gather_size"),
+    static_argnames=("min_size", "max_small", "split_iters", "gather_size", "metric", "split"),
 )
 
 
@@ -55,6 +55,115 @@ def test_nearest_centroid_matches_numpy_with_and_without_a_mask(rng):
     np.testing.assert_array_equal(online.nearest_centroid(x, c), dist.argmin(1))
     masked = np.where(allowed[None], dist, np.inf).argmin(1)
     np.testing.assert_array_equal(online.nearest_centroid(x, c, jnp.asarray(allowed)), masked)
+
+
+def test_nearest_centroid_by_dot_product_matches_numpy(rng):
+    x, c = rng.normal(size=(80, 6)).astype(np.float32), rng.normal(size=(9, 6)).astype(np.float32)
+    c[3] *= 4.0  # a long centroid: the dot product and the distance now disagree somewhere
+    allowed = rng.random(9) < 0.5
+    allowed[rng.integers(9)] = True
+    dots = np.asarray(x, np.float64) @ np.asarray(c, np.float64).T
+    ours = online.nearest_centroid(x, c, metric="dot")
+    np.testing.assert_array_equal(ours, dots.argmax(1))
+    assert np.any(np.asarray(ours) != _sq_dist64(x, c).argmin(1))
+    masked = np.where(allowed[None], dots, -np.inf).argmax(1)
+    got = online.nearest_centroid(x, c, jnp.asarray(allowed), metric="dot")
+    np.testing.assert_array_equal(got, masked)
+
+
+def _two_blob_cluster(rng, sizes, d=8, gap=3.0):
+    """Rows of two well-separated blobs, stacked (sizes[0] then sizes[1])."""
+    centre = rng.normal(size=d)
+    rows = [centre + gap * sign * np.eye(d)[0] + 0.3 * rng.normal(size=(m, d))
+            for sign, m in zip((1, -1), sizes, strict=True)]  # fmt: skip
+    return np.concatenate(rows).astype(np.float32)
+
+
+def test_whole_split_is_sklearns_two_means_of_every_member(rng):
+    """OpenSelfSup splits the largest cluster with scikit-learn's KMeans(2, max_iter=20) on all
+    its members; both centroids are then the exact member means."""
+    from sklearn.cluster import KMeans
+
+    big = _two_blob_cluster(rng, (700, 500))
+    other = rng.normal(size=(300, big.shape[1])).astype(np.float32) + 10.0
+    memory = np.concatenate([big, other])
+    labels = np.r_[
+        np.zeros(len(big)),
+        np.ones(len(other)),
+    ].astype(np.int32)
+    clusters = _clusters(memory, labels, 3)  # cluster 2 empty
+    split = jax.jit(online.split_whole_cluster, static_argnames="num_iters")(
+        jnp.asarray(memory), clusters, jnp.int32(0), jnp.int32(2), num_iters=20
+    )
+    reference = KMeans(2, max_iter=20, random_state=0, n_init=10).fit(big).labels_
+    ours = np.asarray(split.labels)[: len(big)] == 2
+    assert np.array_equal(ours, reference == 1) or np.array_equal(ours, reference == 0)
+    np.testing.assert_array_equal(np.asarray(split.labels)[len(big) :], 1)
+    np.testing.assert_array_equal(split.counts, np.bincount(np.asarray(split.labels), minlength=3))
+    for j in (0, 2):
+        members = memory[np.asarray(split.labels) == j].astype(np.float64)
+        np.testing.assert_allclose(split.centroids[j], members.mean(0), rtol=1e-5, atol=1e-5)
+
+
+def _openselfsup_small_clusters(memory, labels, centroids, k, min_size):
+    """OpenSelfSup's deal_with_small_clusters + _redirect_empty_clusters in NumPy float64, with
+    scikit-learn's KMeans(2, max_iter=20, random_state=0) for the splits."""
+    from sklearn.cluster import KMeans
+
+    labels, centroids = labels.copy(), centroids.astype(np.float64).copy()
+    small = np.where(np.bincount(labels, minlength=k) < min_size)[0]
+    keep = np.setdiff1d(np.arange(k), small)
+    for s in small:
+        rows = np.where(labels == s)[0]
+        if len(rows):
+            labels[rows] = keep[(memory[rows] @ centroids[keep].T).argmax(1)]
+    for e in small:
+        largest = np.bincount(labels, minlength=k).argmax()
+        rows = np.where(labels == largest)[0]
+        side = KMeans(2, max_iter=20, random_state=0, n_init=10).fit(memory[rows]).labels_
+        labels[rows[side == 1]] = e
+        for j in (largest, e):
+            centroids[j] = memory[labels == j].mean(0)
+    return labels, centroids
+
+
+def test_small_clusters_are_handled_as_openselfsup(rng):
+    """Four small clusters (3-19 members) and an empty id beside five large clusters, each of two
+    well-separated blobs, sized so that each refill splits the next one (every split then has
+    one right answer), under OpenSelfSup's rules (dot-product dissolving, whole-cluster 2-means
+    splits, every small cluster at once): the same cluster sizes, the same member sets up to
+    which side of each split takes the freed id, and exact means."""
+    d, min_size = 16, 20
+
+    def blob(axis, m):
+        return 4.0 * np.eye(d)[axis] + 0.3 * rng.normal(size=(m, d))
+
+    halves = ((1100, 900), (1000, 800), (900, 700), (800, 600), (700, 500))
+    large = [
+        np.concatenate([blob(2 * j, a), blob(2 * j + 1, b)]) for j, (a, b) in enumerate(halves)
+    ]
+    tiny = [blob(10 + i, m) for i, m in enumerate((3, 7, 12, 19))]
+    parts = [*large, *tiny]
+    memory = np.abs(np.concatenate(parts)).astype(np.float32)
+    memory /= np.linalg.norm(memory, axis=1, keepdims=True)
+    labels = np.concatenate([np.full(len(p), j) for j, p in enumerate(parts)]).astype(np.int32)
+    k = len(parts) + 1  # the last id is empty
+    clusters = _clusters(memory, labels, k)
+    got, found = _handle(
+        jax.random.PRNGKey(0), jnp.asarray(memory), clusters, min_size=min_size,
+        max_small=None, metric="dot", split="whole",
+    )  # fmt: skip
+    assert int(found) == 5
+    want, _ = _openselfsup_small_clusters(
+        memory.astype(np.float64), labels, np.asarray(clusters.centroids), k, min_size
+    )
+    got_labels = np.asarray(got.labels)
+    partition = {frozenset(np.where(got_labels == j)[0]) for j in range(k)}
+    assert partition == {frozenset(np.where(want == j)[0]) for j in range(k)}
+    assert np.bincount(got_labels, minlength=k).min() >= min_size
+    for j in range(k):  # exact means, wherever each member set ended
+        members = memory[got_labels == j].astype(np.float64)
+        np.testing.assert_allclose(got.centroids[j], members.mean(0), rtol=1e-5, atol=1e-5)
 
 
 def test_cluster_means_are_member_means_and_empty_clusters_keep_their_centroid(rng):

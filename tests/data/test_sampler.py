@@ -47,6 +47,78 @@ def test_shuffled_rejects_non_positive_sizes(num_examples, num_samples, name):
         sampler.shuffled(0, num_examples, num_samples)
 
 
+def _old_shuffled(seed, n, num_samples):
+    """The sampler before batches were kept free of repeats: permutations concatenated."""
+    rng = np.random.default_rng(seed)
+    passes = [rng.permutation(n) for _ in range(-(-num_samples // n))]
+    return np.concatenate(passes)[:num_samples].astype(np.int32)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 7, 16, 30, 37])
+@pytest.mark.parametrize("seed", range(5))
+def test_shuffled_batches_never_repeat_an_example_past_one_pass(seed, batch_size):
+    # 2.5 N samples: passes end inside batches unless batch_size divides N (37 is prime).
+    n = 37
+    num_samples = 5 * n // 2
+    out = sampler.shuffled(seed, n, num_samples, batch_size)
+    assert out.shape == (num_samples,) and out.dtype == np.int32
+    batches = [*sampler.steps_batches(out, batch_size), *sampler.last_batch(out, batch_size)]
+    assert sum(len(b) for b in batches) == num_samples
+    for batch in batches:  # brute force: every pair of positions in the batch
+        b = list(batch)
+        assert all(b[i] != b[j] for i in range(len(b)) for j in range(i)), b
+    for p in range(2):  # still one visit of every example per pass
+        np.testing.assert_array_equal(np.sort(out[p * n : (p + 1) * n]), np.arange(n))
+    tail = out[2 * n :]
+    assert len(np.unique(tail)) == tail.size
+
+
+def test_shuffled_batches_would_repeat_without_the_constraint():
+    # The failure the constraint removes: some of these seeds repeat an example in a batch.
+    n, batch_size = 37, 16
+    repeats = 0
+    for seed in range(20):
+        batches = sampler.steps_batches(_old_shuffled(seed, n, 5 * n // 2), batch_size)
+        repeats += sum(len(set(b)) < len(b) for b in batches)
+        np.testing.assert_array_equal(
+            sampler.shuffled(seed, n, 5 * n // 2), _old_shuffled(seed, n, 5 * n // 2)
+        )
+    assert repeats > 0
+
+
+@pytest.mark.parametrize(
+    ("num_samples", "batch_size"), [(37, 5), (30, 37), (74, 37), (5 * 37 // 2, 1)]
+)
+def test_shuffled_is_unchanged_when_nothing_could_repeat(num_samples, batch_size):
+    # One pass (samples_per_epoch <= N) or passes that end on batch boundaries: the same
+    # indices as before, so runs written by earlier versions resume bit for bit.
+    np.testing.assert_array_equal(
+        sampler.shuffled(11, 37, num_samples, batch_size), _old_shuffled(11, 37, num_samples)
+    )
+
+
+def test_shuffled_draws_uniformly_among_orders_without_repeats():
+    # n = 3, batch 2, 4 samples: pass 0 = (a, b, c); the batch (c, x) needs x != c, so pass 1
+    # starts with one of the two others, uniformly: 3! * 2 = 12 sequences, equally likely.
+    counts = {}
+    rng = np.random.default_rng(0)
+    draws = 12_000
+    for _ in range(draws):
+        key = tuple(sampler.shuffled(rng, 3, 4, 2))
+        counts[key] = counts.get(key, 0) + 1
+    assert len(counts) == 12
+    assert all(key[2] != key[3] for key in counts)
+    assert stats.chisquare(list(counts.values())).pvalue > 1e-3
+
+
+def test_shuffled_rejects_a_batch_larger_than_the_data_past_one_pass():
+    with pytest.raises(ValueError, match="batch must repeat"):
+        sampler.shuffled(0, 5, 6, 6)
+    assert sampler.shuffled(0, 5, 5, 6).shape == (5,)  # one pass: nothing to repeat
+    with pytest.raises(ValueError, match="batch_size"):
+        sampler.shuffled(0, 5, 6, 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # uniform_over_labels
 

@@ -11,7 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dcjax.core.errors import UserError
+from dcjax.core.errors import ConfigError, UserError
+from dcjax.data import sampler
 from dcjax.methods import odc
 from dcjax.training import checkpoint
 from dcjax.training.setup import build_run
@@ -71,13 +72,18 @@ def _random_memory_state(rng, state, k):
     )
 
 
-def test_online_update_writes_relabels_and_counts_like_numpy(rng):
+@pytest.mark.parametrize(("memory_relu", "metric"), [(True, "dot"), (False, "euclidean")])
+def test_online_update_writes_relabels_and_counts_like_numpy(rng, memory_relu, metric):
+    """OpenSelfSup's geometry (ReLU(features) in the memory, the largest dot product with the
+    member means) and dcjax's former one (raw features, the nearest in Euclidean distance)."""
     k, n, d, b = 6, 120, 10, 16
     settings = _settings(
         momentum=float(rng.uniform(0.2, 0.9)),
         centroids_interval=2,
         small_interval=1000,
         min_cluster_size=5,
+        memory_relu=memory_relu,
+        metric=metric,
     )
     state = _random_memory_state(rng, _empty_state(n, d, k), k)
     before = jax.tree.map(np.asarray, state)
@@ -87,13 +93,17 @@ def test_online_update_writes_relabels_and_counts_like_numpy(rng):
     state, metrics = update(state, {"features": jnp.asarray(features)}, jnp.asarray(indices))
 
     m = settings.momentum
-    unit = features / np.linalg.norm(features, axis=-1, keepdims=True)
+    stored = np.maximum(features, 0.0) if memory_relu else features
+    unit = stored / np.linalg.norm(stored, axis=-1, keepdims=True)
     mixed = (1 - m) * before.memory[indices].astype(np.float64) + m * unit
     rows = mixed / np.linalg.norm(mixed, axis=-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(state.memory)[indices], rows, rtol=1e-5, atol=1e-6)
     others = np.setdiff1d(np.arange(n), indices)
     np.testing.assert_array_equal(np.asarray(state.memory)[others], before.memory[others])
-    new = np.sum((rows[:, None] - before.centroids[None]) ** 2, -1).argmin(1)
+    if metric == "dot":
+        new = (rows @ before.centroids.T.astype(np.float64)).argmax(1)
+    else:
+        new = np.sum((rows[:, None] - before.centroids[None]) ** 2, -1).argmin(1)
     np.testing.assert_array_equal(np.asarray(state.labels)[indices], new)
     np.testing.assert_array_equal(np.asarray(state.labels)[others], before.labels[others])
     np.testing.assert_array_equal(state.counts, np.bincount(np.asarray(state.labels), minlength=k))
@@ -191,6 +201,100 @@ def test_codc_trunk_starts_from_an_earlier_runs_checkpoint(tmp_path):
         build_run(config)
 
 
+def _save_trunk(workdir, trunk, stats):
+    """A checkpoint in ``workdir`` holding only a trunk, as ``restore_trunk`` reads runs."""
+    manager = checkpoint.make_manager(str(workdir), keep=1)
+    saved = {"params": {"trunk": trunk}, "batch_stats": {"trunk": stats}}
+    manager.save(3, args=ocp.args.StandardSave(saved))
+    manager.wait_until_finished()
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_codc_trunk_with_a_neck_takes_the_backbone_of_a_run_without_one(tmp_path):
+    # The paper's CODC: a pre-trained backbone (here a run without a neck) under a new neck.
+    plain = build_run(_config("codc")).initial_state
+    trunk = jax.tree.map(lambda x: np.asarray(x) + 1.0, plain.params["trunk"]["trunks_0"])
+    stats = jax.tree.map(lambda x: np.asarray(x) + 2.0, plain.batch_stats["trunk"]["trunks_0"])
+    assert set(trunk) == {"backbone"}
+    _save_trunk(tmp_path, trunk, stats)
+    config = _config("codc")
+    config.model.neck = (16, 8)
+    fresh = build_run(config).initial_state
+    config.method.init_workdirs = (str(tmp_path), "")
+    loaded = build_run(config).initial_state
+    params, fresh_params = loaded.params["trunk"], fresh.params["trunk"]
+    batch_stats, fresh_stats = loaded.batch_stats["trunk"], fresh.batch_stats["trunk"]
+    necks = set(fresh_params["trunks_0"]) - {"backbone"}
+    assert necks and necks == set(params["trunks_0"]) - {"backbone"}
+    _assert_trees_equal(params["trunks_0"]["backbone"], trunk["backbone"])
+    _assert_trees_equal(batch_stats["trunks_0"]["backbone"], stats["backbone"])
+    for name in necks:  # the neck keeps its random init, params and batch statistics
+        _assert_trees_equal(params["trunks_0"][name], fresh_params["trunks_0"][name])
+        if name in fresh_stats["trunks_0"]:
+            _assert_trees_equal(batch_stats["trunks_0"][name], fresh_stats["trunks_0"][name])
+    _assert_trees_equal(params["trunks_1"], fresh_params["trunks_1"])
+    _assert_trees_equal(batch_stats["trunks_1"], fresh_stats["trunks_1"])
+
+
+@pytest.mark.parametrize("neck", [(), (16, 8)])
+def test_codc_trunk_takes_a_whole_trunk_of_the_same_structure(tmp_path, neck):
+    config = _config("codc")
+    config.model.neck = neck
+    fresh = build_run(config).initial_state
+    trunk = jax.tree.map(lambda x: np.asarray(x) + 1.0, fresh.params["trunk"]["trunks_1"])
+    stats = jax.tree.map(lambda x: np.asarray(x) + 2.0, fresh.batch_stats["trunk"]["trunks_1"])
+    _save_trunk(tmp_path, trunk, stats)
+    config.method.init_workdirs = ("", str(tmp_path))
+    loaded = build_run(config).initial_state
+    _assert_trees_equal(loaded.params["trunk"]["trunks_1"], trunk)
+    _assert_trees_equal(loaded.batch_stats["trunk"]["trunks_1"], stats)
+    _assert_trees_equal(loaded.params["trunk"]["trunks_0"], fresh.params["trunk"]["trunks_0"])
+
+
+@pytest.mark.parametrize(
+    "source_neck, neck, slot, match",
+    [
+        # backbone 1 has 64 features, the run's (backbone 0's architecture) 128
+        ((), (16, 8), 1, r"backbone/fc/kernel: \(2048, 128\) in the run, \(2048, 64\) here"),
+        ((), (), 1, r"backbone/fc/kernel: \(2048, 128\) in the run, \(2048, 64\) here"),
+        ((16, 8), (), 0, r"only the run has neck_\w+, neck_\w+"),  # a neck the trunk lacks
+        ((16, 8), (32, 8), 0, r"neck_fc0/kernel: \(128, 16\) in the run, \(128, 32\) here"),
+    ],
+    ids=["narrower_backbone_with_neck", "narrower_backbone", "extra_neck", "wider_neck"],
+)
+def test_codc_trunk_of_another_architecture_is_refused_by_name(
+    tmp_path, source_neck, neck, slot, match
+):
+    source = _config("codc")
+    source.model.neck = source_neck
+    state = build_run(source).initial_state
+    _save_trunk(tmp_path, state.params["trunk"]["trunks_0"], state.batch_stats["trunk"]["trunks_0"])
+    config = _config("codc")
+    config.model.neck = neck
+    config.method.init_workdirs = tuple(str(tmp_path) if i == slot else "" for i in range(2))
+    with pytest.raises(ConfigError, match=rf"init_workdirs\[{slot}\]=.*{match}"):
+        build_run(config)
+
+
+def test_batches_hold_distinct_examples_past_one_pass_per_epoch():
+    # samples_per_epoch = 2.5 N with N = 256 and batches of 24: both pass ends fall inside a
+    # batch, where concatenated permutations would repeat an example (and drift the counts).
+    config = _config(samples_per_epoch=640)
+    config.batch_size = 24
+    run = build_run(config)
+    for seed in range(10):
+        indices = run.method.sample(run.ctx, run.initial_state, np.random.default_rng(seed))
+        assert indices.shape == (640,)
+        batches = [*sampler.steps_batches(indices, 24), *sampler.last_batch(indices, 24)]
+        for batch in batches:
+            assert len(set(batch.tolist())) == len(batch)
+
+
 def test_one_device_equals_eight_devices_for_three_steps(odc_run, rng):
     assert jax.device_count() == 8, "tests/conftest.py should simulate 8 CPU devices"
     batches = [rng.choice(256, 32, replace=False).astype(np.int32) for _ in range(3)]
@@ -201,13 +305,15 @@ def test_one_device_equals_eight_devices_for_three_steps(odc_run, rng):
     results = []
     for run in (odc_run, eight_run):
         state = jax.tree.map(lambda x: x.copy(), run.initial_state)
-        if method is None:  # a random memory where cluster 1 is empty and far from every row
+        if method is None:  # a random non-negative memory; cluster 1 empty, far from every
+            # row in distance and in dot product
             k = run.config.method.num_clusters
             method = jax.tree.map(np.asarray, _random_memory_state(rng, state.method, k))
             labels = np.where(method.labels == 1, 0, method.labels).astype(np.int32)
             centroids = method.centroids.copy()
-            centroids[1] = 100.0
+            centroids[1] = -100.0
             method = method.replace(
+                memory=np.abs(method.memory),
                 labels=labels,
                 centroids=centroids,
                 counts=np.bincount(labels, minlength=k).astype(np.int32),
