@@ -526,6 +526,11 @@ def test_multicrop_is_refused_where_it_cannot_work(change, message):
         check_config(kd)
 
 
+def _jit_apply(module):
+    """``module.apply`` in train mode, statistics mutable, compiled."""
+    return jax.jit(functools.partial(module.apply, train=True, mutable=["batch_stats"]))
+
+
 def _head_once_reference(run, params, batch_stats, groups):
     """SwAV's forward composed by hand from the submodules: the trunk on each crop size in turn
     (its running statistics carried), the projection head once on the concatenated pooled
@@ -533,10 +538,14 @@ def _head_once_reference(run, params, batch_stats, groups):
     from dcjax.models.prototypes import ProjectionHead
 
     model = run.ctx.model
+    # Host copies: the run's arrays live on its mesh, and eager ops that mix them with
+    # single-device arrays have aborted XLA:CPU inside pytest-xdist workers.
+    params, batch_stats = jax.tree.map(np.asarray, (params, batch_stats))
+    groups = [np.asarray(g) for g in groups]
     trunk_vars = {"params": params["trunk"]["trunk"], "batch_stats": batch_stats["trunk"]["trunk"]}
     pooled = []
     for x in groups:
-        out, mutated = model.trunk.trunk.apply(trunk_vars, x, train=True, mutable=["batch_stats"])
+        out, mutated = _jit_apply(model.trunk.trunk)(trunk_vars, x)
         trunk_vars = {"params": trunk_vars["params"], "batch_stats": mutated["batch_stats"]}
         pooled.append(np.asarray(out["features"], np.float64))
     head = ProjectionHead(model.trunk.hidden_dim, model.trunk.feat_dim)
@@ -544,12 +553,7 @@ def _head_once_reference(run, params, batch_stats, groups):
         "params": params["trunk"]["projection_0"],
         "batch_stats": batch_stats["trunk"]["projection_0"],
     }
-    z, head_stats = head.apply(
-        head_vars,
-        jnp.asarray(np.concatenate(pooled), jnp.float32),
-        train=True,
-        mutable=["batch_stats"],
-    )
+    z, head_stats = _jit_apply(head)(head_vars, np.concatenate(pooled).astype(np.float32))
     z = np.asarray(z, np.float64)
     z /= np.linalg.norm(z, axis=-1, keepdims=True)
     scores = z @ np.asarray(params["head"]["prototypes"][0], np.float64)
@@ -561,9 +565,10 @@ def test_multicrop_forward_runs_the_head_once_over_all_crops():
     state = run.initial_state
     indices = jnp.arange(run.config.batch_size, dtype=jnp.int32)
     groups = run.pipeline.train_views(jax.random.PRNGKey(4), run.train_images.gather(indices))
+    groups = [np.asarray(g) for g in groups]
     assert len(groups) == 2 and groups[0].shape[1] != groups[1].shape[1]
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    out, mutated = run.ctx.model.apply(variables, groups, train=True, mutable=["batch_stats"])
+    variables = jax.tree.map(np.asarray, {"params": state.params, "batch_stats": state.batch_stats})
+    out, mutated = _jit_apply(run.ctx.model)(variables, groups)
     z, scores, head_stats = _head_once_reference(run, state.params, state.batch_stats, groups)
     np.testing.assert_allclose(out["embeddings"][:, 0], z, atol=2e-5)
     np.testing.assert_allclose(out["scores"][:, 0], scores, atol=2e-5)
