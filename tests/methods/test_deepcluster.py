@@ -1,5 +1,7 @@
 """DeepCluster's recluster and loss: the pipeline it composes, head re-initialisation, halting."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from dcjax.methods import FACTORIES, make_method
 from dcjax.methods import deepcluster as dc
 from dcjax.methods.base import kmeans_config
 from dcjax.training.setup import build_run
+from dcjax.training.state import make_optimizers
 from tests.helpers import load_config
 
 
@@ -53,24 +56,82 @@ def test_recluster_labels_equal_the_composed_kernels(run, rng):
     np.testing.assert_allclose(state.method.centroids, expected.centroids, rtol=1e-6)
 
 
-def test_recluster_reinitialises_the_head_and_its_optimizer(run, rng):
-    state = run.initial_state
-    head = jax.tree.map(lambda p: p + 1.0, state.params["head"])
-    state = state.replace(params={**state.params, "head": head})
+def test_each_cycle_draws_its_own_kmeans_key(run, rng):
+    """Cycle c clusters with the first key of split(fold_in(rng, c)): a new initialisation
+    every cycle (the official code reseeds faiss at each call), the same one for the same
+    cycle. The same features at cycles 0, 1, 2 and 1 again."""
     features = jnp.asarray(
         rng.normal(size=(run.ctx.num_examples, run.ctx.feature_dim)), jnp.float32
     )
-    new, _ = run.method.recluster(run.ctx, state, features)
+    x = dc.preprocess(features, run.config.method.pca_dim, run.mesh)
+    k = run.config.method.num_clusters
+    labels = []
+    for cycle in (0, 1, 2, 1):
+        state = run.initial_state.replace(cycle=jnp.asarray(cycle, jnp.int32))
+        new, _ = run.method.recluster(run.ctx, state, features)
+        key, _ = jax.random.split(jax.random.fold_in(run.initial_state.rng, cycle))
+        expected = kmeans.fit(key, x, k, kmeans_config(run.config), mesh=run.mesh)
+        np.testing.assert_array_equal(new.method.pseudo_labels, expected.assignments)
+        labels.append(np.asarray(new.method.pseudo_labels))
+    np.testing.assert_array_equal(labels[3], labels[1])
+    # Three inits of k = 10 from 256 random points: equal labels would take equal local optima
+    # under the same numbering.
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert not np.array_equal(labels[a], labels[b]), (a, b)
+
+
+def _trained_opt_state(optimizers, params, rng, steps=2):
+    """``optimizers``' state after ``steps`` updates with random gradients: non-zero momentum
+    buffers and counts in every group."""
+    opt_state = {group: tx.init(params[group]) for group, tx in optimizers.items()}
+    for _ in range(steps):
+        for group, tx in optimizers.items():
+            grads = jax.tree.map(
+                lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params[group]
+            )
+            _, opt_state[group] = tx.update(grads, opt_state[group], params[group])
+    return opt_state
+
+
+def test_recluster_reinitialises_the_head_and_its_optimizer(run, rng):
+    # A head with momentum (configs/deepcluster.py:deepdive_code's head inherits the trunk's),
+    # so that a kept head state would carry the old head's buffer into the new random head.
+    config = run.config.copy_and_resolve_references()
+    config.optim.head_momentum = 0.9
+    optimizers = make_optimizers(config)
+    ctx = dataclasses.replace(run.ctx, optimizers=optimizers)
+    state = run.initial_state
+    head = jax.tree.map(lambda p: p + 1.0, state.params["head"])
+    params = {**state.params, "head": head}
+    state = state.replace(params=params, opt_state=_trained_opt_state(optimizers, params, rng))
+    for group in ("trunk", "head"):  # the buffers are not those of a fresh state
+        fresh = jax.tree.leaves(optimizers[group].init(params[group]))
+        trained = jax.tree.leaves(state.opt_state[group])
+        assert any(
+            np.any(np.asarray(a) != np.asarray(b)) for a, b in zip(fresh, trained, strict=True)
+        )
+    features = jnp.asarray(
+        rng.normal(size=(run.ctx.num_examples, run.ctx.feature_dim)), jnp.float32
+    )
+    new, _ = run.method.recluster(ctx, state, features)
     kernel = np.asarray(new.params["head"]["Dense_0"]["kernel"])
     assert abs(kernel.std() - 0.01) < 2e-3
     np.testing.assert_array_equal(new.params["head"]["Dense_0"]["bias"], 0.0)
-    # The trunk and its momentum are untouched.
-    for a, b in zip(
-        jax.tree.leaves(new.params["trunk"]), jax.tree.leaves(state.params["trunk"]), strict=True
-    ):
+    # The head's optimizer state is a fresh one for the new head: zero momentum buffers.
+    expected = optimizers["head"].init(new.params["head"])
+    assert jax.tree.structure(new.opt_state["head"]) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(new.opt_state["head"]), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)
+    # The trunk, its momentum and its count are untouched, bit for bit.
+    for before, after in (
+        (state.params["trunk"], new.params["trunk"]),
+        (state.opt_state["trunk"], new.opt_state["trunk"]),
+    ):
+        assert jax.tree.structure(after) == jax.tree.structure(before)
+        for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True):
+            np.testing.assert_array_equal(a, b)
     # A new seed each cycle: cycle 1's head differs from cycle 0's.
-    other, _ = run.method.recluster(run.ctx, new.replace(cycle=new.cycle + 1), features)
+    other, _ = run.method.recluster(ctx, new.replace(cycle=new.cycle + 1), features)
     assert not np.allclose(other.params["head"]["Dense_0"]["kernel"], kernel)
 
 

@@ -10,10 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from sklearn.metrics import normalized_mutual_info_score
 
+from dcjax.clustering import kmeans
 from dcjax.core.errors import ConfigError, UserError
 from dcjax.data import sampler
 from dcjax.methods import odc
+from dcjax.methods.base import kmeans_config
 from dcjax.training import checkpoint
 from dcjax.training.setup import build_run
 from tests.helpers import load_config, train_step
@@ -293,6 +296,76 @@ def test_batches_hold_distinct_examples_past_one_pass_per_epoch():
         batches = [*sampler.steps_batches(indices, 24), *sampler.last_batch(indices, 24)]
         for batch in batches:
             assert len(set(batch.tolist())) == len(batch)
+
+
+def test_first_recluster_clusters_the_normalised_relu_features_like_numpy(odc_run, rng):
+    """Cycle 0, as OpenSelfSup's DeepClusterHook(init_memory=True) and ODCMemory.init_memory:
+    memory = the L2-normalised (ReLU) features, k-means on it (faiss, 20 iterations, no
+    subsample, random rows from the cycle-0 key), centroids = member means of the memory."""
+    run = odc_run
+    n, d, k = run.ctx.num_examples, run.ctx.feature_dim, run.config.method.num_clusters
+    # Half the entries negative, so that the ReLU matters, and rows of several norms, so
+    # that the normalisation does.
+    features = rng.normal(size=(n, d)) * rng.uniform(0.5, 3.0, size=(n, 1))
+    state = jax.tree.map(lambda x: x.copy(), run.initial_state)
+    new, stats = run.method.recluster(run.ctx, state, jnp.asarray(features, jnp.float32))
+    s = jax.tree.map(np.asarray, new.method)
+
+    relu = np.maximum(features, 0.0)
+    memory = relu / np.linalg.norm(relu, axis=1, keepdims=True)
+    np.testing.assert_allclose(s.memory, memory, atol=1e-6)  # measured <= 5e-8 (float32)
+
+    config = kmeans.KMeansConfig(num_iters=20, max_points_per_centroid=0)  # OpenSelfSup's faiss
+    assert kmeans_config(run.config) == config
+    key = jax.random.fold_in(state.rng, 0)
+    expected = kmeans.fit(key, memory.astype(np.float32), k, config, mesh=run.mesh)
+    np.testing.assert_array_equal(s.labels, expected.assignments)
+    np.testing.assert_array_equal(s.epoch_labels, s.labels)
+    counts = np.bincount(s.labels, minlength=k)
+    np.testing.assert_array_equal(s.counts, counts)
+    assert np.all(counts > 0)  # OpenSelfSup asserts no empty cluster here
+    means = np.stack([memory[s.labels == j].mean(0) for j in range(k)])  # float64
+    np.testing.assert_allclose(s.centroids, means, atol=1e-6)  # measured <= 1.3e-8
+    # The k-means inertia: squared distances of the memory rows to their k-means centroids.
+    centres = np.asarray(expected.centroids, np.float64)[s.labels]
+    inertia = np.sum((memory - centres) ** 2)
+    np.testing.assert_allclose(stats["kmeans_inertia"], inertia, rtol=1e-6)  # measured 3e-8
+    assert stats["num_empty_clusters"] == 0
+    # After one Lloyd iteration k-means' centroids are the means of the initial assignment,
+    # not of the final labels: the memory's centroids are still the final labels' means.
+    config = run.config.copy_and_resolve_references()
+    config.method.kmeans.num_iters = 1
+    state = jax.tree.map(lambda x: x.copy(), run.initial_state)
+    new, _ = odc.make_method(config).recluster(run.ctx, state, jnp.asarray(features, jnp.float32))
+    labels = np.asarray(new.method.labels)
+    means = np.stack([memory[labels == j].mean(0) for j in range(k)])
+    np.testing.assert_allclose(new.method.centroids, means, atol=1e-6)
+
+
+def test_later_reclusters_keep_the_clusters_and_restart_the_epoch_labels(odc_run, rng):
+    """Cycles >= 1 (no feature pass): the online clusters stay as the steps left them; the
+    epoch's labels become the current ones, and the stats compare them with the last epoch's."""
+    run = odc_run
+    n, k = run.ctx.num_examples, run.config.method.num_clusters
+    state = jax.tree.map(lambda x: x.copy(), run.initial_state)
+    method = _random_memory_state(rng, state.method, k)
+    epoch_labels = np.asarray(method.labels).copy()
+    moved = rng.choice(n, n // 5, replace=False)  # what the last epoch's steps relabelled
+    labels = epoch_labels.copy()
+    labels[moved] = (labels[moved] + rng.integers(1, k, len(moved))) % k
+    method = method.replace(labels=jnp.asarray(labels), epoch_labels=jnp.asarray(epoch_labels))
+    state = state.replace(method=method, cycle=jnp.asarray(1, jnp.int32))
+    before = jax.tree.map(np.asarray, method)
+    new, stats = run.method.recluster(run.ctx, state, None)
+    after = jax.tree.map(np.asarray, new.method)
+    for field in ("memory", "labels", "centroids", "counts", "step"):
+        np.testing.assert_array_equal(getattr(after, field), getattr(before, field), field)
+    np.testing.assert_array_equal(after.epoch_labels, labels)
+    assert stats["changed_since_previous"] == pytest.approx(np.mean(labels != epoch_labels))
+    assert stats["nmi_previous"] == pytest.approx(
+        normalized_mutual_info_score(epoch_labels, labels), rel=1e-6
+    )
+    assert stats["largest_cluster_share"] == pytest.approx(np.bincount(labels).max() / n)
 
 
 def test_one_device_equals_eight_devices_for_three_steps(odc_run, rng):
