@@ -1,9 +1,16 @@
-"""The deep-dive authors' probe against a NumPy float64 replay of the same SGD."""
+"""The deep-dive authors' probe against a NumPy float64 replay of the same SGD; its batch plan's
+mirrored draws and the evaluator's feature pass of the mirrored images."""
 
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 
 from dcjax.evaluation import deepdive_probe as dd
+from dcjax.training.evaluator import Evaluator
+from dcjax.training.setup import build_run
+from tests.helpers import load_config
 
 N, M, D, C = 300, 101, 7, 4
 CONFIG = dd.DeepdiveProbeConfig(epochs=3, batch_size=64, test_batch_size=32, weight_decay=1e-2)
@@ -82,3 +89,67 @@ def test_bad_settings_and_shapes_name_the_field(rng):
     train_x, train_y, test_x, test_y = _data(rng)
     with pytest.raises(ValueError, match="do not match"):
         dd.train_probe(train_x, train_y[:-1], test_x, test_y, num_classes=C, config=CONFIG, seed=0)
+
+
+def test_batch_plan_mirrors_each_draw_with_probability_one_half():
+    # "each training image is mirrored with probability 1/2 each time it is drawn": 500
+    # examples x 20 epochs = 10,000 draws of the view. Exact binomial(10,000, 1/2) tails
+    # (scipy.stats.binom): [4,775, 5,225] fails a fresh seed with probability 6.5e-6.
+    plan = dd.batch_plan(0, 500, 64, 20, 2)
+    views = plan.views[plan.mask]
+    assert 4775 <= views.sum() <= 5225 and set(np.unique(views)) == {0, 1}
+    # Drawn per draw, not per example: an example keeps one view over 20 epochs with
+    # probability 2^-19, so about 0.001 of the 500 do (a fixed flip per example: all 500).
+    by_example = np.zeros((20, 500), np.int32)
+    for e in range(20):
+        by_example[e, plan.indices[e][plan.mask[e]]] = plan.views[e][plan.mask[e]]
+    assert np.sum(np.all(by_example == by_example[:1], axis=0)) <= 2
+    # One view (no flips): always view 0.
+    assert not dd.batch_plan(0, 500, 64, 2, 1).views.any()
+
+
+def test_evaluator_feeds_the_probe_the_features_of_the_width_mirrored_images(monkeypatch):
+    """View 1 of the probe's training features is the probe layer of the images mirrored left
+    to right (the width axis), computed here by the model on the mirrored batch directly; view
+    0 is the images' own. Without ``flip`` there is one view. The probe itself is stubbed (the
+    replay above tests it)."""
+    calls = []
+
+    def fake_probe(train_features, train_labels, test_features, test_labels, **kw):
+        calls.append((np.asarray(train_features), np.asarray(train_labels), kw))
+        return dd.DeepdiveProbeResult(np.array([0.5]), 0.5, 0.5)
+
+    monkeypatch.setattr(dd, "deepdive_probe", fake_probe)
+    config = load_config("deepcluster", "smoke")
+    config.eval.protocol = "deepdive"
+    run = build_run(config)
+    state, layer = run.initial_state, config.eval.probe_layer
+    evaluator = Evaluator(run)
+    figures = evaluator(state)
+    assert figures["deepdive_probe_accuracy"] == figures["deepdive_probe_median5"] == 0.5
+    ((train_features, train_labels, kw),) = calls
+    images = run.dataset.train_images  # (N, H, W, C) uint8
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+    def apply_fn(x):
+        return run.ctx.model.apply(variables, run.pipeline.eval_batch(x), train=False)[layer]
+
+    apply = jax.jit(apply_fn)
+
+    def features(batch):  # the probe layer of a batch of uint8 images, in eval mode
+        out = np.asarray(apply(jax.numpy.asarray(np.ascontiguousarray(batch))))
+        return out.reshape(len(batch), *train_features.shape[2:])
+
+    assert train_features.shape[:2] == (2, len(images))
+    np.testing.assert_array_equal(train_labels, run.dataset.train_labels)
+    assert kw["config"] == evaluator._deepdive and kw["seed"] == config.seed
+    np.testing.assert_allclose(train_features[0], features(images), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(train_features[1], features(images[:, :, ::-1]), atol=1e-5)
+    # The two views differ, and the mirror is not the up-down one (digits are not symmetric).
+    assert not np.allclose(train_features[1], train_features[0], atol=1e-3)
+    assert not np.allclose(train_features[1], features(images[:, ::-1]), atol=1e-3)
+
+    evaluator._deepdive = dataclasses.replace(evaluator._deepdive, flip=False)
+    evaluator(state)
+    assert calls[-1][0].shape[0] == 1
+    np.testing.assert_allclose(calls[-1][0][0], train_features[0], rtol=1e-6)

@@ -1,12 +1,28 @@
-"""Fuzz tests (hypothesis): bad config values and malformed data files end in a ``UserError``
-naming the field or file, never in an exception from deep inside JAX, Flax or NumPy.
+"""Bad config values and malformed data files end in a ``UserError`` naming the field or file,
+never in an exception from deep inside JAX, Flax or NumPy, and a config value is accepted only
+inside its field's valid range.
 
 ``check_config`` is the whole validation a run does before it writes or compiles anything
-(``build_run`` and so ``loop.run`` call it first); it traces the model without allocating it, so
-each case costs a fraction of a second. The counts of cases tried are printed (``-s``) and go
-into the issue notes.
+(``build_run`` and so ``loop.run`` call it first); it traces the model without allocating it.
+
+The config sweep is deterministic. It covers every (config, numeric field) slot of the six smoke
+configs with the edge values -1, 0, 1, huge (2^31 for ints, 1e30 for floats), NaN and +-inf:
+
+- every edge value outside the field's valid range (``RANGES``) must be rejected naming the
+  field, on every run: about 2,200 cases, most refused by ``check_numbers`` in a millisecond;
+- an edge value inside the range must be accepted or rejected naming the field. An accepted case
+  costs a model trace (0.05-0.5 s), so a run checks one fixed chunk of these on a rotation
+  (``NUM_CHUNKS``, see there).
+
+A field under ``eval.<protocol>.`` is read only with that protocol on. It is checked against its
+range in SeLa's smoke config with the protocol switched on (the deep-dive, SeLa (with its probes
+on the small CNN's maps), DeepCluster (on conv2), SwAV and OpenSelfSup probes): their settings
+are read the same way for every config, and checked after the model trace, so each case costs a
+trace. In the other configs those fields are unused and only ``check_numbers``'s rule applies
+(finite, >= 0). The counts of cases are printed (``-s``) and go into the issue notes.
 """
 
+import datetime
 import functools
 import gzip
 import math
@@ -24,11 +40,161 @@ from dcjax.data.dataset import DataError
 from dcjax.training.setup import check_config
 from tests.helpers import load_config
 
-# More cases for a thorough sitting: DCJAX_FUZZ_EXAMPLES=400 pytest tests/training/test_fuzz.py -s
-EXAMPLES = int(os.environ.get("DCJAX_FUZZ_EXAMPLES", "45"))
+# More cases for the malformed-data fuzz: DCJAX_FUZZ_EXAMPLES=400 pytest tests/training/test_fuzz.py
+EXAMPLES = int(os.environ.get("DCJAX_FUZZ_EXAMPLES", "22"))
 CONFIGS = ("deepcluster", "sela", "odc", "codc", "deepcluster_v2", "deepcluster_v2_kd")
-SIGNED = {"method.sinkhorn.min_log_ratio"}
-_TRIED = {"config": 0, "rejected": 0, "data": 0}
+INF = math.inf
+INT_EDGES = (-1, 0, 1, 2**31, math.nan, INF, -INF)
+FLOAT_EDGES = (-1.0, 0.0, 1.0, 1e30, math.nan, INF, -INF)
+_TRIED = {"rejected": 0, "in range": 0, "data": 0}
+
+
+# (low, low included, high, high included): the field's valid values, from its docstring,
+# comment or error message. Limits that depend on the data or on other fields (K <= N, a batch
+# <= N, resize >= crop, eval_resize >= image_size) are left to the in-range sweep: a value
+# inside the range may still be rejected, by name.
+def _at_least(low):
+    return (low, True, INF, False)
+
+
+def _above(low):
+    return (low, False, INF, False)
+
+
+COUNT = _at_least(1)  # sizes, epochs, intervals: 0 has no meaning
+OPTIONAL = _at_least(0)  # 0 = all / none / off / automatic, as each comment says
+POSITIVE = _above(0)  # learning rates, temperatures
+NON_NEGATIVE = _at_least(0)  # weight decays, weights, tolerances
+MOMENTUM = (0, True, 1, False)
+SIDE = (0, True, 4096, True)  # pixels; setup._INTERVALS: one batch must fit in memory
+
+_PROBE = {  # the fields every official probe protocol shares
+    "epochs": COUNT,
+    "batch_size": COUNT,
+    "test_batch_size": COUNT,
+    "learning_rate": POSITIVE,
+    "momentum": MOMENTUM,
+    "weight_decay": NON_NEGATIVE,
+}
+_VIEWS = {"resize": COUNT, "crop": COUNT, "test_every_epochs": COUNT}
+
+RANGES = {
+    "seed": OPTIONAL,
+    "num_devices": OPTIONAL,  # 0 = every visible device
+    "num_cycles": OPTIONAL,
+    "epochs_per_cycle": COUNT,
+    "batch_size": COUNT,
+    "steps_per_call": OPTIONAL,  # 0 = a whole epoch
+    "eval_batch_size": COUNT,
+    "eval_every_cycles": OPTIONAL,
+    "checkpoint.keep": COUNT,  # orbax's max_to_keep: 0 deletes every checkpoint
+    "data.max_train_examples": OPTIONAL,
+    "data.max_test_examples": OPTIONAL,
+    "data.test_fraction": (0, True, 1, False),
+    "data.seed": OPTIONAL,
+    "input.image_size": SIDE,  # 0 = the data's own size
+    "input.eval_resize": SIDE,  # 0 = image_size
+    "input.pad": SIDE,
+    "input.vector_augment_strength": NON_NEGATIVE,
+    "optim.learning_rate": POSITIVE,
+    "optim.final_learning_rate": NON_NEGATIVE,
+    "optim.warmup_learning_rate": NON_NEGATIVE,
+    "optim.warmup_epochs": OPTIONAL,
+    "optim.momentum": MOMENTUM,
+    "optim.head_momentum": MOMENTUM,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.freeze_head_steps": OPTIONAL,
+    "optim.freeze_head_epochs": OPTIONAL,
+    "eval.knn_k": COUNT,
+    "eval.probe_epochs": OPTIONAL,
+    "eval.probe_batch_size": COUNT,
+    "eval.probe_learning_rate": POSITIVE,
+    "eval.train_examples": OPTIONAL,  # 0 = all
+    **{f"eval.deepdive.{k}": v for k, v in _PROBE.items()},
+    **{f"eval.deepcluster.{k}": v for k, v in {**_PROBE, **_VIEWS}.items()},
+    **{f"eval.swav.{k}": v for k, v in {**_PROBE, **_VIEWS, "final_lr": NON_NEGATIVE}.items()},
+    **{
+        f"eval.openselfsup.{k}": v
+        for k, v in {**_PROBE, **_VIEWS, "lr_drop_factor": (0, False, 1, True)}.items()
+    },
+    "eval.sela.k": COUNT,
+    "eval.sela.temperature": POSITIVE,
+    "eval.sela.pca_dim": OPTIONAL,  # 0 = no PCA
+    **{f"eval.sela.probe_{k}": v for k, v in _PROBE.items() if k != "learning_rate"},
+    "eval.sela.probe_resize": COUNT,
+    "eval.sela.probe_crop": COUNT,
+    "eval.sela.probe_test_from_epoch": COUNT,  # 1-based
+    "method.num_clusters": _at_least(2),
+    "method.num_heads": COUNT,
+    "method.num_label_steps": OPTIONAL,  # 0 = one per cycle
+    "method.pca_dim": OPTIONAL,  # 0 = no PCA
+    "method.samples_per_epoch": OPTIONAL,  # 0 = N
+    "method.halt_clustering_after": OPTIONAL,  # 0 = cluster every cycle
+    "method.feat_dim": COUNT,
+    "method.hidden_dim": COUNT,
+    "method.temperature": POSITIVE,
+    "method.kd_temperature": POSITIVE,
+    "method.distill_alpha": (0, True, 1, True),
+    "method.hint_weight": NON_NEGATIVE,
+    "method.memory_momentum": (0, False, 1, True),
+    "method.centroids_update_interval": COUNT,
+    "method.small_cluster_interval": COUNT,
+    "method.split_iters": COUNT,
+    "method.min_cluster_size": OPTIONAL,
+    "method.max_small_clusters": OPTIONAL,
+    "method.reweight_pow": NON_NEGATIVE,
+    "method.kmeans.num_iters": OPTIONAL,
+    "method.kmeans.n_redo": COUNT,
+    "method.kmeans.kmeanspp_trials": COUNT,
+    "method.kmeans.max_points_per_centroid": OPTIONAL,  # 0 = no subsampling
+    "method.kmeans.tol": NON_NEGATIVE,
+    "method.sinkhorn.epsilon": POSITIVE,
+    "method.sinkhorn.threshold": POSITIVE,
+    "method.sinkhorn.num_iters": _at_least(2),
+    "method.sinkhorn.stored_kernel_bytes": OPTIONAL,
+    "method.sinkhorn.min_log_ratio": (-INF, False, 0, False),  # a log of a ratio below 1
+    "model.kwargs.num_branches": COUNT,
+    "model.kwargs.width": COUNT,
+}
+
+# Values accepted outside their range (validation gaps, reported in issue 33; the lead
+# decides the fix). Each must still be accepted: once it is rejected, take it out of this list.
+KNOWN_GAPS = {
+    ("checkpoint.keep", 0),  # orbax keeps no checkpoint: the run cannot resume (label files: all)
+    ("input.pad", 2**31),  # image_size and eval_resize are capped at 4096, the padding is not
+    ("optim.learning_rate", 0.0),  # a trunk that never moves
+    ("eval.probe_learning_rate", 0.0),  # a probe that never moves (the deep-dive one refuses 0)
+    # check_config never builds DeepdiveProbeConfig (it does the other protocols' settings):
+    # these fail at the first evaluation instead.
+    ("eval.deepdive.epochs", 0),
+    ("eval.deepdive.batch_size", 0),
+    ("eval.deepdive.test_batch_size", 0),
+    ("eval.deepdive.learning_rate", 0.0),
+    ("eval.deepdive.momentum", 1.0),
+    ("eval.deepdive.momentum", 1e30),
+}
+# In-range values that check_config cannot survive: not run (issue 33). SeLa builds its heads
+# one by one while tracing: 2^31 heads took over 13 GB and minutes before it was stopped.
+NOT_RUN = {("sela", "method.num_heads", 2**31)}
+
+# eval.<protocol> fields are read only with that protocol on: they are checked on SeLa's smoke
+# config (the cheapest to trace) with it on; in the other configs they are unused.
+PROTOCOL_CONFIG = "sela"
+_PROTOCOL_FIELDS = {
+    "eval.deepdive.": {"eval.protocol": "deepdive"},
+    "eval.sela.probe_": {
+        "eval.protocol": "sela",
+        "eval.sela.probes": True,  # on the small CNN's 8x8 and 4x4 maps
+        "eval.sela.probe_layers": ("conv2", "relu3"),
+        "eval.sela.probe_pools": ((2, 2, 0), (2, 2, 1)),
+        "eval.sela.probe_resize": 8,
+        "eval.sela.probe_crop": 8,
+    },
+    "eval.sela.": {"eval.protocol": "sela"},
+    "eval.deepcluster.": {"eval.protocol": "deepcluster", "eval.deepcluster.layers": ("conv2",)},
+    "eval.swav.": {"eval.protocol": "swav"},
+    "eval.openselfsup.": {"eval.protocol": "openselfsup"},
+}
 
 
 @functools.cache
@@ -36,10 +202,6 @@ def _smoke_base(name: str) -> ml_collections.ConfigDict:
     config = load_config(name, "smoke")
     config.num_devices = 1
     return config
-
-
-def _smoke(name: str) -> ml_collections.ConfigDict:
-    return _smoke_base(name).copy_and_resolve_references()
 
 
 def _numeric_fields(config, prefix=""):
@@ -61,35 +223,129 @@ def _set(config, field: str, value) -> None:
         node[leaf] = value
 
 
-def _bad_values(is_int: bool):
-    """What a user can type for a number: its type's boundaries, extremes and (floats) NaN/inf."""
-    edges = st.sampled_from([-1, 0, 1, -(2**31), 2**31, 10**9])
-    if is_int:
-        return edges | st.integers(-(10**6), 10**6)
-    return edges.map(float) | st.floats(allow_nan=True, allow_infinity=True, width=32)
+def _switches(field: str) -> dict:
+    return next((s for p, s in _PROTOCOL_FIELDS.items() if field.startswith(p)), {})
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
-def test_any_number_in_any_config_is_checked_or_accepted(data):
-    name = data.draw(st.sampled_from(CONFIGS), label="config")
-    config = _smoke(name)
-    field = data.draw(st.sampled_from(_numeric_fields(config)), label="field")
-    old = eval(f"config.{field}")  # noqa: S307 - a dotted path of our own config
-    value = data.draw(_bad_values(isinstance(old, int)), label="value")
+def _config(name: str, switches: tuple) -> ml_collections.ConfigDict:
+    config = _smoke_base(name).copy_and_resolve_references()
+    for field, value in switches:
+        _set(config, field, value)
+    return config
+
+
+@functools.cache
+def _slots() -> list[tuple[str, str, tuple, tuple]]:
+    """(config, field, switches, range) of every numeric field of every smoke config; the
+    switches turn on the field's protocol (in PROTOCOL_CONFIG only)."""
+    slots = []
+    for name in CONFIGS:
+        for field in _numeric_fields(_smoke_base(name)):
+            switches = tuple(sorted(_switches(field).items()))
+            if switches and name != PROTOCOL_CONFIG:  # unused by this config
+                slots.append((name, field, (), NON_NEGATIVE))
+            else:
+                assert field in RANGES, f"{name}: {field} needs a valid range in RANGES"
+                slots.append((name, field, switches, RANGES[field]))
+    return slots
+
+
+def _in_range(value, valid) -> bool:
+    low, low_in, high, high_in = valid
+    if math.isnan(value):
+        return False
+    above = value > low or (low_in and value == low)
+    below = value < high or (high_in and value == high)
+    return above and below
+
+
+def _edges(name: str, field: str) -> tuple:
+    return INT_EDGES if isinstance(_field(_smoke_base(name), field), int) else FLOAT_EDGES
+
+
+def _field(config, field: str):
+    for part in field.split("."):
+        config = config[part]
+    return config
+
+
+# Fields a message may call by a shorter name: SelaProbeConfig's "probe_resize=8 must be >=
+# crop=..." (the settings class's own field name).
+ALIASES = {"eval.sela.probe_crop": "crop="}
+
+
+def _named(error: UserError, field: str) -> bool:
+    message = str(error)
+    names = (field, field.rsplit(".", 1)[-1], ALIASES.get(field, field))
+    return any(name in message for name in names)
+
+
+def _check(name: str, field: str, switches: tuple, value) -> UserError | None:
+    """check_config's verdict on ``name``'s smoke config with ``field`` set to ``value``."""
+    config = _config(name, switches)
     _set(config, field, value)
-    _TRIED["config"] += 1
     try:
         check_config(config)
     except UserError as error:
-        _TRIED["rejected"] += 1
-        message = str(error)
-        leaf = field.rsplit(".", 1)[-1]
-        assert leaf in message or field in message, f"{field}={value!r}: {message}"
-        return
-    # Accepted: it must be a value the field can hold.
-    assert math.isfinite(value), f"{name}: {field}={value!r} was accepted"
-    assert value >= 0 or field in SIGNED, f"{name}: {field}={value!r} was accepted"
+        return error
+    return None
+
+
+def test_every_out_of_range_value_is_rejected_naming_the_field():
+    wrong = []
+    for name, field, switches, valid in _slots():
+        for value in _edges(name, field):
+            if _in_range(value, valid) or (field, value) in KNOWN_GAPS:
+                continue
+            error = _check(name, field, switches, value)
+            _TRIED["rejected"] += 1
+            if error is None:
+                wrong.append((name, field, value, "accepted"))
+            elif not _named(error, field):
+                wrong.append((name, field, value, f"rejected without the field: {error}"))
+    assert not wrong, "\n".join(map(str, wrong))
+    # The known gaps are still gaps (once one is fixed, take it out of KNOWN_GAPS), checked in
+    # one config (each one is a full trace).
+    for field, value in sorted(KNOWN_GAPS, key=str):
+        name, _, switches, _ = next(s for s in _slots() if s[:2] == (PROTOCOL_CONFIG, field))
+        assert _check(name, field, switches, value) is None, f"{field}={value!r} is now rejected"
+
+
+# The in-range edge values (1,347 cases) cost a model trace each (0.05-0.7 s, about 180 CPU-s in
+# all), so a run checks one fixed chunk of them: chunk d mod NUM_CHUNKS on day d (UTC), so every
+# case runs within NUM_CHUNKS days, about 22 cases a run. DCJAX_FUZZ_CHUNK=<k> reruns chunk k,
+# DCJAX_FUZZ_CHUNK=all runs every case.
+NUM_CHUNKS = 60
+
+
+def _in_range_cases() -> list[tuple[str, str, tuple, object]]:
+    cases = []
+    for name, field, switches, valid in _slots():
+        for value in _edges(name, field):
+            if _in_range(value, valid) and (name, field, value) not in NOT_RUN:
+                cases.append((name, field, switches, value))
+    return cases
+
+
+def _chunk() -> str:
+    chosen = os.environ.get("DCJAX_FUZZ_CHUNK", "")
+    if chosen:
+        return chosen
+    return str(datetime.datetime.now(datetime.UTC).date().toordinal() % NUM_CHUNKS)
+
+
+def test_in_range_edge_values_are_accepted_or_rejected_naming_the_field():
+    chunk = _chunk()
+    cases = _in_range_cases()
+    if chunk != "all":
+        cases = cases[int(chunk) :: NUM_CHUNKS]
+    print(f"\nfuzz: in-range chunk {chunk} of {NUM_CHUNKS} (DCJAX_FUZZ_CHUNK={chunk} reruns it)")
+    for name, field, switches, value in cases:
+        error = _check(name, field, switches, value)
+        _TRIED["in range"] += 1
+        assert error is None or _named(error, field), (
+            f"{name}: {field}={value!r} (DCJAX_FUZZ_CHUNK={chunk}): {error}"
+        )
 
 
 def _idx_bytes(payload: bytes, magic: int, dims: tuple[int, ...]) -> bytes:
@@ -97,7 +353,10 @@ def _idx_bytes(payload: bytes, magic: int, dims: tuple[int, ...]) -> bytes:
 
 
 @settings(
-    max_examples=max(EXAMPLES // 2, 10), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,  # the same cases on every run
+    suppress_health_check=[HealthCheck.too_slow],
 )
 @given(
     kind=st.sampled_from(["npz", "idx", "idx_gz", "png"]),
@@ -153,6 +412,7 @@ def test_malformed_data_files_are_named(tmp_path_factory, kind, payload, count, 
 def _report_counts():
     yield
     print(
-        f"\nfuzz: {_TRIED['config']} config cases ({_TRIED['rejected']} rejected with the field "
-        f"named, the rest valid), {_TRIED['data']} malformed data cases"
+        f"\nfuzz: {_TRIED['rejected']} out-of-range config values rejected naming the field, "
+        f"{_TRIED['in range']} in-range edge values accepted or rejected naming it, "
+        f"{_TRIED['data']} malformed data cases"
     )
