@@ -19,6 +19,7 @@ from dcjax.data.bank import ImageBank, place_bank
 from dcjax.data.pipeline import Pipeline, make_pipeline
 from dcjax.evaluation import sela_probe
 from dcjax.evaluation.deepcluster_probe import DeepclusterProbeConfig
+from dcjax.evaluation.deepdive_probe import DeepdiveProbeConfig
 from dcjax.evaluation.openselfsup_probe import OpenselfsupProbeConfig
 from dcjax.evaluation.pooled_probe import PooledProbeConfig
 from dcjax.evaluation.sela_knn import SelaKnnConfig
@@ -33,6 +34,7 @@ __all__ = [
     "check_config",
     "check_fields",
     "check_numbers",
+    "deepdive_probe_config",
     "eval_layers",
     "eval_protocol",
     "fresh_initial_state",
@@ -121,6 +123,12 @@ _INTERVALS = {
     # the whole memory before the first step.
     "input.image_size": (0, 4097, False),
     "input.eval_resize": (0, 4097, False),
+    "input.pad": (0, 4097, False),  # per side: the padded image is larger still
+    # SeLa's heads. The official runs use 10 (self-label's --hc); each head adds a (D, K) kernel
+    # and an (N,) row of labels, which check_config's trace of init_state draws on the host (a
+    # permutation of N per head: 0.09 s and 5 MB each at ImageNet's N = 1.28 M, so 9 s and
+    # 0.5 GB at the cap). Unbounded, 2^31 heads took 13 GB and minutes before being stopped.
+    "method.num_heads": (1, 100, True),
 }
 
 
@@ -143,6 +151,34 @@ def check_numbers(config: ml_collections.ConfigDict) -> None:
             if not (low <= value < high or (closed and value == high)):
                 bracket = "]" if closed else ")"
                 raise ConfigError(f"config.{field}={value!r} must be in [{low}, {high}{bracket}")
+
+
+def _check_settings(config: ml_collections.ConfigDict) -> None:
+    """The fields that need no data and that ``check_numbers``'s >= 0 lets through but that
+    would fail only at the first evaluation or on resuming.
+
+    Raises:
+      ConfigError: naming ``config.checkpoint.keep``, ``config.optim.learning_rate`` or
+        ``config.eval.probe_learning_rate``, its value and what is allowed.
+    """
+    keep = config.checkpoint.keep
+    if isinstance(keep, bool) or not isinstance(keep, int | np.integer) or keep < 1:
+        raise ConfigError(
+            f"config.checkpoint.keep={keep!r} must be an int >= 1 (the newest checkpoints and "
+            "pseudo-label files kept): orbax deletes every checkpoint with 0, so the run "
+            "could not resume"
+        )
+    for field, what in (
+        ("optim.learning_rate", "the network"),
+        ("eval.probe_learning_rate", "the dcjax probes"),
+    ):
+        group, leaf = field.split(".")
+        value = config[group][leaf]
+        number = isinstance(value, int | float | np.number) and not isinstance(value, bool)
+        if not (number and value > 0):
+            raise ConfigError(
+                f"config.{field}={value!r} must be a number > 0 (with 0 {what} would never move)"
+            )
 
 
 def check_fields(config: ml_collections.ConfigDict, dataset: sources.Dataset) -> None:
@@ -272,6 +308,8 @@ def eval_protocol(config: ml_collections.ConfigDict) -> str:
             "config.eval.train_examples applies to the dcjax probes; the deep-dive protocol "
             "trains on the whole train split: set it to 0"
         )
+    if protocol == "deepdive":
+        deepdive_probe_config(config)
     if protocol == "deepcluster":
         DeepclusterProbeConfig.from_config(config.eval.get("deepcluster"))
     if protocol == "sela":
@@ -282,6 +320,17 @@ def eval_protocol(config: ml_collections.ConfigDict) -> str:
     if protocol in _POOLED_PROTOCOLS:
         _POOLED_PROTOCOLS[protocol][0](config)
     return protocol
+
+
+def deepdive_probe_config(config: ml_collections.ConfigDict) -> DeepdiveProbeConfig:
+    """The settings of the deep-dive authors' probe (``config.eval.deepdive``; missing fields
+    take the authors' values); ConfigError naming a bad or unknown field."""
+    fields = config.eval.get("deepdive")
+    fields = dict(fields.to_dict() if hasattr(fields, "to_dict") else fields or {})
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(DeepdiveProbeConfig)})
+    if unknown:
+        raise ConfigError(f"config.eval.deepdive has unknown fields {unknown}")
+    return DeepdiveProbeConfig(**fields)
 
 
 def sela_probes(config: ml_collections.ConfigDict) -> sela_probe.SelaProbeConfig | None:
@@ -459,9 +508,11 @@ def _check_crops(config, model, variables, dummy: jax.ShapeDtypeStruct, crops) -
 
 def _plan(config: ml_collections.ConfigDict) -> _Plan:
     """Every check of the config against the data and the model's shapes, in order: numbers,
-    the method's fields, the data, sizes against N, the pipeline, the optimizers, the model on
-    the input size, the parameter groups, the evaluation protocol and the named layers."""
+    the checkpoints kept and the learning rates, the method's fields, the data, sizes against N,
+    the pipeline, the optimizers, the model on the input size, the parameter groups, the
+    evaluation protocol and the named layers."""
     check_numbers(config)
+    _check_settings(config)
     mesh = make_mesh(config.get("num_devices", 0))
     method = make_method(config)  # checks the method's fields before the data is read
     dataset = sources.load(config.data, int(config.input.image_size))
