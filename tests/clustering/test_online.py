@@ -142,7 +142,10 @@ def test_small_clusters_are_handled_as_openselfsup(rng):
     large = [
         np.concatenate([blob(2 * j, a), blob(2 * j + 1, b)]) for j, (a, b) in enumerate(halves)
     ]
-    tiny = [blob(10 + i, m) for i, m in enumerate((3, 7, 12, 19))]
+    # Each small cluster sits on one half of a large cluster, so its dissolved members have one
+    # nearest centroid and one side in the later split (points between blobs have no right
+    # side: placed on spare axes, 2-means in float32 and in float64 sided them differently).
+    tiny = [blob(2 * i, m) for i, m in enumerate((3, 7, 12, 19))]
     parts = [*large, *tiny]
     memory = np.abs(np.concatenate(parts)).astype(np.float32)
     memory /= np.linalg.norm(memory, axis=1, keepdims=True)
