@@ -15,6 +15,7 @@ resume; the ``default`` runs are the same runs as ``odc_vs_dc.py``'s ODC when th
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -61,6 +62,7 @@ def _define_flags() -> None:
     flags.DEFINE_list("variants", list(VARIANTS), "Variants (VARIANTS), in table order.")
     flags.DEFINE_string("workdir", "runs/odc_drift", "Where the runs go.")
     flags.DEFINE_string("out", "experiments/results", "Where the table goes.")
+    flags.DEFINE_bool("table_only", False, "The table of the finished runs; no training.")
 
 
 def variant_config(variant: str, setting: str, seed: int, data: str = ""):
@@ -80,10 +82,23 @@ def epoch_series(run_dir: str, key: str) -> list[float]:
     return [r[key] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if key in r]
 
 
-def variant_row(variant: str, setting: str, seed: int, data: str, workdir: str) -> dict:
-    """Runs (or resumes) one variant x seed; its figures."""
+def variant_row(
+    variant: str, setting: str, seed: int, data: str, workdir: str, table_only: bool = False
+) -> dict | None:
+    """Runs (or resumes) one variant x seed; its figures. ``table_only``: no training, the
+    figures of a finished run, or None when the run has not finished."""
     run_dir = os.path.join(workdir, setting, f"{variant}-seed{seed}")
-    row = run_row(variant_config(variant, setting, seed, data), run_dir, variant=variant, seed=seed)
+    if table_only:
+        path = os.path.join(run_dir, "results.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            results = json.load(f)
+        flat = {f"{k}_{p}": v for p, figures in results.items() for k, v in figures.items()}
+        row = {"variant": variant, "seed": seed, **flat}
+    else:
+        config = variant_config(variant, setting, seed, data)
+        row = run_row(config, run_dir, variant=variant, seed=seed)
     probe = curve(run_dir)
     row.update(
         probe_random=probe[0][2],
@@ -148,10 +163,11 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise app.UsageError(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
     rows = [
-        variant_row(v, FLAGS.setting, seed, data, FLAGS.workdir)
+        variant_row(v, FLAGS.setting, seed, data, FLAGS.workdir, FLAGS.table_only)
         for v in FLAGS.variants
         for seed in seeds
     ]
+    rows = [r for r in rows if r is not None]
     s = SETTINGS[FLAGS.setting]
     header = [
         f"# Why ODC drifts: one factor at a time (setting `{FLAGS.setting}`)",

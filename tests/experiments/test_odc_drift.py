@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -59,3 +60,21 @@ def test_table_reports_the_drift_per_variant():
     assert "-0.030 +- 0.010" in table  # (0.31 - 0.35, 0.31 - 0.33): mean -0.03, std 0.01
     assert "0.000 +- 0.000" in table  # lr_div8 does not drift
     assert "- `default`: 4.60 / 0.020 / 0.80, 4.10 / 0.100 / 0.90" in table
+
+
+def test_table_only_reads_finished_runs_and_skips_the_others(tmp_path):
+    run = tmp_path / "cifar10" / "lr_div8-seed1"
+    run.mkdir(parents=True)
+    records = [
+        {"step": 1, "time/cycle_seconds": 5.0, "train/loss": 4.6, "train/change_ratio": 0.8,
+         "train/pseudo_label_accuracy": 0.02, "cluster/nmi_true": 0.05},
+        {"step": 2, "time/cycle_seconds": 5.0, "train/loss": 4.2, "train/change_ratio": 0.9,
+         "train/pseudo_label_accuracy": 0.1, "cluster/nmi_true": 0.06, "eval/probe_accuracy": 0.35},
+    ]  # fmt: skip
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    results = {"random_init": {"probe_accuracy": 0.3}, "trained": {"probe_accuracy": 0.33}}
+    (run / "results.json").write_text(json.dumps(results))
+    row = DRIFT.variant_row("lr_div8", "cifar10", 1, "", str(tmp_path), table_only=True)
+    assert (row["probe_random"], row["probe_best"], row["probe_final"]) == (0.3, 0.35, 0.33)
+    assert row["loss"] == [4.6, 4.2] and row["change_ratio"] == [0.8, 0.9]
+    assert DRIFT.variant_row("lr_div8", "cifar10", 2, "", str(tmp_path), table_only=True) is None
