@@ -37,7 +37,7 @@ def _main(tmp_path, *args):
         ),
         (
             ["--config=configs/sela.py:smoke", "--config.method.num_heads=0"],
-            "config.method.num_heads=0 must be an int >= 1",
+            "config.method.num_heads=0 must be in [1, 100]",
         ),
         (
             ["--config=configs/deepcluster.py:smoke", "--config.input.image_size=1"],
